@@ -1,0 +1,356 @@
+"""Messages: the dataclasses users may pass, and pure functions that build, validate
+and JSON-encode one event into the exact text the queue stores and the wire carries.
+Size limits live here. Imports nothing foreign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import enum
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional, Union
+
+from .exceptions import InvalidMessage, MessageTooLarge
+from .version import __version__
+
+MAX_EVENT_BYTES = 32 * 1024  # Segment's per-event limit, on the JSON encoding
+MAX_BATCH_BYTES = 500_000  # Segment's per-request limit
+MAX_BATCH_EVENTS = 2_500
+MAX_MESSAGE_ID_CHARS = 100
+
+LIBRARY = {"name": "segmentry", "version": __version__}
+TYPES = ("track", "identify", "page", "screen", "group", "alias")
+
+Timestamp = Union[dt.datetime, dt.date, str, int, float, None]
+
+
+@dataclasses.dataclass
+class Context:
+    """Segment's context object; ``extra`` holds any key not listed here."""
+
+    active: Optional[bool] = None
+    ip: Optional[str] = None
+    locale: Optional[str] = None
+    timezone: Optional[str] = None
+    user_agent: Optional[str] = None
+    app: Optional[dict[str, Any]] = None
+    campaign: Optional[dict[str, Any]] = None
+    device: Optional[dict[str, Any]] = None
+    location: Optional[dict[str, Any]] = None
+    network: Optional[dict[str, Any]] = None
+    os: Optional[dict[str, Any]] = None
+    page: Optional[dict[str, Any]] = None
+    referrer: Optional[dict[str, Any]] = None
+    screen: Optional[dict[str, Any]] = None
+    traits: Optional[dict[str, Any]] = None
+    extra: Optional[dict[str, Any]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra or {})
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and value is not None:
+                out["userAgent" if f.name == "user_agent" else f.name] = value
+        return out
+
+
+ContextLike = Union[Context, Mapping[str, Any], None]
+
+
+@dataclasses.dataclass
+class _Common:
+    context: ContextLike = None
+    anonymous_id: Optional[str] = None
+    timestamp: Timestamp = None
+    integrations: Optional[dict[str, Any]] = None
+    message_id: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Track(_Common):
+    user_id: Optional[str] = None
+    event: Optional[str] = None
+    properties: Optional[dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class Identify(_Common):
+    user_id: Optional[str] = None
+    traits: Optional[dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class Page(_Common):
+    user_id: Optional[str] = None
+    name: Optional[str] = None
+    properties: Optional[dict[str, Any]] = None
+    category: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Screen(Page):
+    pass
+
+
+@dataclasses.dataclass
+class Group(_Common):
+    user_id: Optional[str] = None
+    group_id: Optional[str] = None
+    traits: Optional[dict[str, Any]] = None
+
+
+@dataclasses.dataclass
+class Alias(_Common):
+    user_id: Optional[str] = None
+    previous_id: Optional[str] = None
+
+
+Message = Union[Track, Identify, Page, Screen, Group, Alias]
+MESSAGE_TYPES: dict[type, str] = {
+    Track: "track", Identify: "identify", Page: "page",
+    Screen: "screen", Group: "group", Alias: "alias",
+}
+
+
+class Encoded(NamedTuple):
+    """One validated event: its id, its type and its final JSON text (ASCII, so
+    len(body) is its size in bytes)."""
+
+    message_id: str
+    type: str
+    body: str
+
+
+def encode_message(msg: Message, now: float) -> Encoded:
+    """Validate and encode a message dataclass; ``now`` is the call's time.time()."""
+    type_ = MESSAGE_TYPES.get(type(msg))
+    if type_ is None:
+        raise InvalidMessage(f"not a segmentry message: {type(msg).__name__}", "message")
+    fields: dict[str, Any] = {}
+    if isinstance(msg, Track):
+        fields = {"event": msg.event, "properties": msg.properties}
+    elif isinstance(msg, Identify):
+        fields = {"traits": msg.traits}
+    elif isinstance(msg, Page):  # Screen too
+        fields = {"name": msg.name, "properties": msg.properties, "category": msg.category}
+    elif isinstance(msg, Group):
+        fields = {"groupId": msg.group_id, "traits": msg.traits}
+    elif isinstance(msg, Alias):
+        fields = {"previousId": msg.previous_id}
+    return encode(
+        type_, msg.user_id, fields, now,
+        context=msg.context, anonymous_id=msg.anonymous_id, timestamp=msg.timestamp,
+        integrations=msg.integrations, message_id=msg.message_id,
+    )
+
+
+# Fields each type requires (wire name), and those that must be objects.
+_REQUIRED = {"track": ("event",), "group": ("groupId",), "alias": ("previousId",)}
+_OBJECTS = ("properties", "traits")
+
+
+def encode(
+    type_: str,
+    user_id: Any,
+    fields: dict[str, Any],
+    now: float,
+    *,
+    context: ContextLike = None,
+    anonymous_id: Any = None,
+    timestamp: Timestamp = None,
+    integrations: Optional[Mapping[str, Any]] = None,
+    message_id: Optional[str] = None,
+) -> Encoded:
+    """Build the wire dict of one event, validate it and encode it to JSON text."""
+    msg: dict[str, Any] = {"type": type_}
+    if user_id is not None and user_id != "":
+        msg["userId"] = _id(user_id, "user_id")
+    if anonymous_id is not None and anonymous_id != "":
+        msg["anonymousId"] = _id(anonymous_id, "anonymous_id")
+    if "userId" not in msg and "anonymousId" not in msg:
+        raise InvalidMessage(f"{type_}: user_id or anonymous_id is required", "user_id")
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in _OBJECTS:
+            if type(value) is not dict and not isinstance(value, Mapping):
+                raise InvalidMessage(f"{key} must be a dict, not {type(value).__name__}", key)
+            value = dict(value)
+        elif key in ("groupId", "previousId"):
+            value = _id(value, _snake(key))
+        elif not isinstance(value, str):
+            raise InvalidMessage(f"{key} must be a string, not {type(value).__name__}", key)
+        msg[key] = value
+    for key in _REQUIRED.get(type_, ()):
+        if not msg.get(key):
+            raise InvalidMessage(f"{type_}: {_snake(key)} is required", _snake(key))
+    msg["context"] = _context(context)
+    if integrations is not None:
+        if not isinstance(integrations, Mapping):
+            raise InvalidMessage("integrations must be a dict", "integrations")
+        msg["integrations"] = dict(integrations)
+    msg["timestamp"] = format_timestamp(now) if timestamp is None else _timestamp(timestamp)
+    msg["messageId"] = _message_id(message_id)
+    body = dumps(msg)
+    if len(body) > MAX_EVENT_BYTES:
+        raise MessageTooLarge(
+            f"{type_} event is {len(body)} bytes of JSON, over Segment's "
+            f"{MAX_EVENT_BYTES}-byte limit per event", "message")
+    return Encoded(msg["messageId"], type_, body)
+
+
+def dumps(value: Any) -> str:
+    """Compact ASCII JSON; on a value that cannot become JSON, name its path."""
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        try:
+            path = _find_bad(value, "") or "message"
+        except RecursionError:  # a container that contains itself
+            path = "message"
+        raise InvalidMessage(f"{path}: cannot be encoded as JSON ({exc})", path) from None
+
+
+_last_second: list[Any] = [None, ""]  # strftime costs 3 µs: format each second once
+
+
+def format_timestamp(epoch: float) -> str:
+    """ISO-8601 UTC with milliseconds, e.g. 2026-11-26T22:42:27.123Z."""
+    whole = int(epoch)
+    ms = int((epoch - whole) * 1000)
+    cached = _last_second
+    if cached[0] != whole:
+        prefix = dt.datetime.fromtimestamp(whole, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[:] = [whole, prefix]  # one assignment: safe for concurrent readers
+    return f"{cached[1]}.{ms:03d}Z"
+
+
+def new_message_id() -> str:
+    """A random (version 4) UUID string, three times cheaper than str(uuid.uuid4())."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def _timestamp(value: Timestamp) -> str:
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidMessage(f"timestamp {value!r} is not ISO-8601", "timestamp") from None
+    if isinstance(value, bool):
+        raise InvalidMessage("timestamp must be a datetime, not a bool", "timestamp")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise InvalidMessage(f"timestamp {value!r} is not a valid epoch", "timestamp")
+        return format_timestamp(float(value))
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidMessage(
+                "timestamp is a naive datetime: give it a timezone (e.g. tzinfo=timezone.utc)",
+                "timestamp")
+        return format_timestamp(value.timestamp())
+    raise InvalidMessage(
+        f"timestamp must be an aware datetime, ISO-8601 string or epoch seconds, "
+        f"not {type(value).__name__}", "timestamp")
+
+
+def _message_id(value: Any) -> str:
+    if value is None:
+        return new_message_id()
+    value = _id(value, "message_id")
+    if len(value) >= MAX_MESSAGE_ID_CHARS:
+        raise InvalidMessage(
+            f"message_id is {len(value)} characters; it must be under {MAX_MESSAGE_ID_CHARS}",
+            "message_id")
+    return value
+
+
+def _id(value: Any, field: str) -> str:
+    if type(value) is str or isinstance(value, str):
+        return value
+    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
+        return str(value)
+    raise InvalidMessage(f"{field} must be a string or int, not {type(value).__name__}", field)
+
+
+def _context(context: ContextLike) -> dict[str, Any]:
+    if type(context) is dict:
+        ctx = context.copy()
+    elif context is None:
+        ctx: dict[str, Any] = {}
+    elif isinstance(context, Context):
+        ctx = context.to_dict()
+    elif isinstance(context, Mapping):
+        ctx = dict(context)
+    else:
+        raise InvalidMessage(
+            f"context must be a Context or a dict, not {type(context).__name__}", "context")
+    ctx["library"] = LIBRARY
+    return ctx
+
+
+def _to_json(value: Any) -> Any:
+    """json's default hook: the usual conversions, anything else is refused."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise ValueError(f"Decimal {value} is not finite")
+        return float(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _find_bad(value: Any, path: str) -> Optional[str]:
+    """Depth-first search for the first value that cannot become JSON."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                return f"{path}.{key!r}" if path else repr(key)
+            bad = _find_bad(item, f"{path}.{key}" if path else str(key))
+            if bad:
+                return bad
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            bad = _find_bad(item, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return None
+    try:
+        converted = _to_json(value)
+    except (TypeError, ValueError):
+        return path
+    return _find_bad(converted, path)
+
+
+def _snake(wire: str) -> str:
+    return {"groupId": "group_id", "previousId": "previous_id"}.get(wire, wire)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_to_json, allow_nan=False)
+
+
+def splice_batch(bodies: list[str], sent_at: str) -> str:
+    """The /v1/batch request body from stored event texts, without decoding them."""
+    return '{"batch":[' + ",".join(bodies) + '],"sentAt":"' + sent_at + '"}'
+
+
+BATCH_OVERHEAD = len(splice_batch([], format_timestamp(0.0)))

@@ -1,0 +1,441 @@
+"""The durable queue: one SQLite file in WAL mode, and the only importer of sqlite3.
+
+Producers ``put`` one event per short write transaction. A flusher ``claim``s the
+oldest ready rows under a lease token in a short transaction (never across a network
+call), then ``delete``s, ``release``s or ``bury``s them by that token, so a flusher
+whose lease was reclaimed cannot touch rows that are no longer its own.
+Every ``sqlite3.Error`` is translated into ``StorageError`` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
+
+from .exceptions import ConfigurationError, StorageError
+
+logger = logging.getLogger(__name__)
+
+APPLICATION_ID = 0x53474D54  # "SGMT" in the file header: marks a segmentry queue
+SCHEMA_VERSION = 1
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}  # never OFF: a power loss must not corrupt
+BUSY_TIMEOUT_S = 5.0  # SQLite's own busy handler, per statement
+LOCKED_DEADLINE_S = 300.0  # then a "database is locked" becomes a StorageError
+PRODUCER_AUTOCHECKPOINT = 16384  # pages; the flusher checkpoints long before this
+
+_SCHEMA = """
+CREATE TABLE events (
+    -- enqueue order. Not AUTOINCREMENT (+6 µs a commit): an id is reused only after
+    -- the queue emptied up to it, and leases are checked by token, not by id alone.
+    id INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,                     -- the event's final JSON text
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,     -- backoff survives restarts
+    lease INTEGER NOT NULL DEFAULT 0,       -- claim token, 0 = not claimed
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    buried_at REAL NOT NULL,
+    status INTEGER,
+    response TEXT NOT NULL
+);
+"""
+
+_INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
+_READY = "lease_until <= :now AND not_before <= :now"
+
+
+class Row(NamedTuple):
+    id: int
+    body: str
+    size: int
+    attempts: int
+    created: float
+
+
+class Claim(NamedTuple):
+    token: int
+    rows: list[Row]
+
+
+class Stats(NamedTuple):
+    depth: int  # waiting or in flight, not dead letters
+    bytes: int
+    oldest_created: Optional[float]
+    dead_letters: int
+    in_flight: int
+
+
+class DeadLetter(NamedTuple):
+    id: int
+    body: str
+    created: float
+    buried_at: float
+    attempts: int
+    status: Optional[int]
+    response: str
+
+
+T = TypeVar("T")
+_queues: weakref.WeakSet[SQLiteQueue] = weakref.WeakSet()
+
+
+class SQLiteQueue:
+    """A queue file. Thread-safe; fork-safe (no connection ever crosses a fork)."""
+
+    def __init__(self, path: str, durability: str = "normal") -> None:
+        if durability not in DURABILITY:
+            raise ConfigurationError(
+                f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.durability = durability
+        self._lock = threading.Lock()
+        self._conn: Optional[sqlite3.Connection] = None
+        self._autocheckpoint = PRODUCER_AUTOCHECKPOINT
+        _queues.add(self)
+
+    # -- producer side ------------------------------------------------------------
+
+    def put(self, body: str, now: float) -> int:
+        """Store one event's JSON text durably; return its id (enqueue order)."""
+        # One autocommit INSERT is its own write transaction: it takes the write
+        # lock before reading, so SQLite's busy handler applies (unlike a deferred
+        # BEGIN that upgrades), and it saves two statements per event.
+        row = (body, len(body), now)
+        with self._lock:  # fast path: the connection is open and the file not locked
+            if self._conn is not None:
+                try:
+                    return self._conn.execute(_INSERT, row).lastrowid or 0
+                except sqlite3.Error:
+                    pass  # a failed statement stored nothing: retry on the slow path
+        return self._run(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
+
+    def pending(self, first_id: int, last_id: int) -> bool:
+        """Whether any event with an id in [first_id, last_id] is still queued."""
+        sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? LIMIT 1"
+        return self._run(lambda c: c.execute(sql, (first_id, last_id)).fetchone() is not None)
+
+    def disk_bytes(self) -> int:
+        """The file and its WAL on disk: what max_queue_bytes caps. stat() only,
+        never open(): closing a descriptor of the file would drop SQLite's locks."""
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += os.stat(self.path + suffix).st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    # -- flusher side -------------------------------------------------------------
+
+    def claim(self, limit: int, max_bytes: int, now: float, lease_s: float) -> Claim:
+        """Lease up to ``limit`` ready rows, oldest first, whose sizes (plus one comma
+        each) add up to at most ``max_bytes``; always at least one row if any is ready."""
+        token = random.randint(1, 2**62)
+
+        def take(conn: sqlite3.Connection) -> Claim:
+            with _write(conn):
+                cur = conn.execute(
+                    f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
+                    "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
+                rows, total = [], 0
+                for row in cur:
+                    total += row[2] + 1
+                    if rows and total > max_bytes:
+                        break
+                    rows.append(Row(*row))
+                cur.close()
+                if rows:
+                    conn.execute(
+                        f"UPDATE events SET lease = :token, lease_until = :until "
+                        f"WHERE id BETWEEN :first AND :last AND {_READY}",
+                        {"token": token, "until": now + lease_s, "now": now,
+                         "first": rows[0].id, "last": rows[-1].id})
+            return Claim(token, rows)
+
+        return self._run(take)
+
+    def delete(self, token: int, ids: Sequence[int]) -> int:
+        """Remove delivered rows that this lease still holds; return how many."""
+        return self._by_token("DELETE FROM events WHERE lease = ? AND id = ?", token, ids)
+
+    def release(self, token: int, ids: Sequence[int], not_before: float) -> int:
+        """Give rows back after a failed attempt, counting it; they are ready again
+        at ``not_before`` (epoch seconds)."""
+        sql = (f"UPDATE events SET lease = 0, lease_until = 0, attempts = attempts + 1, "
+               f"not_before = {float(not_before)!r} WHERE lease = ? AND id = ?")
+        return self._by_token(sql, token, ids)
+
+    def bury(self, token: int, ids: Sequence[int], status: Optional[int], response: str,
+             now: float) -> int:
+        """Move rows the receiver rejects to the dead-letter table, with its answer."""
+        def move(conn: sqlite3.Connection) -> int:
+            moved = 0
+            with _write(conn):
+                for event_id in ids:
+                    cur = conn.execute(
+                        "INSERT INTO dead_letters (event_id, body, size, created, attempts, "
+                        "buried_at, status, response) SELECT id, body, size, created, "
+                        "attempts + 1, ?, ?, ? FROM events WHERE lease = ? AND id = ?",
+                        (now, status, response[:4096], token, event_id))
+                    if cur.rowcount:
+                        conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
+                        moved += 1
+            return moved
+
+        return self._run(move)
+
+    def reset_leases(self) -> int:
+        """Make every claimed row ready again: called by a flusher that has just taken
+        the queue's lock, so any lease left is a dead flusher's."""
+        sql = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease != 0"
+        return self._run(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
+
+    def next_ready_at(self, now: float) -> Optional[float]:
+        """When the oldest unclaimed row is ready (None if there is none)."""
+        sql = ("SELECT MIN(not_before) FROM (SELECT not_before FROM events "
+               "WHERE lease_until <= ? ORDER BY id LIMIT 1000)")
+        return self._run(lambda c: c.execute(sql, (now,)).fetchone()[0])
+
+    def maintain(self, empty: bool) -> None:
+        """Checkpoint the WAL (the flusher's job, so producers see no checkpoint
+        stalls); when the queue is empty, also truncate the WAL and give freed pages back."""
+        def run(conn: sqlite3.Connection) -> None:
+            if not empty:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                return
+            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+        self._run(run)
+
+    # -- status and dead letters -----------------------------------------------------
+
+    def stats(self, now: float) -> Stats:
+        def read(conn: sqlite3.Connection) -> Stats:
+            depth, size, oldest, flying = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created), "
+                "COALESCE(SUM(lease_until > ?), 0) FROM events", (now,)).fetchone()
+            dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            return Stats(depth, size, oldest, dead, flying)
+
+        return self._run(read)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        sql = ("SELECT id, body, created, buried_at, attempts, status, response "
+               "FROM dead_letters ORDER BY id LIMIT ?")
+        return self._run(lambda c: [DeadLetter(*r) for r in c.execute(sql, (limit,))])
+
+    def requeue(self, ids: Optional[Sequence[int]] = None) -> int:
+        """Put dead letters (all, or those ids) back at the end of the queue, as they were."""
+        where, args = _ids_clause(ids)
+
+        def move(conn: sqlite3.Connection) -> int:
+            with _write(conn):
+                conn.execute(
+                    "INSERT INTO events (body, size, created) SELECT body, size, created "
+                    f"FROM dead_letters {where} ORDER BY id", args)
+                return conn.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+
+        return self._run(move)
+
+    def purge(self, ids: Optional[Sequence[int]] = None) -> int:
+        where, args = _ids_clause(ids)
+        sql = f"DELETE FROM dead_letters {where}"
+        return self._run(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
+
+    def integrity_check(self) -> str:
+        return self._run(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _by_token(self, sql: str, token: int, ids: Sequence[int]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            with _write(conn):
+                cur = conn.executemany(sql, [(token, i) for i in ids])
+                return max(cur.rowcount, 0)
+
+        return self._run(run)
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn on this process's connection, retrying while the file is locked;
+        translate every other sqlite3 error into StorageError."""
+        deadline = time.monotonic() + LOCKED_DEADLINE_S
+        while True:
+            with self._lock:
+                try:
+                    conn = self._conn or self._open()
+                    return fn(conn)
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or time.monotonic() > deadline:
+                        raise self._error(exc) from exc
+                except sqlite3.Error as exc:
+                    raise self._error(exc) from exc
+            time.sleep(random.uniform(0.001, 0.01))  # busy: let the lock holder finish
+
+    def _error(self, exc: sqlite3.Error) -> StorageError:
+        text = str(exc)
+        if "not a database" in text or "malformed" in text:
+            return StorageError(f"{self.path} is corrupt or not a SQLite database ({text}); "
+                                "move it aside to start a new queue")
+        return StorageError(f"queue file {self.path}: {text}")
+
+    def _open(self) -> sqlite3.Connection:
+        self._create_file()
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            self._check_or_init(conn)
+            conn.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _create_file(self) -> None:
+        """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot create queue file {self.path}: {exc.strerror}") from exc
+        os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
+
+    def _check_or_init(self, conn: sqlite3.Connection) -> None:
+        app_id, version, tables = _header(conn)
+        if app_id == 0 and tables == 0:
+            _initialize(conn)
+            app_id, version, tables = _header(conn)
+        if app_id != APPLICATION_ID:
+            raise StorageError(f"{self.path} is not a segmentry queue (another application's "
+                               "SQLite file); it was left untouched")
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"{self.path} has queue schema {version}, newer than this "
+                               f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def set_autocheckpoint(self, pages: int) -> None:
+        """The flusher's connection checkpoints; producers' almost never do."""
+        self._autocheckpoint = pages
+        with self._lock:
+            self._close()
+
+
+def _header(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    tables = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
+    return app_id, version, tables
+
+
+def _initialize(conn: sqlite3.Connection) -> None:
+    # auto_vacuum must be set before the first table exists; WAL outside a transaction.
+    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    with _write(conn):
+        if _header(conn) != (0, 0, 0):
+            return  # another process initialized it first
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[None]:
+    """An explicit BEGIN IMMEDIATE: the write lock is taken up front, under the busy
+    handler, instead of a deferred read that cannot upgrade when another wrote."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _in_write(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    with _write(conn):
+        return fn()
+
+
+def _ids_clause(ids: Optional[Sequence[int]]) -> tuple[str, list[Any]]:
+    if ids is None:
+        return "", []
+    ids = [int(i) for i in ids]
+    return f"WHERE id IN ({','.join('?' * len(ids))})" if ids else "WHERE 0", ids
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+_forking: list[SQLiteQueue] = []
+
+
+def _before_fork() -> None:
+    _forking[:] = list(_queues)
+    for queue in _forking:
+        queue._lock.acquire()
+        queue._close()  # the parent reopens lazily; the child never sees this connection
+
+
+def _after_fork_parent() -> None:
+    for queue in _forking:
+        queue._lock.release()
+    _forking.clear()
+
+
+def _after_fork_child() -> None:
+    for queue in _forking:
+        queue._lock = threading.Lock()
+    _forking.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=_after_fork_child)
+
+
+def default_queue_path() -> str:
+    """$SEGMENTRY_QUEUE, else a per-user state directory."""
+    env = os.environ.get("SEGMENTRY_QUEUE")
+    if env:
+        return env
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "segmentry", "queue.db")
