@@ -348,6 +348,13 @@ def _snake(wire: str) -> str:
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_to_json, allow_nan=False)
 
 
+def type_of(body: str) -> str:
+    """The type of a stored event, read without decoding: encode() writes it first."""
+    if not body.startswith('{"type":"'):
+        raise ValueError("not an event encoded by segmentry")
+    return body[9:body.index('"', 9)]
+
+
 def splice_batch(bodies: list[str], sent_at: str) -> str:
     """The /v1/batch request body from stored event texts, without decoding them."""
     return '{"batch":[' + ",".join(bodies) + '],"sentAt":"' + sent_at + '"}'

@@ -432,10 +432,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def default_queue_path() -> str:
-    """$SEGMENTRY_QUEUE, else a per-user state directory."""
-    env = os.environ.get("SEGMENTRY_QUEUE")
-    if env:
-        return env
+    """A per-user state directory ($SEGMENTRY_QUEUE is read with the other options)."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "segmentry", "queue.db")

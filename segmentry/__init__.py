@@ -1,0 +1,96 @@
+"""segmentry: a Segment analytics client whose events survive crashes.
+
+Every call appends the event to a local SQLite queue and returns its messageId; a
+flusher (a thread here, or ``python -m segmentry.flusher``) delivers it in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Optional
+
+from .client import Client
+from .exceptions import (
+    ConfigurationError,
+    DeliveryError,
+    HTTPStatusError,
+    InvalidMessage,
+    MessageTooLarge,
+    NetworkError,
+    QueueFull,
+    SegmentryError,
+    StorageError,
+)
+from .messages import Alias, Context, Group, Identify, Page, Screen, Track
+from .version import __version__
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+_default: Optional[Client] = None
+_default_lock = threading.Lock()
+
+
+def start(write_key: Optional[str] = None, **options: Any) -> Client:
+    """Start the module-level default client (the write key from SEGMENT_WRITE_KEY when
+    omitted); then ``segmentry.track(...)`` etc. use it. Returns the client."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = Client(write_key or os.environ.get("SEGMENT_WRITE_KEY"), **options)
+        return _default
+
+
+def default_client() -> Client:
+    if _default is None:
+        raise ConfigurationError("call segmentry.start(write_key, ...) first")
+    return _default
+
+
+def track(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().track(*args, **kwargs)
+
+
+def identify(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().identify(*args, **kwargs)
+
+
+def page(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().page(*args, **kwargs)
+
+
+def screen(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().screen(*args, **kwargs)
+
+
+def group(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().group(*args, **kwargs)
+
+
+def alias(*args: Any, **kwargs: Any) -> Optional[str]:
+    return default_client().alias(*args, **kwargs)
+
+
+def flush(timeout: Optional[float] = None) -> bool:
+    return default_client().flush(timeout)
+
+
+def stop(timeout: float = 5.0) -> None:
+    """Close the default client (a bounded final flush)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close(timeout)
+            _default = None
+
+
+__all__ = [
+    "Client", "start", "stop", "default_client",
+    "track", "identify", "page", "screen", "group", "alias", "flush",
+    "Track", "Identify", "Page", "Screen", "Group", "Alias", "Context",
+    "SegmentryError", "ConfigurationError", "InvalidMessage", "MessageTooLarge",
+    "QueueFull", "StorageError", "DeliveryError", "NetworkError", "HTTPStatusError",
+    "__version__",
+]

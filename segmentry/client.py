@@ -1,0 +1,243 @@
+"""The producer: Client and its six calls (track, identify, page, screen, group, alias).
+Each call validates, encodes and stores one event durably, then returns its messageId;
+no network here. A Client may also own the in-process flusher thread (flusher.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import Any, Optional
+
+from . import config, messages, telemetry
+from .exceptions import ConfigurationError, QueueFull, StorageError
+from .messages import ContextLike, Message
+from .storage import SQLiteQueue, default_queue_path
+
+logger = logging.getLogger(__name__)
+
+CAP_RESTAT_EVERY = 256  # puts between two stat() calls of the queue file's size
+DROP_LOG_EVERY_S = 10.0  # at most one drop warning per interval: never flood the logs
+CLOSE_TIMEOUT_S = 5.0
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+class Client:
+    """Durable Segment client. ``Client("KEY", queue_path=...)``; see DESIGN.md for options."""
+
+    def __init__(self, write_key: Optional[str] = None, **options: Any) -> None:
+        self.options = config.resolve(options)
+        self.write_key = write_key
+        self.queue_path = self.options.queue_path or default_queue_path()
+        if self.options.flusher == "thread" and not write_key and self.options.send_to_http:
+            raise ConfigurationError(
+                "a write key is required to send (or pass flusher=None to only enqueue "
+                "and let `python -m segmentry.flusher` deliver)")
+        self.queue = SQLiteQueue(self.queue_path, self.options.durability)
+        self.dropped = 0
+        self._first_id = 0  # the ids this client stored: what flush() waits for
+        self._last_id = 0
+        self._puts_since_stat = CAP_RESTAT_EVERY
+        self._disk_bytes = 0
+        self._last_drop_log = 0.0
+        self._flusher: Any = None  # flusher.Background, started on the first event
+        self._flusher_lock = threading.Lock()
+        self._closed = False
+        _clients.add(self)
+
+    # -- the six calls ----------------------------------------------------------------
+
+    def track(self, user_id: Any = None, event: Optional[str] = None,
+              properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
+              **common: Any) -> Optional[str]:
+        """Record that ``user_id`` did ``event``; return its messageId (None if dropped)."""
+        if isinstance(user_id, messages.Track):
+            return self.send(user_id)
+        return self._enqueue("track", user_id, {"event": event, "properties": properties},
+                             context, common)
+
+    def identify(self, user_id: Any = None, traits: Optional[dict[str, Any]] = None,
+                 context: ContextLike = None, **common: Any) -> Optional[str]:
+        if isinstance(user_id, messages.Identify):
+            return self.send(user_id)
+        return self._enqueue("identify", user_id, {"traits": traits}, context, common)
+
+    def page(self, user_id: Any = None, name: Optional[str] = None,
+             properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
+             *, category: Optional[str] = None, **common: Any) -> Optional[str]:
+        if isinstance(user_id, messages.Page) and not isinstance(user_id, messages.Screen):
+            return self.send(user_id)
+        fields = {"name": name, "properties": properties, "category": category}
+        return self._enqueue("page", user_id, fields, context, common)
+
+    def screen(self, user_id: Any = None, name: Optional[str] = None,
+               properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
+               *, category: Optional[str] = None, **common: Any) -> Optional[str]:
+        if isinstance(user_id, messages.Screen):
+            return self.send(user_id)
+        fields = {"name": name, "properties": properties, "category": category}
+        return self._enqueue("screen", user_id, fields, context, common)
+
+    def group(self, user_id: Any = None, group_id: Any = None,
+              traits: Optional[dict[str, Any]] = None, context: ContextLike = None,
+              **common: Any) -> Optional[str]:
+        if isinstance(user_id, messages.Group):
+            return self.send(user_id)
+        return self._enqueue("group", user_id, {"groupId": group_id, "traits": traits},
+                             context, common)
+
+    def alias(self, user_id: Any = None, previous_id: Any = None, context: ContextLike = None,
+              **common: Any) -> Optional[str]:
+        if isinstance(user_id, messages.Alias):
+            return self.send(user_id)
+        return self._enqueue("alias", user_id, {"previousId": previous_id}, context, common)
+
+    def send(self, message: Message) -> Optional[str]:
+        """Enqueue a full message struct (Track, Identify, Page, Screen, Group, Alias)."""
+        now = time.time()
+        return self._store(messages.encode_message(message, now), now)
+
+    # -- delivery control ---------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no event this client enqueued before the call is still queued,
+        delivered by this process's flusher or by whichever flusher holds the queue.
+        Return whether that happened within ``timeout`` seconds (None: no limit)."""
+        first, last = self._first_id, self._last_id
+        if last == 0:
+            return True
+        background = self._flusher
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait = 0.005
+        while self.queue.pending(first, last):
+            if background is not None:
+                background.wake()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            # Woken at once by this process's flusher; another process's is polled.
+            pause = wait if left is None else min(wait, left)
+            if background is not None:
+                background.wait_cycle(pause)
+            else:
+                time.sleep(pause)
+            wait = min(wait * 2, 0.25)
+        return True
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop this client's flusher thread after a bounded final flush. What is not
+        delivered by then stays in the queue file for the next flusher."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self.flush(timeout)
+            self._flusher.stop(timeout)
+            self._flusher = None
+        self.queue.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _enqueue(self, type_: str, user_id: Any, fields: dict[str, Any], context: ContextLike,
+                 common: dict[str, Any]) -> Optional[str]:
+        unknown = set(common) - _COMMON
+        if unknown:
+            raise TypeError(f"{type_}() got unexpected keyword(s): {', '.join(sorted(unknown))}")
+        now = time.time()
+        return self._store(messages.encode(type_, user_id, fields, now, context=context,
+                                           **common), now)
+
+    def _store(self, event: messages.Encoded, now: float) -> Optional[str]:
+        if self._closed:
+            raise StorageError("this client is closed")
+        try:
+            self._check_cap(len(event.body))
+            row_id = self.queue.put(event.body, now)
+        except (QueueFull, StorageError) as exc:
+            if self.options.on_full == "raise":
+                raise
+            self._drop(event, exc)
+            return None
+        if not self._first_id:
+            self._first_id = row_id
+        self._last_id = row_id
+        self._notify_flusher()
+        return event.message_id
+
+    def _check_cap(self, size: int) -> None:
+        self._puts_since_stat += 1
+        self._disk_bytes += size
+        if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= self.options.max_queue_bytes:
+            self._puts_since_stat = 0
+            self._disk_bytes = self.queue.disk_bytes() + size
+        if self._disk_bytes > self.options.max_queue_bytes:
+            raise QueueFull(f"queue file {self.queue_path} is over max_queue_bytes "
+                            f"({self.options.max_queue_bytes}); is a flusher running?")
+
+    def _drop(self, event: messages.Encoded, exc: Exception) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_EVERY_S:
+            self._last_drop_log = now
+            logger.warning("segmentry dropped an event (%d so far): %s", self.dropped, exc)
+        telemetry.execute(("segmentry", "enqueue", "drop"), {"count": 1},
+                          {"reason": type(exc).__name__, "error": str(exc), "type": event.type,
+                           "queue_path": self.queue_path})
+
+    def _notify_flusher(self) -> None:
+        if self.options.flusher != "thread":
+            return
+        background = self._flusher
+        if background is None:
+            background = self._start_flusher()
+        background.enqueued()
+
+    def _start_flusher(self) -> Any:
+        from .flusher import Background  # flusher imports http and requests: load on demand
+
+        with self._flusher_lock:
+            if self._flusher is None:
+                self._flusher = Background(self.write_key or "", self.queue_path, self.options)
+                self._flusher.start()
+            return self._flusher
+
+    def _forget_flusher_after_fork(self) -> None:
+        if self._flusher is not None:
+            self._flusher.abandon()  # the thread did not survive the fork; its lock is the parent's
+            self._flusher = None
+        self._flusher_lock = threading.Lock()
+
+
+_COMMON = frozenset({"anonymous_id", "timestamp", "integrations", "message_id"})
+
+
+def _after_fork_child() -> None:
+    for client in list(_clients):
+        client._forget_flusher_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_child)
+
+
+def _close_all_at_exit() -> None:
+    """The exit hook: a bounded final flush, never a hang; the rest stays on disk."""
+    for client in list(_clients):
+        try:
+            client.close()
+        except Exception:  # never let analytics turn a clean exit into a traceback
+            logger.exception("segmentry: closing a client at exit failed")
+
+
+atexit.register(_close_all_at_exit)

@@ -1,0 +1,456 @@
+"""The flusher: one claim -> send -> delete/release/bury cycle, the loop around it with
+up to max_in_flight batches in flight, the one-flusher-per-queue lock (filelock, on a
+separate file), the in-process Background thread, and ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import filelock
+
+from . import http, messages, telemetry
+from .config import Options
+from .exceptions import HTTPStatusError, NetworkError, SegmentryError
+from .storage import Claim, Row, SQLiteQueue
+
+logger = logging.getLogger(__name__)
+
+LEASE_S = 600.0  # a backstop only: a new lock holder resets every lease at once
+CYCLE_DELAY_CAP_S = 300.0  # the longest pause after a cycle's retries ran out
+MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
+LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
+MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
+FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
+
+
+class Outcome:
+    """Counters of what the flusher did, for the CLI and tests."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.buried = 0
+        self.released = 0
+        self.requests = 0
+        self.misconfigured: Optional[int] = None  # the status, while it lasts
+
+    def __repr__(self) -> str:
+        return (f"Outcome(sent={self.sent}, buried={self.buried}, released={self.released}, "
+                f"misconfigured={self.misconfigured})")
+
+
+class Flusher:
+    """Delivers one queue file. Only the holder of the queue's lock runs one (see Lock)."""
+
+    def __init__(self, queue: SQLiteQueue, client: http.HTTPClient, options: Options,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.queue = queue
+        self.http = client
+        self.options = options
+        self.clock = clock
+        self.outcome = Outcome()
+        self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
+        self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
+        self._slots = threading.Semaphore(options.max_in_flight)
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._settled = threading.Condition()
+        self._in_flight = 0
+        self._last_maintain = 0.0
+        queue.set_autocheckpoint(FLUSHER_AUTOCHECKPOINT)
+
+    # -- one cycle ----------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Called once the queue's lock is ours: leases left are a dead flusher's, and an
+        ongoing backoff stored in the file is honoured (a restart does not forget it)."""
+        reclaimed = self.queue.reset_leases()
+        if reclaimed:
+            logger.info("reclaimed %d events from a flusher that stopped mid-send", reclaimed)
+        ready_at = self.queue.next_ready_at(self.clock())
+        if ready_at:
+            self.pause_until = max(self.pause_until, ready_at)
+
+    def claim(self) -> Claim:
+        limit = 1 if self.options.sender == "immediate" else self.options.max_batch_size
+        meta = {"queue_path": self.queue.path}
+        with telemetry.span(("segmentry", "claim"), meta) as span:
+            claim = self.queue.claim(limit, messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD,
+                                     self.clock(), LEASE_S)
+            span.set(claimed=len(claim.rows))
+        return claim
+
+    def run_once(self) -> int:
+        """One synchronous claim/send cycle; return how many events it claimed."""
+        claim = self.claim()
+        if claim.rows:
+            self.deliver(claim)
+        return len(claim.rows)
+
+    def deliver(self, claim: Claim) -> None:
+        """Send a claimed batch and settle its rows by the answer."""
+        if self.options.sender == "immediate":
+            for row in claim.rows:
+                self._settle(claim.token, [row], self._post_event(row))
+        else:
+            self._send_and_settle(claim.token, claim.rows)
+
+    def _send_and_settle(self, token: int, rows: list[Row]) -> None:
+        self._settle(token, rows, self._post([r.body for r in rows]))
+
+    def _post(self, bodies: list[str]) -> Any:
+        self.outcome.requests += 1
+        try:
+            return http.post_batch(self.http, bodies)
+        except NetworkError as exc:
+            return exc
+
+    def _post_event(self, row: Row) -> Any:
+        self.outcome.requests += 1
+        try:
+            return http.post_event(self.http, messages.type_of(row.body), row.body)
+        except NetworkError as exc:
+            return exc
+
+    def _settle(self, token: int, rows: list[Row], answer: Any) -> None:
+        ids = [r.id for r in rows]
+        if isinstance(answer, NetworkError):
+            return self._release(token, rows, answer, None)
+        verdict = http.classify(answer.status_code)
+        if verdict == "ok":
+            self.outcome.sent += self.queue.delete(token, ids)
+            self.outcome.misconfigured = None
+            self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
+        elif verdict == "retry":
+            error = HTTPStatusError(answer.status_code, True, _text(answer))
+            self._release(token, rows, error, http.retry_after_s(answer))
+        elif verdict == "misconfigured":
+            self._misconfigured(token, rows, answer)
+        else:
+            self._reject(token, rows, answer)
+
+    def _release(self, token: int, rows: list[Row], error: Exception,
+                 retry_after: Optional[float]) -> None:
+        """A transient failure outlived this cycle's retries: keep the rows, pause."""
+        attempts = max(r.attempts for r in rows) + 1
+        delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
+        not_before = self.clock() + delay
+        self.outcome.released += self.queue.release(token, [r.id for r in rows], not_before)
+        self.pause_until = max(self.pause_until, not_before)
+        logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
+                       _describe(error), len(rows), delay)
+        self._on_error(error, rows)
+
+    def _cycle_delay(self, attempts: int) -> float:
+        base = self.options.retry_expiry / 1000.0 * 2 ** min(attempts - 1, 16)
+        return min(CYCLE_DELAY_CAP_S, base) * random.uniform(0.5, 1.0)
+
+    def _misconfigured(self, token: int, rows: list[Row], answer: Any) -> None:
+        """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
+        fixed key and a restart replay at once), log, report, retry slowly."""
+        status = answer.status_code
+        self.queue.release(token, [r.id for r in rows], 0.0)
+        delay = self._misconfig_delay
+        self._misconfig_delay = min(delay * 2, MISCONFIGURED_DELAY_S[1])
+        self.pause_until = max(self.pause_until, self.clock() + delay)
+        if self.outcome.misconfigured != status:
+            logger.error("receiver answered HTTP %d: check the write key and api_url (%s); "
+                         "nothing is dropped, retrying every %.0f s at most",
+                         status, self.http.api_url, MISCONFIGURED_DELAY_S[1])
+        self.outcome.misconfigured = status
+        telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
+                          {"status_code": status, "queue_path": self.queue.path})
+
+    def _reject(self, token: int, rows: list[Row], answer: Any) -> None:
+        """400/413/other 4xx: split the batch to isolate what the receiver refuses."""
+        if len(rows) > 1:
+            half = len(rows) // 2
+            self._send_and_settle(token, rows[:half])
+            self._send_and_settle(token, rows[half:])
+            return
+        body = _text(answer)
+        moved = self.queue.bury(token, [rows[0].id], answer.status_code, body, self.clock())
+        self.outcome.buried += moved
+        logger.error("receiver refused an event with HTTP %d; moved to dead letters",
+                     answer.status_code)
+        telemetry.execute(("segmentry", "dead_letter"), {"count": moved},
+                          {"status_code": answer.status_code, "queue_path": self.queue.path})
+        self._on_error(HTTPStatusError(answer.status_code, False, body), rows)
+
+    def _on_error(self, error: Exception, rows: list[Row]) -> None:
+        callback = self.options.on_error
+        if callback is None:
+            return
+        try:
+            callback(error, [json.loads(r.body) for r in rows])
+        except Exception:
+            logger.exception("on_error callback raised")
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, wake: threading.Event, drain: bool = False,
+            deadline: Optional[float] = None) -> bool:
+        """Claim and send until ``stop`` (or, with ``drain``, until the queue is empty,
+        a misconfiguration, or the monotonic ``deadline``). Return whether it drained."""
+        self._pool = ThreadPoolExecutor(self.options.max_in_flight, "segmentry-send")
+        try:
+            return self._loop(stop, wake, drain, deadline)
+        finally:
+            self._pool.shutdown(wait=False)
+
+    def _loop(self, stop: threading.Event, wake: threading.Event, drain: bool,
+              deadline: Optional[float]) -> bool:
+        while not stop.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            if drain and self.outcome.misconfigured:
+                return False
+            pause = self.pause_until - self.clock()
+            if pause > 0:
+                stop.wait(min(pause, 1.0))
+                continue
+            if not self._slots.acquire(timeout=0.2):
+                continue
+            claim = self.claim()
+            if not claim.rows:
+                self._slots.release()
+                if self._idle(drain):
+                    return True
+                self._wait(stop, wake, drain)
+                continue
+            self._submit(claim)
+            self._maintain(empty=False)
+            if not drain and self._partial(claim):
+                self._wait(stop, wake, drain)
+        return False
+
+    def _partial(self, claim: Claim) -> bool:
+        if self.options.sender == "immediate":
+            return False
+        bytes_ = sum(r.size + 1 for r in claim.rows)
+        full_bytes = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD - messages.MAX_EVENT_BYTES
+        return len(claim.rows) < self.options.max_batch_size and bytes_ < full_bytes
+
+    def _submit(self, claim: Claim) -> None:
+        with self._settled:
+            self._in_flight += 1
+        assert self._pool is not None
+        future = self._pool.submit(self.deliver, claim)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        self._slots.release()
+        if future.exception() is not None:
+            logger.error("delivering a batch failed: %s", future.exception())
+        with self._settled:
+            self._in_flight -= 1
+            self._settled.notify_all()
+
+    def _idle(self, drain: bool) -> bool:
+        """Nothing ready. Return True when a drain is complete (the queue is empty)."""
+        with self._settled:
+            flying = self._in_flight
+        if flying:
+            return False
+        empty = not self.queue.pending(0, 2**63 - 1)
+        if empty or self.clock() - self._last_maintain > MAINTAIN_EVERY_S:
+            self._maintain(empty)
+        return drain and empty
+
+    def _wait(self, stop: threading.Event, wake: threading.Event, drain: bool) -> None:
+        """Between cycles: until batch_every_ms passes, a producer wakes us, or (draining)
+        a batch in flight settles."""
+        if drain:
+            with self._settled:
+                if self._in_flight:
+                    self._settled.wait(0.5)
+                    return
+            stop.wait(0.05)  # only rows in backoff are left: look again shortly
+            return
+        wake.wait(self.options.batch_every_ms / 1000.0)
+        wake.clear()
+
+    def _maintain(self, empty: bool) -> None:
+        now = self.clock()
+        if not empty and now - self._last_maintain < MAINTAIN_EVERY_S:
+            return
+        self._last_maintain = now
+        try:
+            self.queue.maintain(empty)
+        except SegmentryError as exc:
+            logger.warning("queue maintenance failed: %s", exc)
+
+    def wait_settled(self, timeout: float) -> None:
+        """Block until a batch in flight settles (or timeout)."""
+        with self._settled:
+            self._settled.wait(timeout)
+
+    def finish(self, grace: float) -> None:
+        """Let the batches in flight settle for up to ``grace`` seconds, then abort
+        their retries; unsettled rows stay leased until the next flusher resets them."""
+        end = time.monotonic() + grace
+        with self._settled:
+            while self._in_flight and time.monotonic() < end:
+                self._settled.wait(end - time.monotonic())
+        self.http.close()
+
+
+def _text(answer: Any) -> str:
+    try:
+        return str(answer.text)[:2000]
+    except Exception:
+        return ""
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, HTTPStatusError):
+        return f"HTTP {error.status_code}"
+    return type(error).__name__
+
+
+class Lock:
+    """One active flusher per queue file: a filelock on ``<queue>.lock`` (never the
+    database, -wal or -shm: filelock truncates its file), and the holder's pid in
+    ``<queue>.flusher`` for ``segmentry status``."""
+
+    def __init__(self, queue_path: str) -> None:
+        self.path = queue_path + ".lock"
+        self.pid_path = queue_path + ".flusher"
+        self._lock = filelock.FileLock(self.path, mode=0o600)
+
+    def acquire(self, timeout: float) -> bool:
+        try:
+            self._lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            return False
+        _write_pid(self.pid_path)
+        return True
+
+    def release(self) -> None:
+        if self._lock.is_locked:
+            try:
+                os.unlink(self.pid_path)
+            except FileNotFoundError:
+                pass
+            self._lock.release()
+
+    def abandon(self) -> None:
+        """In a forked child: close the inherited descriptor without unlocking, which
+        would free the parent's lock (flock locks belong to the shared descriptor)."""
+        context = getattr(self._lock, "_context", None)
+        fd = getattr(context, "lock_file_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            context.lock_file_fd = None
+            context.lock_counter = 0
+
+
+def _write_pid(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def holder_pid(queue_path: str) -> Optional[int]:
+    """The pid of the process holding the queue's flusher lock, or None."""
+    probe = filelock.FileLock(queue_path + ".lock")
+    try:
+        probe.acquire(timeout=0)
+    except filelock.Timeout:
+        try:
+            with open(queue_path + ".flusher") as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+    except OSError:
+        return None
+    probe.release()
+    return None
+
+
+def make_http(write_key: str, options: Options) -> http.HTTPClient:
+    return http.client(
+        write_key, options.api_url, retry_attempts=options.retry_attempts,
+        retry_start=options.retry_start, retry_expiry=options.retry_expiry, gzip=options.gzip,
+        send_to_http=options.send_to_http, **options.requests_options)
+
+
+class Background:
+    """The in-process flusher of a Client: a daemon thread that stands by until it
+    holds the queue's lock, then runs the Flusher loop until stopped."""
+
+    def __init__(self, write_key: str, queue_path: str, options: Options) -> None:
+        self.options = options
+        self.queue = SQLiteQueue(queue_path, options.durability)
+        self.flusher = Flusher(self.queue, make_http(write_key, options), options)
+        self.lock = Lock(queue_path)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._enqueued = 0
+        self._thread = threading.Thread(target=self._main, name="segmentry-flusher",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def enqueued(self) -> None:
+        """A producer stored one event: wake the loop once a batch is full, or at once
+        in immediate mode."""
+        self._enqueued += 1
+        if self.options.sender == "immediate" or self._enqueued >= self.options.max_batch_size:
+            self._enqueued = 0
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wait_cycle(self, timeout: float) -> None:
+        self.flusher.wait_settled(timeout)
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def abandon(self) -> None:
+        self.lock.abandon()
+
+    def _main(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self.lock.acquire(timeout=LOCK_POLL_S):
+                    break
+            else:
+                return
+            try:
+                self.flusher.take_over()
+                self.flusher.run(self._stop, self._wake)
+            finally:
+                self.flusher.finish(grace=2.0)
+                self.lock.release()
+                self.queue.close()
+        except Exception:
+            logger.exception("segmentry flusher thread stopped on an unexpected error")
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m segmentry.flusher``: see service.py."""
+    from .service import main as service_main
+
+    return service_main(argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Drain progress: a one-line bar on a terminal (sent, remaining, events/s, ETA), plain
+periodic log lines otherwise, so an operator sees a backlog go down."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Any, Optional
+
+logger = logging.getLogger("segmentry.flusher")
+
+BAR_EVERY_S = 0.5
+LOG_EVERY_S = 10.0
+
+
+class Progress:
+    def __init__(self, flusher: Any, mode: str = "auto", stream: Any = None) -> None:
+        self.flusher = flusher
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "bar" if self.stream.isatty() else "log"
+        self.mode = mode
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._start = time.monotonic()
+
+    def __enter__(self) -> Progress:
+        if self.mode != "none":
+            self._thread = threading.Thread(target=self._loop, daemon=True,
+                                            name="segmentry-progress")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+            self.report(final=True)
+
+    def _loop(self) -> None:
+        every = BAR_EVERY_S if self.mode == "bar" else LOG_EVERY_S
+        while not self._stop.wait(every):
+            self.report()
+
+    def report(self, final: bool = False) -> None:
+        sent = self.flusher.outcome.sent
+        try:
+            remaining = self.flusher.queue.stats(time.time()).depth
+        except Exception:  # a status line must never stop a drain
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-6)
+        rate = sent / elapsed
+        eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "-"
+        line = f"sent {sent}  remaining {remaining}  {rate:,.0f} events/s  ETA {eta}"
+        if self.mode == "bar":
+            self.stream.write("\r" + line.ljust(72) + ("\n" if final else ""))
+            self.stream.flush()
+        else:
+            logger.info("drain: %s", line)

@@ -1,0 +1,183 @@
+"""The flusher as a process (``python -m segmentry.flusher``, ``segmentry flush``): argv and
+environment, logging to stderr, signals, the lock, --once / --drain with progress, and the
+exit codes. Expected failures print one line and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from .config import DEFAULT_API_URL, Options, resolve
+from .exceptions import ConfigurationError, StorageError
+from .flusher import Flusher, Lock, holder_pid, make_http
+from .progress import Progress
+from .storage import SQLiteQueue, default_queue_path
+
+logger = logging.getLogger("segmentry.flusher")
+
+EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
+GRACE_S = 10.0  # SIGTERM: time for the batches in flight to settle (systemd TimeoutStopSec > this)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m segmentry.flusher",
+        description="Deliver a segmentry queue file to Segment (or any /v1/batch receiver).")
+    p.add_argument("--queue", help="queue file (default: $SEGMENTRY_QUEUE or the per-user one)")
+    p.add_argument("--api-url", help=f"receiver (default {DEFAULT_API_URL})")
+    p.add_argument("--write-key-file", help="file holding the write key (else $SEGMENT_WRITE_KEY)")
+    p.add_argument("--write-key", help="the write key (visible in ps: prefer the file or env)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="one claim/send cycle, then exit")
+    mode.add_argument("--drain", action="store_true", help="send until the queue is empty")
+    p.add_argument("--drain-timeout", type=float, help="with --drain: give up after S seconds")
+    p.add_argument("--wait", action="store_true",
+                   help="if another flusher holds the queue, stand by instead of exiting 1")
+    for name, kind in (("max-batch-size", int), ("batch-every-ms", int),
+                       ("max-in-flight", int), ("retry-attempts", int), ("retry-start", int),
+                       ("retry-expiry", int), ("max-queue-bytes", int)):
+        p.add_argument(f"--{name}", type=kind)
+    p.add_argument("--sender", choices=("batcher", "immediate"))
+    p.add_argument("--durability", choices=("normal", "full"))
+    p.add_argument("--timeout", type=float, help="HTTP request timeout, seconds (default 15)")
+    p.add_argument("--gzip", action="store_true", default=None, help="gzip request bodies")
+    p.add_argument("--no-send", action="store_true",
+                   help="do not send: log at DEBUG and treat every batch as delivered")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="with --drain: a progress bar on a terminal, log lines otherwise")
+    return p
+
+
+def options_from_args(args: Any, environ: Any) -> Options:
+    given = {
+        "queue_path": args.queue, "api_url": args.api_url, "sender": args.sender,
+        "max_batch_size": args.max_batch_size, "batch_every_ms": args.batch_every_ms,
+        "max_in_flight": args.max_in_flight, "retry_attempts": args.retry_attempts,
+        "retry_start": args.retry_start, "retry_expiry": args.retry_expiry,
+        "max_queue_bytes": args.max_queue_bytes, "durability": args.durability,
+        "gzip": args.gzip, "send_to_http": False if args.no_send else None,
+        "requests_options": {"timeout": args.timeout} if args.timeout else None,
+    }
+    return resolve({k: v for k, v in given.items() if v is not None}, environ)
+
+
+def read_write_key(args: Any, environ: Any) -> Optional[str]:
+    if args.write_key_file:
+        try:
+            with open(args.write_key_file) as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot read --write-key-file {args.write_key_file}: {exc.strerror}") from None
+    if args.write_key:
+        logger.warning("--write-key is visible to every user in ps; "
+                       "prefer SEGMENT_WRITE_KEY or --write-key-file")
+        return str(args.write_key)
+    return environ.get("SEGMENT_WRITE_KEY") or None
+
+
+def main(argv: Optional[list[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # bad value: exit 2
+    env = os.environ if environ is None else environ
+    setup_logging(args.log_level)
+    try:
+        options = options_from_args(args, env)
+        write_key = read_write_key(args, env)
+        if not write_key and options.send_to_http:
+            raise ConfigurationError(
+                "no write key: set SEGMENT_WRITE_KEY or pass --write-key-file PATH")
+        if args.drain_timeout is not None and not args.drain:
+            raise ConfigurationError("--drain-timeout goes with --drain")
+        return run(args, options, write_key or "")
+    except ConfigurationError as exc:
+        print(f"segmentry: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageError as exc:
+        print(f"segmentry: {exc}", file=sys.stderr)
+        return EXIT_UNDELIVERED
+
+
+def setup_logging(level: str) -> None:
+    """The service logs to stderr (journald adds the time); the library never configures."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("segmentry")
+    root.handlers[:] = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run(args: Any, options: Options, write_key: str) -> int:
+    path = options.queue_path or default_queue_path()
+    queue = SQLiteQueue(path, options.durability)
+    queue.stats(time.time())  # open now: a bad file is refused before we take the lock
+    lock = Lock(path)
+    stop = _stop_on_signals()
+    if not _acquire(lock, args.wait, stop, path):
+        return EXIT_UNDELIVERED
+    flusher = Flusher(queue, make_http(write_key, options), options)
+    try:
+        flusher.take_over()
+        return _work(args, flusher, stop)
+    finally:
+        flusher.finish(GRACE_S)
+        lock.release()
+        queue.close()
+        logger.info("stopped: %d sent, %d dead-lettered", flusher.outcome.sent,
+                    flusher.outcome.buried)
+
+
+def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
+    if lock.acquire(timeout=0):
+        return True
+    if not wait:
+        print(f"segmentry: another flusher (pid {holder_pid(path)}) holds {path}; "
+              "pass --wait to stand by", file=sys.stderr)
+        return False
+    logger.info("standing by: another flusher holds %s", path)
+    while not stop.is_set():
+        if lock.acquire(timeout=0.5):
+            return True
+    return False
+
+
+def _work(args: Any, flusher: Flusher, stop: threading.Event) -> int:
+    if args.once:
+        flusher.run_once()
+        return EXIT_UNDELIVERED if flusher.outcome.misconfigured else EXIT_OK
+    if not args.drain:
+        flusher.run(stop, threading.Event())
+        return EXIT_OK
+    deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
+    with Progress(flusher, args.progress):
+        drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
+    if flusher.outcome.misconfigured:
+        print(f"segmentry: receiver answered HTTP {flusher.outcome.misconfigured}: check the "
+              "write key and --api-url; nothing was dropped", file=sys.stderr)
+        return EXIT_UNDELIVERED
+    if not drained and not stop.is_set():
+        left = flusher.queue.stats(time.time()).depth
+        print(f"segmentry: --drain-timeout reached with {left} events left in the queue",
+              file=sys.stderr)
+        return EXIT_UNDELIVERED
+    return EXIT_OK
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT only set a flag; the loop notices it between cycles."""
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    return stop

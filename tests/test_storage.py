@@ -1,0 +1,241 @@
+"""The storage contract: put / claim / delete / release / bury by lease token, the
+file's identity and modes, and what is refused without touching the file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from segmentry.exceptions import ConfigurationError, StorageError
+from segmentry.storage import APPLICATION_ID, SCHEMA_VERSION, SQLiteQueue
+
+NOW = 1_800_000_000.0
+BIG = 10**9  # a byte budget that never limits
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = SQLiteQueue(str(tmp_path / "q.db"))
+    yield q
+    q.close()
+
+
+def fill(queue, n, size=10):
+    return [queue.put('{"i":%d,"pad":"%s"}' % (i, "x" * size), NOW) for i in range(n)]
+
+
+def test_put_returns_increasing_ids_in_enqueue_order(queue):
+    ids = fill(queue, 5)
+    assert ids == sorted(ids) and len(set(ids)) == 5
+
+
+def test_claim_takes_the_oldest_rows_first_up_to_the_limit(queue):
+    ids = fill(queue, 10)
+    claim = queue.claim(4, BIG, NOW, 60)
+    assert [r.id for r in claim.rows] == ids[:4]
+    assert claim.rows[0].body.startswith('{"i":0')
+
+
+def test_claimed_rows_are_not_claimed_twice_while_leased(queue):
+    ids = fill(queue, 6)
+    first = queue.claim(3, BIG, NOW, 60)
+    second = queue.claim(10, BIG, NOW, 60)
+    assert [r.id for r in second.rows] == ids[3:]
+    assert first.token != second.token
+
+
+def test_claim_respects_the_byte_budget_but_always_takes_one_row(queue):
+    fill(queue, 5, size=100)
+    size = len('{"i":0,"pad":""}') + 100
+    assert len(queue.claim(10, 2 * (size + 1), NOW, 60).rows) == 2
+    queue.put('{"big":"%s"}' % ("x" * 5000), NOW)
+    other = SQLiteQueue(queue.path)
+    assert len(other.claim(10, 10, NOW, 60).rows) == 1
+
+
+def test_delete_by_token_removes_only_that_lease(queue):
+    fill(queue, 4)
+    a = queue.claim(2, BIG, NOW, 60)
+    b = queue.claim(2, BIG, NOW, 60)
+    assert queue.delete(a.token, [r.id for r in b.rows]) == 0
+    assert queue.delete(a.token, [r.id for r in a.rows]) == 2
+    assert queue.stats(NOW).depth == 2
+
+
+def test_expired_lease_is_claimable_again_and_the_old_token_is_powerless(queue):
+    fill(queue, 3)
+    old = queue.claim(3, BIG, NOW, 10)
+    new = queue.claim(3, BIG, NOW + 11, 10)
+    assert [r.id for r in new.rows] == [r.id for r in old.rows]
+    assert queue.delete(old.token, [r.id for r in old.rows]) == 0
+    assert queue.release(old.token, [r.id for r in old.rows], 0) == 0
+    assert queue.delete(new.token, [r.id for r in new.rows]) == 3
+
+
+def test_release_counts_the_attempt_and_delays_the_rows(queue):
+    fill(queue, 2)
+    claim = queue.claim(2, BIG, NOW, 60)
+    assert queue.release(claim.token, [r.id for r in claim.rows], NOW + 30) == 2
+    assert queue.claim(2, BIG, NOW + 29, 60).rows == []
+    assert queue.next_ready_at(NOW) == NOW + 30
+    again = queue.claim(2, BIG, NOW + 30, 60)
+    assert [r.attempts for r in again.rows] == [1, 1]
+
+
+def test_reset_leases_makes_a_dead_flushers_rows_ready(queue):
+    fill(queue, 3)
+    queue.claim(3, BIG, NOW, 600)
+    assert queue.claim(3, BIG, NOW, 600).rows == []
+    assert queue.reset_leases() == 3
+    assert len(queue.claim(3, BIG, NOW, 600).rows) == 3
+
+
+def test_bury_moves_rows_to_dead_letters_with_the_response(queue):
+    ids = fill(queue, 3)
+    claim = queue.claim(3, BIG, NOW, 60)
+    assert queue.bury(claim.token, [ids[1]], 400, '{"error":"bad"}', NOW) == 1
+    letters = queue.dead_letters()
+    assert [(d.status, d.response) for d in letters] == [(400, '{"error":"bad"}')]
+    assert letters[0].body.startswith('{"i":1')
+    stats = queue.stats(NOW)
+    assert (stats.depth, stats.dead_letters) == (2, 1)
+
+
+def test_bury_with_a_stale_token_moves_nothing(queue):
+    ids = fill(queue, 1)
+    queue.claim(1, BIG, NOW, 60)
+    assert queue.bury(12345, ids, 400, "", NOW) == 0
+    assert queue.stats(NOW).dead_letters == 0
+
+
+def test_requeue_puts_dead_letters_back_at_the_tail_unchanged(queue):
+    ids = fill(queue, 3)
+    claim = queue.claim(1, BIG, NOW, 60)
+    body = claim.rows[0].body
+    queue.bury(claim.token, [ids[0]], 400, "", NOW)
+    assert queue.requeue() == 1
+    rows = queue.claim(10, BIG, NOW, 60).rows
+    assert rows[-1].body == body and rows[-1].id > ids[-1]
+    assert queue.stats(NOW).dead_letters == 0
+
+
+def test_purge_deletes_chosen_dead_letters(queue):
+    fill(queue, 2)
+    claim = queue.claim(2, BIG, NOW, 60)
+    queue.bury(claim.token, [r.id for r in claim.rows], 400, "", NOW)
+    first = queue.dead_letters()[0].id
+    assert queue.purge([first]) == 1
+    assert queue.purge() == 1
+    assert queue.dead_letters() == []
+
+
+def test_stats_report_depth_bytes_age_and_in_flight(queue):
+    fill(queue, 3, size=0)
+    queue.claim(1, BIG, NOW, 60)
+    stats = queue.stats(NOW)
+    assert stats.depth == 3
+    assert stats.bytes == 3 * len('{"i":0,"pad":""}')
+    assert stats.oldest_created == NOW
+    assert stats.in_flight == 1
+
+
+def test_pending_sees_only_the_given_id_range(queue):
+    ids = fill(queue, 4)
+    claim = queue.claim(2, BIG, NOW, 60)
+    queue.delete(claim.token, ids[:2])
+    assert not queue.pending(ids[0], ids[1])
+    assert queue.pending(ids[0], ids[2])
+
+
+def test_queue_file_and_wal_are_created_0600(tmp_path):
+    q = SQLiteQueue(str(tmp_path / "sub" / "q.db"))
+    q.put("{}", NOW)
+    for suffix in ("", "-wal", "-shm"):
+        mode = stat.S_IMODE(os.stat(q.path + suffix).st_mode)
+        assert mode == 0o600, (suffix, oct(mode))
+    q.close()
+
+
+def test_queue_file_is_in_wal_mode_and_marked_as_a_segmentry_queue(queue):
+    queue.put("{}", NOW)
+    conn = sqlite3.connect(queue.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_random_bytes_are_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "junk.db"
+    path.write_bytes(os.urandom(8192))
+    before = _bytes(path)
+    with pytest.raises(StorageError, match="corrupt or not a SQLite database"):
+        SQLiteQueue(str(path)).put("{}", NOW)
+    assert _bytes(path) == before
+
+
+def test_another_applications_database_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = _bytes(path)
+    with pytest.raises(StorageError, match="not a segmentry queue"):
+        SQLiteQueue(str(path)).put("{}", NOW)
+    assert _bytes(path) == before
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    q = SQLiteQueue(str(tmp_path / "q.db"))
+    q.put("{}", NOW)
+    q.close()
+    conn = sqlite3.connect(q.path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StorageError, match="newer than this segmentry"):
+        SQLiteQueue(q.path).put("{}", NOW)
+
+
+def test_an_unwritable_directory_is_a_storage_error(tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/segmentry-cannot-exist/q.db"  # even root cannot create here
+    else:
+        os.chmod(tmp_path, 0o500)
+        target = str(tmp_path / "q.db")
+    with pytest.raises(StorageError, match="cannot create queue file"):
+        SQLiteQueue(target).put("{}", NOW)
+
+
+def test_durability_must_be_normal_or_full(tmp_path):
+    with pytest.raises(ConfigurationError, match="durability"):
+        SQLiteQueue(str(tmp_path / "q.db"), durability="off")
+
+
+def test_full_durability_sets_synchronous_full(tmp_path):
+    q = SQLiteQueue(str(tmp_path / "q.db"), durability="full")
+    q.put("{}", NOW)
+    assert q._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
+    q.close()
+
+
+def test_space_is_given_back_after_a_backlog_drains(queue):
+    fill(queue, 5000, size=200)
+    grown = queue.disk_bytes()
+    while True:
+        claim = queue.claim(500, BIG, NOW, 60)
+        if not claim.rows:
+            break
+        queue.delete(claim.token, [r.id for r in claim.rows])
+    queue.maintain(empty=True)
+    assert queue.disk_bytes() < grown / 4
+    assert os.stat(queue.path + "-wal").st_size == 0
+    assert queue.integrity_check() == "ok"
