@@ -222,8 +222,7 @@ _last_second: list[Any] = [None, ""]  # strftime costs 3 µs: format each second
 
 def format_timestamp(epoch: float) -> str:
     """ISO-8601 UTC with milliseconds, e.g. 2026-11-26T22:42:27.123Z."""
-    whole = int(epoch)
-    ms = int((epoch - whole) * 1000)
+    whole, ms = divmod(round(epoch * 1000), 1000)  # nearest ms: no float truncation
     cached = _last_second
     if cached[0] != whole:
         prefix = dt.datetime.fromtimestamp(whole, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")

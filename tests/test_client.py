@@ -1,0 +1,284 @@
+"""The producer: the six calls store exactly what they return, refuse bad input without
+storing anything, and survive several processes, fork and SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import segmentry
+from segmentry import telemetry
+from segmentry.exceptions import ConfigurationError, InvalidMessage, QueueFull, StorageError
+
+NOW = time.time()
+
+
+@pytest.fixture
+def client(tmp_path):
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    yield c
+    c.close()
+
+
+def stored(client):
+    """Every event in the queue file, decoded, in enqueue order."""
+    conn = sqlite3.connect(client.queue_path)
+    rows = conn.execute("SELECT body FROM events ORDER BY id").fetchall()
+    conn.close()
+    return [json.loads(r[0]) for r in rows]
+
+
+def test_each_call_stores_the_event_and_returns_its_message_id(client):
+    ids = [
+        client.track("u1", "Signed Up", {"plan": "pro"}),
+        client.identify("u1", {"email": "a@example.com"}),
+        client.page("u1", "Pricing", {"path": "/p"}, category="Docs"),
+        client.screen("u1", "Home"),
+        client.group("u1", "org-9", {"name": "Acme"}),
+        client.alias("u1", "anon-42"),
+    ]
+    events = stored(client)
+    assert [e["messageId"] for e in events] == ids
+    assert [e["type"] for e in events] == ["track", "identify", "page", "screen", "group",
+                                           "alias"]
+    assert events[0]["properties"] == {"plan": "pro"}
+    assert events[1]["traits"] == {"email": "a@example.com"}
+    assert (events[2]["name"], events[2]["category"]) == ("Pricing", "Docs")
+    assert events[4]["groupId"] == "org-9"
+    assert (events[5]["userId"], events[5]["previousId"]) == ("u1", "anon-42")
+
+
+def test_context_is_the_fourth_positional_argument_of_track(client):
+    client.track("u1", "Clicked", {"x": 1}, segmentry.Context(active=False))
+    assert stored(client)[0]["context"]["active"] is False
+
+
+def test_each_call_accepts_the_full_struct_form(client):
+    mid = client.track(segmentry.Track(user_id="abc", event="Signed Up", message_id="m-1"))
+    client.alias(segmentry.Alias(user_id="new", previous_id="old"))
+    client.page(segmentry.Page(user_id="u", name="P"))
+    client.screen(segmentry.Screen(user_id="u", name="S"))
+    assert mid == "m-1"
+    assert [e["type"] for e in stored(client)] == ["track", "alias", "page", "screen"]
+
+
+def test_keywords_set_the_common_fields(client):
+    client.identify("u1", anonymous_id="a1", message_id="fixed", integrations={"All": True},
+                    timestamp="2026-01-01T00:00:00Z")
+    event = stored(client)[0]
+    assert (event["anonymousId"], event["messageId"], event["timestamp"]) == \
+        ("a1", "fixed", "2026-01-01T00:00:00.000Z")
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.track(None, "E"),
+    lambda c: c.track("u", None),
+    lambda c: c.track("u", "E", {"x": object()}),
+    lambda c: c.group("u", None),
+    lambda c: c.alias("u", None),
+    lambda c: c.track("u", "E", {"blob": "x" * 40_000}),
+    lambda c: c.track("u", "E", message_id="x" * 120),
+])
+def test_bad_input_raises_and_stores_nothing(client, call):
+    client.track("u", "kept")
+    with pytest.raises(InvalidMessage):
+        call(client)
+    assert [e["event"] for e in stored(client)] == ["kept"]
+
+
+def test_an_unknown_keyword_is_a_type_error(client):
+    with pytest.raises(TypeError, match="colour"):
+        client.track("u", "E", colour="red")
+
+
+def test_on_full_raise_refuses_past_the_disk_cap(tmp_path):
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
+                         max_queue_bytes=64 * 1024, on_full="raise")
+    with pytest.raises(QueueFull, match="max_queue_bytes"):
+        for i in range(5000):
+            c.track("u", "E", {"pad": "x" * 200, "i": i})
+    c.close()
+
+
+def test_on_full_drop_returns_none_counts_and_reports(tmp_path):
+    seen = []
+    telemetry.attach("drops", [("segmentry", "enqueue", "drop")],
+                     lambda e, meas, meta: seen.append(meta["reason"]))
+    try:
+        c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
+                             max_queue_bytes=64 * 1024)
+        results = [c.track("u", "E", {"pad": "x" * 200}) for _ in range(1000)]
+    finally:
+        telemetry.detach("drops")
+    assert results[0] is not None and results[-1] is None
+    assert c.dropped == results.count(None) == len(seen)
+    assert set(seen) == {"QueueFull"}
+    c.close()
+
+
+def test_a_storage_failure_follows_on_full(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not a database at all" * 100)
+    dropping = segmentry.Client(queue_path=str(junk), flusher=None)
+    assert dropping.track("u", "E") is None and dropping.dropped == 1
+    raising = segmentry.Client(queue_path=str(junk), flusher=None, on_full="raise")
+    with pytest.raises(StorageError, match="corrupt or not a SQLite database"):
+        raising.track("u", "E")
+
+
+def test_sending_without_a_write_key_is_a_configuration_error(tmp_path):
+    with pytest.raises(ConfigurationError, match="write key"):
+        segmentry.Client(queue_path=str(tmp_path / "q.db"))
+
+
+@pytest.mark.parametrize("option", [
+    {"max_batch_size": 0}, {"on_full": "block"}, {"durability": "off"}, {"sender": "x"},
+    {"api_url": "ftp://x"}, {"retry_expiry": 1}, {"flusher": "process"}, {"bogus": 1},
+])
+def test_bad_options_are_configuration_errors(tmp_path, option):
+    with pytest.raises(ConfigurationError):
+        segmentry.Client("K", queue_path=str(tmp_path / "q.db"), **option)
+
+
+def test_environment_is_the_fallback_for_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGMENTRY_QUEUE", str(tmp_path / "env.db"))
+    monkeypatch.setenv("SEGMENTRY_MAX_BATCH_SIZE", "42")
+    c = segmentry.Client(flusher=None)
+    assert c.queue_path == str(tmp_path / "env.db") and c.options.max_batch_size == 42
+    assert segmentry.Client(flusher=None, max_batch_size=7).options.max_batch_size == 7
+
+
+def test_module_level_default_client(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", "from-env")
+    client = segmentry.start(queue_path=str(tmp_path / "q.db"), flusher=None)
+    try:
+        assert client.write_key == "from-env"
+        mid = segmentry.track("u1", "E")
+        assert [e["messageId"] for e in stored(client)] == [mid]
+    finally:
+        segmentry.stop()
+
+
+def test_client_is_a_context_manager(tmp_path):
+    with segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None) as c:
+        c.track("u", "E")
+    with pytest.raises(StorageError, match="closed"):
+        c.track("u", "E")
+
+
+# -- several processes, fork, SIGKILL ----------------------------------------------------
+
+PRODUCER = textwrap.dedent("""
+    import sys, segmentry
+    path, n = sys.argv[1], int(sys.argv[2])
+    c = segmentry.Client(queue_path=path, flusher=None, on_full="raise")
+    errors = 0
+    for i in range(n):
+        try:
+            c.track("user-%d" % i, "E", {"i": i})
+        except Exception as exc:
+            errors += 1
+            print("ERROR", exc, file=sys.stderr)
+    c.close()
+    print(errors)
+""")
+
+FORKER = textwrap.dedent("""
+    import os, sys, segmentry
+    path, n = sys.argv[1], int(sys.argv[2])
+    c = segmentry.Client(queue_path=path, flusher=None, on_full="raise")
+    for i in range(n):
+        c.track("parent", "E", {"i": i})
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)  # wait until the parent has closed its client
+        for i in range(n):
+            c.track("child", "E", {"i": i})
+        os._exit(0)
+    os.close(r)
+    c.close()
+    os.write(w, b"x")
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status))
+""")
+
+
+def run_python(code, *args, **kw):
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_four_producers_and_a_forked_child_store_the_exact_count(tmp_path):
+    path = str(tmp_path / "q.db")
+    n = 2000
+    procs = [run_python(PRODUCER, path, n) for _ in range(4)] + [run_python(FORKER, path, n)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0 and out.strip() == "0", err
+    conn = sqlite3.connect(path)
+    by_user = dict(conn.execute(
+        "SELECT json_extract(body, '$.userId') = 'child', COUNT(*) FROM events GROUP BY 1"))
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    assert by_user == {0: 5 * n, 1: n}
+
+
+KILLED = textwrap.dedent("""
+    import sys, segmentry
+    c = segmentry.Client(queue_path=sys.argv[1], flusher=None, on_full="raise")
+    i = 0
+    while True:
+        mid = c.track("u", "E", {"i": i})
+        print(mid, flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_a_producer_killed_mid_stream_loses_no_returned_event(tmp_path, durability):
+    path = str(tmp_path / "q.db")
+    code = KILLED.replace('on_full="raise"', f'on_full="raise", durability="{durability}"')
+    proc = run_python(code, path)
+    returned = []
+    for line in proc.stdout:
+        returned.append(line.strip())
+        if len(returned) >= 3000:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    ids = {r[0] for r in conn.execute("SELECT json_extract(body, '$.messageId') FROM events")}
+    conn.close()
+    assert set(returned) <= ids
+    assert len(ids) >= len(returned)
+
+
+def test_a_child_process_never_reuses_the_parents_connection(tmp_path):
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    c.track("u", "before fork")
+    parent_conn = c.queue._conn
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports whether it got a fresh connection
+        c.track("u", "in child")
+        os.write(w, b"1" if c.queue._conn is not parent_conn else b"0")
+        os._exit(0)
+    os.close(w)
+    answer = os.read(r, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert [e["event"] for e in stored(c)] == ["before fork", "in child"]
+    c.close()

@@ -1,0 +1,157 @@
+"""Building, validating and encoding one event: the payload of each type and each
+refusal, which names the field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+
+import pytest
+
+from segmentry import messages as m
+from segmentry.exceptions import InvalidMessage, MessageTooLarge
+
+NOW = 1_795_733_103.373
+
+
+def decode(encoded):
+    return json.loads(encoded.body)
+
+
+def track(**kw):
+    fields = {"event": kw.pop("event", "Signed Up"), "properties": kw.pop("properties", None)}
+    return m.encode("track", kw.pop("user_id", "u1"), fields, NOW, **kw)
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+def test_track_payload_has_segments_wire_names_and_fixed_fields():
+    event = decode(track(properties={"plan": "pro"}, anonymous_id="a1",
+                         integrations={"All": False}, context={"ip": "1.2.3.4"}))
+    assert event["type"] == "track"
+    assert event["userId"] == "u1" and event["anonymousId"] == "a1"
+    assert event["event"] == "Signed Up" and event["properties"] == {"plan": "pro"}
+    assert event["integrations"] == {"All": False}
+    assert event["context"] == {"ip": "1.2.3.4", "library": m.LIBRARY}
+    assert event["timestamp"] == "2026-11-26T22:45:03.373Z"
+    assert uuid.UUID(event["messageId"]).version == 4
+
+
+@pytest.mark.parametrize("type_, fields, expected", [
+    ("identify", {"traits": {"email": "a@b.c"}}, {"traits": {"email": "a@b.c"}}),
+    ("page", {"name": "Pricing", "properties": {"x": 1}, "category": "Docs"},
+     {"name": "Pricing", "properties": {"x": 1}, "category": "Docs"}),
+    ("screen", {"name": "Home", "properties": None, "category": None}, {"name": "Home"}),
+    ("group", {"groupId": "org-9", "traits": {"name": "Acme"}},
+     {"groupId": "org-9", "traits": {"name": "Acme"}}),
+    ("alias", {"previousId": "anon-42"}, {"previousId": "anon-42"}),
+])
+def test_each_type_carries_its_own_fields(type_, fields, expected):
+    event = decode(m.encode(type_, "u1", fields, NOW))
+    assert event["type"] == type_
+    assert {k: event[k] for k in expected} == expected
+    assert "sentAt" not in event
+
+
+def test_the_body_starts_with_its_type_so_it_can_be_read_without_decoding():
+    for type_ in m.TYPES:
+        fields = {"event": "E"} if type_ == "track" else {}
+        fields.update({"group": {"groupId": "g"}, "alias": {"previousId": "p"}}.get(type_, {}))
+        assert m.type_of(m.encode(type_, "u", fields, NOW).body) == type_
+
+
+def test_dataclass_form_encodes_like_the_positional_form():
+    msg = m.Track(user_id="u1", event="E", properties={"a": 1}, message_id="mid-1",
+                  context=m.Context(active=False, user_agent="ua"))
+    event = decode(m.encode_message(msg, NOW))
+    assert event["messageId"] == "mid-1"
+    assert event["context"] == {"active": False, "userAgent": "ua", "library": m.LIBRARY}
+
+
+def test_ids_become_strings():
+    event = decode(m.encode("group", 42, {"groupId": 7}, NOW))
+    assert event["userId"] == "42" and event["groupId"] == "7"
+
+
+def test_usual_python_values_convert_to_json():
+    props = {"when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+             "day": dt.date(2026, 1, 2), "price": decimal.Decimal("9.5"),
+             "id": uuid.UUID(int=1), "color": Color.RED, "tags": {"b"}, "pair": (1, 2)}
+    event = decode(track(properties=props))
+    assert event["properties"] == {
+        "when": "2026-01-02T03:04:05+00:00", "day": "2026-01-02", "price": 9.5,
+        "id": str(uuid.UUID(int=1)), "color": "red", "tags": ["b"], "pair": [1, 2]}
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"user_id": None}, "user_id"),
+    ({"user_id": ""}, "user_id"),
+    ({"user_id": 1.5}, "user_id"),
+    ({"event": None}, "event"),
+    ({"event": 3}, "event"),
+    ({"properties": ["not", "a", "dict"]}, "properties"),
+    ({"properties": {"bad": object()}}, "bad"),
+    ({"properties": {"nested": {"deep": [1, b"bytes"]}}}, "nested.deep[1]"),
+    ({"properties": {"nan": float("nan")}}, "nan"),
+    ({"timestamp": dt.datetime(2026, 1, 1)}, "timestamp"),
+    ({"timestamp": "yesterday"}, "timestamp"),
+    ({"timestamp": True}, "timestamp"),
+    ({"message_id": "x" * 100}, "message_id"),
+    ({"context": "not a dict"}, "context"),
+    ({"integrations": ["All"]}, "integrations"),
+])
+def test_bad_input_is_refused_naming_the_field(kw, field):
+    with pytest.raises(InvalidMessage) as info:
+        track(**kw)
+    assert field in str(info.value)
+
+
+def test_group_and_alias_require_their_second_id():
+    with pytest.raises(InvalidMessage, match="group_id"):
+        m.encode("group", "u", {"groupId": None}, NOW)
+    with pytest.raises(InvalidMessage, match="previous_id"):
+        m.encode("alias", "u", {"previousId": ""}, NOW)
+
+
+def test_anonymous_id_alone_is_enough():
+    assert "userId" not in decode(track(user_id=None, anonymous_id="anon"))
+
+
+def test_an_event_over_32_kb_is_too_large():
+    with pytest.raises(MessageTooLarge, match="32768"):
+        track(properties={"blob": "x" * m.MAX_EVENT_BYTES})
+    assert len(track(properties={"blob": "x" * 30_000}).body) <= m.MAX_EVENT_BYTES
+
+
+def test_a_given_timestamp_is_normalised_to_utc_with_milliseconds():
+    paris = dt.timezone(dt.timedelta(hours=1))
+    when = dt.datetime(2026, 1, 1, 13, 0, 0, 250000, tzinfo=paris)
+    assert decode(track(timestamp=when))["timestamp"] == "2026-01-01T12:00:00.250Z"
+    assert decode(track(timestamp="2026-01-01T12:00:00Z"))["timestamp"] == \
+        "2026-01-01T12:00:00.000Z"
+
+
+def test_a_container_that_contains_itself_is_refused():
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(InvalidMessage):
+        track(properties=loop)
+
+
+def test_splice_batch_is_valid_json_without_decoding_events():
+    bodies = [track().body, track().body]
+    batch = json.loads(m.splice_batch(bodies, "2026-01-01T00:00:00.000Z"))
+    assert [e["messageId"] for e in batch["batch"]] == \
+        [json.loads(b)["messageId"] for b in bodies]
+    assert batch["sentAt"] == "2026-01-01T00:00:00.000Z"
+
+
+def test_message_ids_are_unique_uuid4_strings():
+    ids = {m.new_message_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
