@@ -378,6 +378,8 @@ def holder_pid(queue_path: str) -> Optional[int]:
 
 
 def make_http(write_key: str, options: Options) -> http.HTTPClient:
+    if not options.send_to_http:
+        write_key = write_key or "no-send"  # nothing is sent: no key is needed
     return http.client(
         write_key, options.api_url, retry_attempts=options.retry_attempts,
         retry_start=options.retry_start, retry_expiry=options.retry_expiry, gzip=options.gzip,

@@ -1,0 +1,223 @@
+"""End to end: the real flusher process (``python -m segmentry.flusher``) against a real
+receiver on 127.0.0.1 that fails on demand. Crashes are real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fake_segment import FakeSegment
+
+import segmentry
+from segmentry.storage import SQLiteQueue
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key"
+FAST = ["--retry-start", "1", "--retry-expiry", "20", "--batch-every-ms", "20"]
+
+
+@pytest.fixture
+def receiver():
+    with FakeSegment(write_key=KEY, record=True) as srv:
+        yield srv
+
+
+@pytest.fixture
+def queue_path(tmp_path):
+    return str(tmp_path / "q.db")
+
+
+def enqueue(path, n, event="E"):
+    with segmentry.Client(queue_path=path, flusher=None) as c:
+        return [c.track(f"user-{i}", event, {"i": i}) for i in range(n)]
+
+
+def flusher(path, url, *args, env=None):
+    environ = {**os.environ, "SEGMENT_WRITE_KEY": KEY, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", path, "--api-url", url,
+         *FAST, *args],
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def drain(path, url, *args, timeout=120):
+    proc = flusher(path, url, "--drain", *args)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def wait_until(predicate, timeout=30.0):
+    """Poll a condition that only another process can make true (no race is won by it)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def depth(path):
+    return SQLiteQueue(path).stats(time.time())
+
+
+def test_drain_delivers_everything_once_and_exits_0(receiver, queue_path):
+    ids = enqueue(queue_path, 1000)
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0, err
+    stats = receiver.stats()
+    assert (stats["unique"], stats["duplicates"]) == (1000, 0)
+    assert {e["messageId"] for e in receiver.events()} == set(ids)
+    assert depth(queue_path).depth == 0
+
+
+def test_an_outage_drops_nothing_and_everything_arrives_after(receiver, queue_path):
+    enqueue(queue_path, 300)
+    receiver.fail(503, count=12)
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0, err
+    stats = receiver.stats()
+    assert stats["requests_by_status"]["503"] == 12
+    assert stats["unique"] == 300
+
+
+def test_dropped_connections_are_retried(receiver, queue_path):
+    enqueue(queue_path, 200)
+    receiver.drop(count=3)
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0, err
+    assert receiver.stats()["unique"] == 200
+
+
+def test_ambiguous_replies_duplicate_with_the_same_message_id(receiver, queue_path):
+    ids = enqueue(queue_path, 100)
+    receiver.ambiguous(count=1)
+    code, err = drain(queue_path, receiver.url, "--max-in-flight", "1")
+    assert code == 0, err
+    stats = receiver.stats()
+    assert stats["unique"] == 100 and stats["duplicates"] == 100
+    assert sorted(e["messageId"] for e in receiver.events()) == sorted(ids * 2)
+
+
+def test_a_poison_event_is_dead_lettered_and_the_others_arrive(receiver, queue_path):
+    enqueue(queue_path, 50)
+    poison = enqueue(queue_path, 1, event="Poison")[0]
+    enqueue(queue_path, 49)
+    receiver.reject("Poison")
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0, err
+    assert receiver.stats()["unique"] == 99
+    letters = SQLiteQueue(queue_path).dead_letters()
+    assert len(letters) == 1 and poison in letters[0].body and letters[0].status == 400
+
+
+def test_a_flusher_killed_mid_send_loses_nothing(receiver, queue_path):
+    ids = enqueue(queue_path, 500)
+    receiver.delay(ms=5000)
+    proc = flusher(queue_path, receiver.url)
+    assert wait_until(lambda: depth(queue_path).in_flight > 0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    receiver.clear_faults()
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0, err
+    assert receiver.wait_for(lambda s: s["unique"] == 500, timeout=30)
+    assert {e["messageId"] for e in receiver.events()} == set(ids)
+    assert SQLiteQueue(queue_path).integrity_check() == "ok"
+
+
+def test_sigterm_stops_the_service_with_exit_0_and_keeps_what_is_left(receiver, queue_path):
+    enqueue(queue_path, 300)
+    receiver.delay(ms=300)
+    proc = flusher(queue_path, receiver.url, "--max-batch-size", "10", "--max-in-flight", "1")
+    assert receiver.wait_for(lambda s: s["unique"] >= 10, timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    left = depth(queue_path)
+    assert left.in_flight == 0 and left.depth + receiver.stats()["unique"] == 300
+
+
+def test_a_standby_flusher_takes_over_when_the_active_one_dies(receiver, queue_path):
+    receiver.delay(ms=5000)
+    enqueue(queue_path, 100)
+    active = flusher(queue_path, receiver.url)
+    assert wait_until(lambda: depth(queue_path).in_flight > 0)
+    standby = flusher(queue_path, receiver.url, "--wait")
+    try:
+        active.send_signal(signal.SIGKILL)
+        active.wait(timeout=10)
+        receiver.clear_faults()
+        assert receiver.wait_for(lambda s: s["unique"] == 100, timeout=30)
+    finally:
+        standby.send_signal(signal.SIGTERM)
+        standby.communicate(timeout=30)
+    assert standby.returncode == 0
+
+
+def test_a_second_flusher_without_wait_exits_1_naming_the_holder(receiver, queue_path):
+    enqueue(queue_path, 1)
+    receiver.delay(ms=5000)
+    active = flusher(queue_path, receiver.url)
+    try:
+        assert wait_until(lambda: depth(queue_path).in_flight > 0)
+        code, err = drain(queue_path, receiver.url)
+        assert code == 1 and f"pid {active.pid}" in err and "Traceback" not in err
+    finally:
+        active.kill()
+        active.wait()
+
+
+def test_a_revoked_write_key_exits_1_on_drain_and_keeps_everything(receiver, queue_path):
+    enqueue(queue_path, 20)
+    proc = subprocess.run(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", queue_path, "--api-url",
+         receiver.url, "--drain", *FAST],
+        env={**os.environ, "SEGMENT_WRITE_KEY": "wrong"}, capture_output=True, text=True,
+        timeout=60)
+    assert proc.returncode == 1
+    assert "HTTP 401" in proc.stderr and "Traceback" not in proc.stderr
+    assert "wrong" not in proc.stderr
+    assert depth(queue_path).depth == 20
+    code, err = drain(queue_path, receiver.url)
+    assert code == 0 and receiver.stats()["unique"] == 20
+
+
+def test_drain_timeout_exits_1_when_events_remain(receiver, queue_path):
+    enqueue(queue_path, 10)
+    receiver.fail(503)
+    code, err = drain(queue_path, receiver.url, "--drain-timeout", "1")
+    assert code == 1 and "10 events left" in err
+    assert depth(queue_path).depth == 10
+
+
+def test_in_process_thread_delivers_and_flush_waits_for_it(receiver, queue_path):
+    with segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
+                          batch_every_ms=50) as client:
+        ids = [client.track("u", "E", {"i": i}) for i in range(250)]
+        assert client.flush(timeout=30)
+    assert {e["messageId"] for e in receiver.events()} == set(ids)
+
+
+def test_immediate_sender_posts_one_event_per_request_to_its_type(receiver, queue_path):
+    with segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
+                          sender="immediate") as client:
+        client.identify("u", {"a": 1})
+        client.track("u", "E")
+        assert client.flush(timeout=30)
+    stats = receiver.stats()
+    assert stats["singles"] == 2 and stats["batches"] == 0
+
+
+def test_close_is_bounded_when_the_receiver_is_down(receiver, queue_path):
+    receiver.fail(503)
+    client = segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url)
+    client.track("u", "E")
+    started = time.monotonic()
+    client.close(timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert depth(queue_path).depth == 1
