@@ -40,6 +40,12 @@ class Outcome:
         self.released = 0
         self.requests = 0
         self.misconfigured: Optional[int] = None  # the status, while it lasts
+        self._lock = threading.Lock()
+
+    def add(self, name: str, count: int) -> None:
+        """Count from any sender thread (a bare += would lose updates)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + count)
 
     def __repr__(self) -> str:
         return (f"Outcome(sent={self.sent}, buried={self.buried}, released={self.released}, "
@@ -105,14 +111,14 @@ class Flusher:
         self._settle(token, rows, self._post([r.body for r in rows]))
 
     def _post(self, bodies: list[str]) -> Any:
-        self.outcome.requests += 1
+        self.outcome.add("requests", 1)
         try:
             return http.post_batch(self.http, bodies)
         except NetworkError as exc:
             return exc
 
     def _post_event(self, row: Row) -> Any:
-        self.outcome.requests += 1
+        self.outcome.add("requests", 1)
         try:
             return http.post_event(self.http, messages.type_of(row.body), row.body)
         except NetworkError as exc:
@@ -124,7 +130,7 @@ class Flusher:
             return self._release(token, rows, answer, None)
         verdict = http.classify(answer.status_code)
         if verdict == "ok":
-            self.outcome.sent += self.queue.delete(token, ids)
+            self.outcome.add("sent", self.queue.delete(token, ids))
             self.outcome.misconfigured = None
             self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         elif verdict == "retry":
@@ -141,7 +147,7 @@ class Flusher:
         attempts = max(r.attempts for r in rows) + 1
         delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
         not_before = self.clock() + delay
-        self.outcome.released += self.queue.release(token, [r.id for r in rows], not_before)
+        self.outcome.add("released", self.queue.release(token, [r.id for r in rows], not_before))
         self.pause_until = max(self.pause_until, not_before)
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
                        _describe(error), len(rows), delay)
@@ -176,7 +182,7 @@ class Flusher:
             return
         body = _text(answer)
         moved = self.queue.bury(token, [rows[0].id], answer.status_code, body, self.clock())
-        self.outcome.buried += moved
+        self.outcome.add("buried", moved)
         logger.error("receiver refused an event with HTTP %d; moved to dead letters",
                      answer.status_code)
         telemetry.execute(("segmentry", "dead_letter"), {"count": moved},

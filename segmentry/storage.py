@@ -172,15 +172,18 @@ class SQLiteQueue:
         return self._run(take)
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
-        """Remove delivered rows that this lease still holds; return how many."""
-        return self._by_token("DELETE FROM events WHERE lease = ? AND id = ?", token, ids)
+        """Remove delivered rows that this lease still holds; return how many.
+        ``ids`` must be the claim's rows or a contiguous slice of them (the lease
+        token picks the rows in their id range: one statement, not one per row)."""
+        sql = "DELETE FROM events WHERE lease = ? AND id BETWEEN ? AND ?"
+        return self._by_token(sql, (), token, ids)
 
     def release(self, token: int, ids: Sequence[int], not_before: float) -> int:
         """Give rows back after a failed attempt, counting it; they are ready again
-        at ``not_before`` (epoch seconds)."""
-        sql = (f"UPDATE events SET lease = 0, lease_until = 0, attempts = attempts + 1, "
-               f"not_before = {float(not_before)!r} WHERE lease = ? AND id = ?")
-        return self._by_token(sql, token, ids)
+        at ``not_before`` (epoch seconds). ``ids`` as for delete."""
+        sql = ("UPDATE events SET lease = 0, lease_until = 0, attempts = attempts + 1, "
+               "not_before = ? WHERE lease = ? AND id BETWEEN ? AND ?")
+        return self._by_token(sql, (not_before,), token, ids)
 
     def bury(self, token: int, ids: Sequence[int], status: Optional[int], response: str,
              now: float) -> int:
@@ -269,13 +272,12 @@ class SQLiteQueue:
 
     # -- plumbing -------------------------------------------------------------------
 
-    def _by_token(self, sql: str, token: int, ids: Sequence[int]) -> int:
-        def run(conn: sqlite3.Connection) -> int:
-            with _write(conn):
-                cur = conn.executemany(sql, [(token, i) for i in ids])
-                return max(cur.rowcount, 0)
-
-        return self._run(run)
+    def _by_token(self, sql: str, args: tuple[Any, ...], token: int,
+                  ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        params = (*args, token, min(ids), max(ids))
+        return self._run(lambda conn: conn.execute(sql, params).rowcount)
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn on this process's connection, retrying while the file is locked;
@@ -296,8 +298,11 @@ class SQLiteQueue:
     def _error(self, exc: sqlite3.Error) -> StorageError:
         text = str(exc)
         if "not a database" in text or "malformed" in text:
-            return StorageError(f"{self.path} is corrupt or not a SQLite database ({text}); "
-                                "move it aside to start a new queue")
+            # The -wal and -shm go with it: a stale WAL would be replayed into a new file.
+            p = self.path
+            return StorageError(f"{p} is corrupt or not a SQLite database ({text}); stop every "
+                                f"process using it and move it aside to start a new queue: "
+                                f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
