@@ -1,0 +1,227 @@
+"""The flusher cycle, one step at a time, against the stub transport: what each answer
+does to the stored rows, batch limits, bisection of a rejected batch, telemetry."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import requests
+
+import segmentry
+from segmentry import telemetry
+from segmentry.config import Options
+from segmentry.flusher import Flusher, Lock, make_http
+from segmentry.storage import SQLiteQueue
+from segmentry.testing import Stub, sequence
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "q.db")
+
+
+def enqueue(path, n, event="E", **props):
+    with segmentry.Client(queue_path=path, flusher=None) as c:
+        return [c.track("u", event, {"i": i, **props}) for i in range(n)]
+
+
+def make(path, handler=None, **options):
+    stub = Stub(handler)
+    opts = Options(queue_path=path, retry_attempts=options.pop("retry_attempts", 0),
+                   retry_start=1, retry_expiry=5, requests_options={"adapter": stub},
+                   **options)
+    queue = SQLiteQueue(path)
+    return Flusher(queue, make_http("K", opts), opts), stub, queue
+
+
+def test_a_2xx_deletes_the_batch_and_sends_it_spliced_in_order(path):
+    ids = enqueue(path, 5)
+    flusher, stub, queue = make(path)
+    assert flusher.run_once() == 5
+    assert [e["messageId"] for e in stub.events] == ids
+    assert queue.stats(time.time()).depth == 0 and flusher.outcome.sent == 5
+
+
+def test_a_cycle_claims_at_most_max_batch_size(path):
+    enqueue(path, 25)
+    flusher, stub, queue = make(path, max_batch_size=10)
+    assert [flusher.run_once() for _ in range(4)] == [10, 10, 5, 0]
+    assert [len(b) for b in stub.batches] == [10, 10, 5]
+
+
+def test_a_request_body_never_exceeds_500_kb(path):
+    enqueue(path, 40, pad="x" * 30_000)  # 40 events of ~30 KB: 1.2 MB in all
+    sizes = []
+    flusher, stub, queue = make(path, lambda r: sizes.append(len(r.body)) or 200,
+                                max_batch_size=100)
+    while flusher.run_once():
+        pass
+    assert len(stub.events) == 40 and len(sizes) >= 3
+    assert max(sizes) <= 500_000
+    assert sizes[0] > 500_000 - 31_000  # filled up to the limit, not split early
+
+
+def test_a_retryable_failure_keeps_the_rows_and_stores_the_backoff(path):
+    enqueue(path, 3)
+    errors = []
+    flusher, stub, queue = make(path, lambda r: 503, on_error=lambda e, ev: errors.append(
+        (e.status_code, len(ev))))
+    before = time.time()
+    flusher.run_once()
+    stats = queue.stats(time.time())
+    assert stats.depth == 3 and stats.in_flight == 0
+    ready_at = queue.next_ready_at(time.time())
+    assert ready_at > before and flusher.pause_until == ready_at
+    assert errors == [(503, 3)]
+    assert queue.claim(10, 10**9, time.time(), 60).rows == []
+
+
+def test_a_restarted_flusher_honours_the_stored_backoff(path):
+    enqueue(path, 1)
+    first, _, _ = make(path, lambda r: 503)
+    first.run_once()
+    second, stub, _ = make(path)
+    second.take_over()
+    assert second.pause_until == first.pause_until > time.time()
+
+
+def test_retries_within_a_cycle_then_success(path):
+    enqueue(path, 2)
+    flusher, stub, queue = make(path, sequence(503, 500, 200), retry_attempts=3)
+    flusher.run_once()
+    assert len(stub.requests) == 3
+    assert [r.headers.get("X-Retry-Count") for r in stub.requests] == [None, "1", "2"]
+    assert queue.stats(time.time()).depth == 0
+
+
+def test_retry_after_is_honoured_before_the_next_attempt(path):
+    enqueue(path, 1)
+    seen = []
+
+    def handler(request):
+        seen.append(time.monotonic())
+        return (429, "", {"Retry-After": "1"}) if len(seen) == 1 else 200
+
+    flusher, stub, queue = make(path, handler, retry_attempts=1)
+    flusher.run_once()
+    assert len(seen) == 2 and seen[1] - seen[0] >= 1.0
+    assert queue.stats(time.time()).depth == 0
+
+
+def test_a_rejected_batch_is_split_to_isolate_the_poison_event(path):
+    enqueue(path, 7)
+    poison = enqueue(path, 1, event="Poison")[0]
+    enqueue(path, 8)
+    errors = []
+
+    def handler(request):
+        body = json.loads(request.body)
+        return 400 if any(e["event"] == "Poison" for e in body["batch"]) else 200
+
+    flusher, stub, queue = make(path, handler, on_error=lambda e, ev: errors.append(ev))
+    flusher.run_once()
+    assert len({e["messageId"] for e in stub.events}) == 15
+    letters = queue.dead_letters()
+    assert len(letters) == 1 and poison in letters[0].body and letters[0].status == 400
+    assert [e[0]["messageId"] for e in errors] == [poison]
+    assert queue.stats(time.time()).depth == 0
+
+
+def test_a_401_keeps_everything_and_pauses_without_storing_a_backoff(path):
+    enqueue(path, 4)
+    seen = []
+    telemetry.attach("mis", [("segmentry", "misconfigured")],
+                     lambda e, m, meta: seen.append(meta["status_code"]))
+    try:
+        flusher, stub, queue = make(path, lambda r: 401)
+        flusher.run_once()
+    finally:
+        telemetry.detach("mis")
+    assert queue.stats(time.time()).depth == 4
+    assert queue.next_ready_at(time.time()) == 0
+    assert flusher.outcome.misconfigured == 401 and flusher.pause_until > time.time()
+    assert seen == [401]
+
+
+def test_take_over_reclaims_a_dead_flushers_leases(path):
+    enqueue(path, 5)
+    SQLiteQueue(path).claim(5, 10**9, time.time(), 600)
+    flusher, stub, queue = make(path)
+    assert flusher.run_once() == 0
+    flusher.take_over()
+    assert flusher.run_once() == 5
+
+
+def test_telemetry_spans_around_claim_and_batch_in_order(path):
+    enqueue(path, 2)
+    seen = []
+    names = [("segmentry", n, p) for n in ("claim", "batch") for p in ("start", "stop")]
+    telemetry.attach("order", names, lambda e, m, meta: seen.append((e, m, meta)))
+    try:
+        make(path)[0].run_once()
+    finally:
+        telemetry.detach("order")
+    assert [e[1:] for e, _, _ in seen] == [("claim", "start"), ("claim", "stop"),
+                                           ("batch", "start"), ("batch", "stop")]
+    (_, start, _), (_, stop, claim_meta), _, (_, batch_stop, batch_meta) = seen
+    assert isinstance(start["system_time"], int) and isinstance(stop["duration"], int)
+    assert claim_meta["claimed"] == 2 and claim_meta["queue_path"] == path
+    assert batch_meta["status"] == "ok" and len(batch_meta["events"]) == 2
+    assert batch_meta["result"].status_code == 200 and batch_stop["duration"] > 0
+
+
+def test_a_raising_telemetry_handler_never_breaks_delivery(path):
+    enqueue(path, 3)
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    telemetry.attach("broken", [("segmentry", "batch", "start")], broken)
+    flusher, stub, queue = make(path)
+    flusher.run_once()
+    assert queue.stats(time.time()).depth == 0
+    assert not telemetry.detach("broken")  # it was detached when it raised
+
+
+def test_max_in_flight_batches_are_sent_concurrently(path):
+    enqueue(path, 40)
+    barrier = threading.Barrier(4, timeout=10)
+
+    def handler(request):
+        barrier.wait()  # passes only when four requests are in flight together
+        return 200
+
+    flusher, stub, queue = make(path, handler, max_batch_size=10, max_in_flight=4)
+    assert flusher.run(threading.Event(), threading.Event(), drain=True,
+                       deadline=time.monotonic() + 30)
+    assert len(stub.batches) == 4 and queue.stats(time.time()).depth == 0
+
+
+def test_a_network_error_keeps_the_rows(path):
+    enqueue(path, 2)
+    flusher, stub, queue = make(path, sequence(requests.ConnectionError))
+    flusher.run_once()
+    assert queue.stats(time.time()).depth == 2 and flusher.outcome.released == 2
+
+
+def test_immediate_sender_posts_each_event_to_its_type(path):
+    with segmentry.Client(queue_path=path, flusher=None) as c:
+        c.identify("u", {"a": 1})
+        c.page("u", "Home")
+    flusher, stub, queue = make(path, sender="immediate")
+    while flusher.run_once():
+        pass
+    assert [r.path for r in stub.requests] == ["/v1/identify", "/v1/page"]
+    assert all("sentAt" in r.body for r in stub.requests)
+
+
+def test_only_one_flusher_lock_per_queue(path):
+    a, b = Lock(path), Lock(path)
+    assert a.acquire(timeout=0)
+    assert not b.acquire(timeout=0)
+    a.release()
+    assert b.acquire(timeout=0)
+    b.release()
