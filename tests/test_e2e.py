@@ -221,3 +221,26 @@ def test_close_is_bounded_when_the_receiver_is_down(receiver, queue_path):
     client.close(timeout=1.0)
     assert time.monotonic() - started < 10
     assert depth(queue_path).depth == 1
+
+
+def test_a_forked_child_delivers_and_never_frees_the_parents_flusher_lock(receiver,
+                                                                         queue_path):
+    from segmentry.flusher import holder_pid
+
+    client = segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
+                              batch_every_ms=20)
+    client.track("parent", "E")
+    assert client.flush(timeout=30)
+    assert holder_pid(queue_path) == os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child: enqueue with the inherited client, wait for delivery
+        ok = client.track("child", "E") is not None and client.flush(timeout=30)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert holder_pid(queue_path) == os.getpid()
+    client.track("parent", "after")
+    assert client.flush(timeout=30)
+    client.close()
+    users = sorted(e["userId"] for e in receiver.events())
+    assert users == ["child", "parent", "parent"]
