@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from .client import Client
 from .exceptions import (
@@ -28,11 +28,11 @@ from .version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_default: Optional[Client] = None
+_default: Client | None = None
 _default_lock = threading.Lock()
 
 
-def start(write_key: Optional[str] = None, **options: Any) -> Client:
+def start(write_key: str | None = None, **options: Any) -> Client:
     """Start the module-level default client (the write key from SEGMENT_WRITE_KEY when
     omitted); then ``segmentry.track(...)`` etc. use it. Returns the client."""
     global _default
@@ -49,31 +49,31 @@ def default_client() -> Client:
     return _default
 
 
-def track(*args: Any, **kwargs: Any) -> Optional[str]:
+def track(*args: Any, **kwargs: Any) -> str | None:
     return default_client().track(*args, **kwargs)
 
 
-def identify(*args: Any, **kwargs: Any) -> Optional[str]:
+def identify(*args: Any, **kwargs: Any) -> str | None:
     return default_client().identify(*args, **kwargs)
 
 
-def page(*args: Any, **kwargs: Any) -> Optional[str]:
+def page(*args: Any, **kwargs: Any) -> str | None:
     return default_client().page(*args, **kwargs)
 
 
-def screen(*args: Any, **kwargs: Any) -> Optional[str]:
+def screen(*args: Any, **kwargs: Any) -> str | None:
     return default_client().screen(*args, **kwargs)
 
 
-def group(*args: Any, **kwargs: Any) -> Optional[str]:
+def group(*args: Any, **kwargs: Any) -> str | None:
     return default_client().group(*args, **kwargs)
 
 
-def alias(*args: Any, **kwargs: Any) -> Optional[str]:
+def alias(*args: Any, **kwargs: Any) -> str | None:
     return default_client().alias(*args, **kwargs)
 
 
-def flush(timeout: Optional[float] = None) -> bool:
+def flush(timeout: float | None = None) -> bool:
     return default_client().flush(timeout)
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 from . import config, messages, telemetry
 from .exceptions import ConfigurationError, QueueFull, StorageError
@@ -30,7 +30,7 @@ _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 class Client:
     """Durable Segment client. ``Client("KEY", queue_path=...)``; see DESIGN.md for options."""
 
-    def __init__(self, write_key: Optional[str] = None, **options: Any) -> None:
+    def __init__(self, write_key: str | None = None, **options: Any) -> None:
         self.options = config.resolve(options)
         self.write_key = write_key
         self.queue_path = self.options.queue_path or default_queue_path()
@@ -52,59 +52,59 @@ class Client:
 
     # -- the six calls ----------------------------------------------------------------
 
-    def track(self, user_id: Any = None, event: Optional[str] = None,
-              properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
-              **common: Any) -> Optional[str]:
+    def track(self, user_id: Any = None, event: str | None = None,
+              properties: dict[str, Any] | None = None, context: ContextLike = None,
+              **common: Any) -> str | None:
         """Record that ``user_id`` did ``event``; return its messageId (None if dropped)."""
         if isinstance(user_id, messages.Track):
             return self.send(user_id)
         return self._enqueue("track", user_id, {"event": event, "properties": properties},
                              context, common)
 
-    def identify(self, user_id: Any = None, traits: Optional[dict[str, Any]] = None,
-                 context: ContextLike = None, **common: Any) -> Optional[str]:
+    def identify(self, user_id: Any = None, traits: dict[str, Any] | None = None,
+                 context: ContextLike = None, **common: Any) -> str | None:
         if isinstance(user_id, messages.Identify):
             return self.send(user_id)
         return self._enqueue("identify", user_id, {"traits": traits}, context, common)
 
-    def page(self, user_id: Any = None, name: Optional[str] = None,
-             properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
-             *, category: Optional[str] = None, **common: Any) -> Optional[str]:
+    def page(self, user_id: Any = None, name: str | None = None,
+             properties: dict[str, Any] | None = None, context: ContextLike = None,
+             *, category: str | None = None, **common: Any) -> str | None:
         if isinstance(user_id, messages.Page) and not isinstance(user_id, messages.Screen):
             return self.send(user_id)
         fields = {"name": name, "properties": properties, "category": category}
         return self._enqueue("page", user_id, fields, context, common)
 
-    def screen(self, user_id: Any = None, name: Optional[str] = None,
-               properties: Optional[dict[str, Any]] = None, context: ContextLike = None,
-               *, category: Optional[str] = None, **common: Any) -> Optional[str]:
+    def screen(self, user_id: Any = None, name: str | None = None,
+               properties: dict[str, Any] | None = None, context: ContextLike = None,
+               *, category: str | None = None, **common: Any) -> str | None:
         if isinstance(user_id, messages.Screen):
             return self.send(user_id)
         fields = {"name": name, "properties": properties, "category": category}
         return self._enqueue("screen", user_id, fields, context, common)
 
     def group(self, user_id: Any = None, group_id: Any = None,
-              traits: Optional[dict[str, Any]] = None, context: ContextLike = None,
-              **common: Any) -> Optional[str]:
+              traits: dict[str, Any] | None = None, context: ContextLike = None,
+              **common: Any) -> str | None:
         if isinstance(user_id, messages.Group):
             return self.send(user_id)
         return self._enqueue("group", user_id, {"groupId": group_id, "traits": traits},
                              context, common)
 
     def alias(self, user_id: Any = None, previous_id: Any = None, context: ContextLike = None,
-              **common: Any) -> Optional[str]:
+              **common: Any) -> str | None:
         if isinstance(user_id, messages.Alias):
             return self.send(user_id)
         return self._enqueue("alias", user_id, {"previousId": previous_id}, context, common)
 
-    def send(self, message: Message) -> Optional[str]:
+    def send(self, message: Message) -> str | None:
         """Enqueue a full message struct (Track, Identify, Page, Screen, Group, Alias)."""
         now = time.time()
         return self._store(messages.encode_message(message, now), now)
 
     # -- delivery control ---------------------------------------------------------------
 
-    def flush(self, timeout: Optional[float] = None) -> bool:
+    def flush(self, timeout: float | None = None) -> bool:
         """Wait until no event this client enqueued before the call is still queued,
         delivered by this process's flusher or by whichever flusher holds the queue.
         Return whether that happened within ``timeout`` seconds (None: no limit)."""
@@ -150,7 +150,7 @@ class Client:
     # -- plumbing -------------------------------------------------------------------------
 
     def _enqueue(self, type_: str, user_id: Any, fields: dict[str, Any], context: ContextLike,
-                 common: dict[str, Any]) -> Optional[str]:
+                 common: dict[str, Any]) -> str | None:
         unknown = set(common) - _COMMON
         if unknown:
             raise TypeError(f"{type_}() got unexpected keyword(s): {', '.join(sorted(unknown))}")
@@ -158,7 +158,7 @@ class Client:
         return self._store(messages.encode(type_, user_id, fields, now, context=context,
                                            **common), now)
 
-    def _store(self, event: messages.Encoded, now: float) -> Optional[str]:
+    def _store(self, event: messages.Encoded, now: float) -> str | None:
         if self._closed:
             raise StorageError("this client is closed")
         try:
@@ -178,7 +178,8 @@ class Client:
     def _check_cap(self, size: int) -> None:
         self._puts_since_stat += 1
         self._disk_bytes += size
-        if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= self.options.max_queue_bytes:
+        cap = self.options.max_queue_bytes
+        if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= cap:
             self._puts_since_stat = 0
             self._disk_bytes = self.queue.disk_bytes() + size
         if self._disk_bytes > self.options.max_queue_bytes:

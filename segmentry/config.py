@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from .exceptions import ConfigurationError
 from .storage import DURABILITY
@@ -31,9 +31,9 @@ class Options:
     requests_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     api_url: str = DEFAULT_API_URL
     gzip: bool = False
-    on_error: Optional[Callable[[BaseException, list[dict[str, Any]]], None]] = None
-    queue_path: Optional[str] = None
-    flusher: Optional[str] = "thread"
+    on_error: Callable[[BaseException, list[dict[str, Any]]], None] | None = None
+    queue_path: str | None = None
+    flusher: str | None = "thread"
     durability: str = "normal"
     max_queue_bytes: int = 1 << 30
     on_full: str = "drop"
@@ -108,7 +108,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     return found
 
 
-def resolve(kwargs: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> Options:
+def resolve(kwargs: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Options:
     """Keyword arguments win over SEGMENTRY_* variables, which win over defaults."""
     unknown = sorted(set(kwargs) - set(OPTION_NAMES))
     if unknown:

@@ -12,7 +12,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import filelock
 
@@ -39,7 +39,7 @@ class Outcome:
         self.buried = 0
         self.released = 0
         self.requests = 0
-        self.misconfigured: Optional[int] = None  # the status, while it lasts
+        self.misconfigured: int | None = None  # the status, while it lasts
         self._lock = threading.Lock()
 
     def add(self, name: str, count: int) -> None:
@@ -65,7 +65,7 @@ class Flusher:
         self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         self._slots = threading.Semaphore(options.max_in_flight)
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
         self._settled = threading.Condition()
         self._in_flight = 0
         self._last_maintain = 0.0
@@ -142,7 +142,7 @@ class Flusher:
             self._reject(token, rows, answer)
 
     def _release(self, token: int, rows: list[Row], error: Exception,
-                 retry_after: Optional[float]) -> None:
+                 retry_after: float | None) -> None:
         """A transient failure outlived this cycle's retries: keep the rows, pause."""
         attempts = max(r.attempts for r in rows) + 1
         delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
@@ -155,7 +155,7 @@ class Flusher:
 
     def _cycle_delay(self, attempts: int) -> float:
         base = self.options.retry_expiry / 1000.0 * 2 ** min(attempts - 1, 16)
-        return min(CYCLE_DELAY_CAP_S, base) * random.uniform(0.5, 1.0)
+        return float(min(CYCLE_DELAY_CAP_S, base) * random.uniform(0.5, 1.0))
 
     def _misconfigured(self, token: int, rows: list[Row], answer: Any) -> None:
         """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
@@ -201,7 +201,7 @@ class Flusher:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, wake: threading.Event, drain: bool = False,
-            deadline: Optional[float] = None) -> bool:
+            deadline: float | None = None) -> bool:
         """Claim and send until ``stop`` (or, with ``drain``, until the queue is empty,
         a misconfiguration, or the monotonic ``deadline``). Return whether it drained."""
         self._pool = ThreadPoolExecutor(self.options.max_in_flight, "segmentry-send")
@@ -211,7 +211,7 @@ class Flusher:
             self._pool.shutdown(wait=False)
 
     def _loop(self, stop: threading.Event, wake: threading.Event, drain: bool,
-              deadline: Optional[float]) -> bool:
+              deadline: float | None) -> bool:
         while not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -328,7 +328,8 @@ class Lock:
     def __init__(self, queue_path: str) -> None:
         self.path = queue_path + ".lock"
         self.pid_path = queue_path + ".flusher"
-        self._lock = filelock.FileLock(self.path, mode=0o600)
+        # 0660: the apps of a host that share the queue's group may stand by too.
+        self._lock = filelock.FileLock(self.path, mode=0o660)
 
     def acquire(self, timeout: float) -> bool:
         try:
@@ -349,7 +350,7 @@ class Lock:
     def abandon(self) -> None:
         """In a forked child: close the inherited descriptor without unlocking, which
         would free the parent's lock (flock locks belong to the shared descriptor)."""
-        context = getattr(self._lock, "_context", None)
+        context: Any = getattr(self._lock, "_context", None)
         fd = getattr(context, "lock_file_fd", None)
         if fd is not None:
             try:
@@ -361,26 +362,29 @@ class Lock:
 
 
 def _write_pid(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # a pid is no secret
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
 
-def holder_pid(queue_path: str) -> Optional[int]:
-    """The pid of the process holding the queue's flusher lock, or None."""
-    probe = filelock.FileLock(queue_path + ".lock")
+def holder_pid(queue_path: str) -> int | None:
+    """The pid of the process holding the queue's flusher lock, or None. Read from the
+    pid file, never by probing the lock: a probe could make a starting flusher think
+    another holds it. A pid file left by a SIGKILLed flusher names a dead process."""
     try:
-        probe.acquire(timeout=0)
-    except filelock.Timeout:
-        try:
-            with open(queue_path + ".flusher") as f:
-                return int(f.read().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
-    except OSError:
+        with open(queue_path + ".flusher") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
         return None
-    probe.release()
-    return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's process
+    return pid
 
 
 def make_http(write_key: str, options: Options) -> http.HTTPClient:
@@ -453,7 +457,7 @@ class Background:
 # -- the command line ---------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``python -m segmentry.flusher``: see service.py."""
     from .service import main as service_main
 

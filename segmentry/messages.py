@@ -14,7 +14,7 @@ import math
 import os
 import uuid
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Union
 
 from .exceptions import InvalidMessage, MessageTooLarge
 from .version import __version__
@@ -34,22 +34,22 @@ Timestamp = Union[dt.datetime, dt.date, str, int, float, None]
 class Context:
     """Segment's context object; ``extra`` holds any key not listed here."""
 
-    active: Optional[bool] = None
-    ip: Optional[str] = None
-    locale: Optional[str] = None
-    timezone: Optional[str] = None
-    user_agent: Optional[str] = None
-    app: Optional[dict[str, Any]] = None
-    campaign: Optional[dict[str, Any]] = None
-    device: Optional[dict[str, Any]] = None
-    location: Optional[dict[str, Any]] = None
-    network: Optional[dict[str, Any]] = None
-    os: Optional[dict[str, Any]] = None
-    page: Optional[dict[str, Any]] = None
-    referrer: Optional[dict[str, Any]] = None
-    screen: Optional[dict[str, Any]] = None
-    traits: Optional[dict[str, Any]] = None
-    extra: Optional[dict[str, Any]] = None
+    active: bool | None = None
+    ip: str | None = None
+    locale: str | None = None
+    timezone: str | None = None
+    user_agent: str | None = None
+    app: dict[str, Any] | None = None
+    campaign: dict[str, Any] | None = None
+    device: dict[str, Any] | None = None
+    location: dict[str, Any] | None = None
+    network: dict[str, Any] | None = None
+    os: dict[str, Any] | None = None
+    page: dict[str, Any] | None = None
+    referrer: dict[str, Any] | None = None
+    screen: dict[str, Any] | None = None
+    traits: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra or {})
@@ -66,31 +66,31 @@ ContextLike = Union[Context, Mapping[str, Any], None]
 @dataclasses.dataclass
 class _Common:
     context: ContextLike = None
-    anonymous_id: Optional[str] = None
+    anonymous_id: str | None = None
     timestamp: Timestamp = None
-    integrations: Optional[dict[str, Any]] = None
-    message_id: Optional[str] = None
+    integrations: dict[str, Any] | None = None
+    message_id: str | None = None
 
 
 @dataclasses.dataclass
 class Track(_Common):
-    user_id: Optional[str] = None
-    event: Optional[str] = None
-    properties: Optional[dict[str, Any]] = None
+    user_id: str | None = None
+    event: str | None = None
+    properties: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
 class Identify(_Common):
-    user_id: Optional[str] = None
-    traits: Optional[dict[str, Any]] = None
+    user_id: str | None = None
+    traits: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
 class Page(_Common):
-    user_id: Optional[str] = None
-    name: Optional[str] = None
-    properties: Optional[dict[str, Any]] = None
-    category: Optional[str] = None
+    user_id: str | None = None
+    name: str | None = None
+    properties: dict[str, Any] | None = None
+    category: str | None = None
 
 
 @dataclasses.dataclass
@@ -100,15 +100,15 @@ class Screen(Page):
 
 @dataclasses.dataclass
 class Group(_Common):
-    user_id: Optional[str] = None
-    group_id: Optional[str] = None
-    traits: Optional[dict[str, Any]] = None
+    user_id: str | None = None
+    group_id: str | None = None
+    traits: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass
 class Alias(_Common):
-    user_id: Optional[str] = None
-    previous_id: Optional[str] = None
+    user_id: str | None = None
+    previous_id: str | None = None
 
 
 Message = Union[Track, Identify, Page, Screen, Group, Alias]
@@ -164,8 +164,8 @@ def encode(
     context: ContextLike = None,
     anonymous_id: Any = None,
     timestamp: Timestamp = None,
-    integrations: Optional[Mapping[str, Any]] = None,
-    message_id: Optional[str] = None,
+    integrations: Mapping[str, Any] | None = None,
+    message_id: str | None = None,
 ) -> Encoded:
     """Build the wire dict of one event, validate it and encode it to JSON text."""
     msg: dict[str, Any] = {"type": type_}
@@ -208,7 +208,7 @@ def encode(
 def dumps(value: Any) -> str:
     """Compact ASCII JSON; on a value that cannot become JSON, name its path."""
     try:
-        return _ENCODER.encode(value)
+        return str(_ENCODER.encode(value))
     except (TypeError, ValueError, RecursionError) as exc:
         try:
             path = _find_bad(value, "") or "message"
@@ -262,16 +262,16 @@ def _timestamp(value: Timestamp) -> str:
 def _message_id(value: Any) -> str:
     if value is None:
         return new_message_id()
-    value = _id(value, "message_id")
-    if len(value) >= MAX_MESSAGE_ID_CHARS:
+    text = _id(value, "message_id")
+    if len(text) >= MAX_MESSAGE_ID_CHARS:
         raise InvalidMessage(
-            f"message_id is {len(value)} characters; it must be under {MAX_MESSAGE_ID_CHARS}",
+            f"message_id is {len(text)} characters; it must be under {MAX_MESSAGE_ID_CHARS}",
             "message_id")
-    return value
+    return text
 
 
 def _id(value: Any, field: str) -> str:
-    if type(value) is str or isinstance(value, str):
+    if isinstance(value, str):
         return value
     if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
         return str(value)
@@ -279,10 +279,11 @@ def _id(value: Any, field: str) -> str:
 
 
 def _context(context: ContextLike) -> dict[str, Any]:
+    ctx: dict[str, Any]
     if type(context) is dict:
         ctx = context.copy()
     elif context is None:
-        ctx: dict[str, Any] = {}
+        ctx = {}
     elif isinstance(context, Context):
         ctx = context.to_dict()
     elif isinstance(context, Mapping):
@@ -313,7 +314,7 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _find_bad(value: Any, path: str) -> Optional[str]:
+def _find_bad(value: Any, path: str) -> str | None:
     """Depth-first search for the first value that cannot become JSON."""
     if isinstance(value, Mapping):
         for key, item in value.items():

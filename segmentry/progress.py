@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any
 
 logger = logging.getLogger("segmentry.flusher")
 
@@ -23,7 +23,7 @@ class Progress:
             mode = "bar" if self.stream.isatty() else "log"
         self.mode = mode
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._start = time.monotonic()
 
     def __enter__(self) -> Progress:

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from .config import DEFAULT_API_URL, Options, resolve
 from .exceptions import ConfigurationError, StorageError
@@ -71,7 +71,7 @@ def options_from_args(args: Any, environ: Any) -> Options:
     return resolve({k: v for k, v in given.items() if v is not None}, environ)
 
 
-def read_write_key(args: Any, environ: Any) -> Optional[str]:
+def read_write_key(args: Any, environ: Any) -> str | None:
     if args.write_key_file:
         try:
             with open(args.write_key_file) as f:
@@ -86,7 +86,7 @@ def read_write_key(args: Any, environ: Any) -> Optional[str]:
     return environ.get("SEGMENT_WRITE_KEY") or None
 
 
-def main(argv: Optional[list[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # bad value: exit 2
     env = os.environ if environ is None else environ

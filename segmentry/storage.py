@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, NamedTuple, TypeVar
 
 from .exceptions import ConfigurationError, StorageError
 
@@ -77,7 +77,7 @@ class Claim(NamedTuple):
 class Stats(NamedTuple):
     depth: int  # waiting or in flight, not dead letters
     bytes: int
-    oldest_created: Optional[float]
+    oldest_created: float | None
     dead_letters: int
     in_flight: int
 
@@ -88,7 +88,7 @@ class DeadLetter(NamedTuple):
     created: float
     buried_at: float
     attempts: int
-    status: Optional[int]
+    status: int | None
     response: str
 
 
@@ -106,7 +106,7 @@ class SQLiteQueue:
         self.path = os.path.abspath(os.fspath(path))
         self.durability = durability
         self._lock = threading.Lock()
-        self._conn: Optional[sqlite3.Connection] = None
+        self._conn: sqlite3.Connection | None = None
         self._autocheckpoint = PRODUCER_AUTOCHECKPOINT
         _queues.add(self)
 
@@ -154,7 +154,8 @@ class SQLiteQueue:
                 cur = conn.execute(
                     f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
                     "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
-                rows, total = [], 0
+                rows: list[Row] = []
+                total = 0
                 for row in cur:
                     total += row[2] + 1
                     if rows and total > max_bytes:
@@ -185,7 +186,7 @@ class SQLiteQueue:
                "not_before = ? WHERE lease = ? AND id BETWEEN ? AND ?")
         return self._by_token(sql, (not_before,), token, ids)
 
-    def bury(self, token: int, ids: Sequence[int], status: Optional[int], response: str,
+    def bury(self, token: int, ids: Sequence[int], status: int | None, response: str,
              now: float) -> int:
         """Move rows the receiver rejects to the dead-letter table, with its answer."""
         def move(conn: sqlite3.Connection) -> int:
@@ -210,11 +211,12 @@ class SQLiteQueue:
         sql = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease != 0"
         return self._run(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
 
-    def next_ready_at(self, now: float) -> Optional[float]:
+    def next_ready_at(self, now: float) -> float | None:
         """When the oldest unclaimed row is ready (None if there is none)."""
         sql = ("SELECT MIN(not_before) FROM (SELECT not_before FROM events "
                "WHERE lease_until <= ? ORDER BY id LIMIT 1000)")
-        return self._run(lambda c: c.execute(sql, (now,)).fetchone()[0])
+        value = self._run(lambda c: c.execute(sql, (now,)).fetchone()[0])
+        return None if value is None else float(value)
 
     def maintain(self, empty: bool) -> None:
         """Checkpoint the WAL (the flusher's job, so producers see no checkpoint
@@ -245,7 +247,7 @@ class SQLiteQueue:
                "FROM dead_letters ORDER BY id LIMIT ?")
         return self._run(lambda c: [DeadLetter(*r) for r in c.execute(sql, (limit,))])
 
-    def requeue(self, ids: Optional[Sequence[int]] = None) -> int:
+    def requeue(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or those ids) back at the end of the queue, as they were."""
         where, args = _ids_clause(ids)
 
@@ -258,13 +260,13 @@ class SQLiteQueue:
 
         return self._run(move)
 
-    def purge(self, ids: Optional[Sequence[int]] = None) -> int:
+    def purge(self, ids: Sequence[int] | None = None) -> int:
         where, args = _ids_clause(ids)
         sql = f"DELETE FROM dead_letters {where}"
         return self._run(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
 
     def integrity_check(self) -> str:
-        return self._run(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0])
+        return str(self._run(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]))
 
     def close(self) -> None:
         with self._lock:
@@ -397,7 +399,7 @@ def _in_write(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
         return fn()
 
 
-def _ids_clause(ids: Optional[Sequence[int]]) -> tuple[str, list[Any]]:
+def _ids_clause(ids: Sequence[int] | None) -> tuple[str, list[Any]]:
     if ids is None:
         return "", []
     ids = [int(i) for i in ids]

@@ -53,6 +53,14 @@ def execute(event: Event, measurements: dict[str, Any], metadata: dict[str, Any]
             detach(handler_id)
 
 
+def attached(event: Event) -> bool:
+    """Whether a handler listens to ``event``, so a caller can skip costly metadata."""
+    if not _handlers:  # no lock: the common case must stay cheap
+        return False
+    with _lock:
+        return any(event in names for names, _ in _handlers.values())
+
+
 class Span:
     """What a span's body may add to the stop event's metadata."""
 
@@ -120,6 +128,7 @@ ALL_EVENTS: tuple[Event, ...] = tuple(
 ) + (
     ("segmentry", "enqueue", "drop"),
     ("segmentry", "batch", "retry"),
+    ("segmentry", "send", "retry"),
     ("segmentry", "dead_letter"),
     ("segmentry", "misconfigured"),
 )

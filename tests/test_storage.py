@@ -24,7 +24,7 @@ def queue(tmp_path):
 
 
 def fill(queue, n, size=10):
-    return [queue.put('{"i":%d,"pad":"%s"}' % (i, "x" * size), NOW) for i in range(n)]
+    return [queue.put(f'{{"i":{i},"pad":"{"x" * size}"}}', NOW) for i in range(n)]
 
 
 def test_put_returns_increasing_ids_in_enqueue_order(queue):

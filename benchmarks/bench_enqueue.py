@@ -1,0 +1,909 @@
+"""Enqueue benchmark: segmentry's durable enqueue against analytics-python's in-memory
+queue, persist-queue's ``SQLiteAckQueue.put`` and a raw one-row sqlite3 commit; then
+with a 1 M-row backlog, with 1/2/4/8 producer processes on one file, and (``--profile``)
+where segmentry's time per event goes.
+
+    python benchmarks/bench_enqueue.py [--events N] [--runs 5] [--quick] [--profile]
+        [--backlog 1000000] [--skip-backlog] [--skip-procs] [--json out.json]
+
+Method. Contenders alternate run by run (A B C ... A B C ...), each run in a fresh
+interpreter. A run makes ``warmup`` untimed calls, then N timed ones; its rate is N /
+wall time of the timed loop only (a final flush is timed apart, as ``flush_s``). Every
+call is timed with ``perf_counter_ns``; the harness (two clock reads, a closure call and
+a list store) costs ``harness_ns`` per event and is inside both the rate and the
+latencies, the same for every contender. Every receiver runs on 127.0.0.1 in its own
+process (tools/fake_segment.py, else a built-in one), and nothing else is contacted.
+
+Contenders of the main table (all queues start empty):
+
+- ``segmentry``: ``Client(key, queue_path=..., api_url=receiver)``, default options, so
+  durability="normal" and the in-process flusher thread delivers while we enqueue
+  (flusher=None, labelled so, if ``segmentry.http`` cannot be imported);
+- ``segmentry-full``: the same with ``durability="full"``;
+- ``analytics-python``: ``segment.analytics.Client(key, host=receiver,
+  max_queue_size=N + warmup + 10)``, its consumer thread sending (send=True,
+  sync_mode=False); calls refused because its queue is full count as ``drops``;
+- ``persist-queue``: ``SQLiteAckQueue(dir, multithreading=True).put(event_dict)``
+  (pickle, WAL, SQLite's default synchronous=FULL);
+- ``sqlite-normal`` / ``sqlite-full``: the floor, one autocommit INSERT of a
+  segmentry-encoded body per event, WAL, synchronous NORMAL / FULL, otherwise SQLite's
+  defaults (so it checkpoints inline every 1000 pages).
+
+All call ``track(f"user-{i}", "Signed Up", {"plan": "pro", "i": i})`` or store that
+event. Backlog: segmentry with flusher=None on a fresh file vs on a copy of a file holding
+``--backlog`` rows (built once, cached under /tmp keyed by version and schema); no flusher
+drains the backlog while we measure. Contention: k producer processes (flusher=None,
+on_full="raise") enqueue for a fixed time on one file; then 8 of them with a
+``python -m segmentry.flusher`` process draining the same file.
+
+JSON (``--json``), every number raw:
+
+    {"meta": {"segmentry", "python", "sqlite", "cpus", "events", "warmup", "runs",
+              "flusher", "receiver", "loadavg_start", "loadavg_end", "argv"},
+     "enqueue": {NAME: {"label": str, "runs": [RUN, ...]}},
+     "backlog": {"rows": int, "runs": {"empty": [RUN, ...], "backlog": [RUN, ...]}} | null,
+     "contention": [{"procs", "flusher_process", "duration_s", "events", "rate",
+                     "p50_us", "p99_us", "max_us", "locked_errors", "other_errors"
+                     ({type: count}), "drops", "delivered" (null when no flusher ran)}] | null,
+     "profile": {"events", "components_ns": {NAME: ns/event}, "breakdown_ns": {PART: ns},
+                 "instrumented": {MODE: {...}}, "cprofile": [{"function", "calls",
+                 "tottime_us_per_event"}]} | null,
+     "targets": {NAME: {"value", "target", "goal" (or null), "met"}}}
+
+    RUN = {"run", "events", "seconds", "rate" (events/s), "p50_us", "p99_us", "max_us",
+           "drops", "errors", "timer_ns", "harness_ns", "flush_s", "flushed",
+           "delivered" (events the receiver got during the run and its flush, or null)}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segmentry` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from benchmarks.common import WRITE_KEY, fmt_spread, ratio, spread, table  # noqa: E402
+
+MODULE = "benchmarks.bench_enqueue"
+EVENT_NAME = "Signed Up"
+RAW_INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "segmentry-bench-cache")
+FLUSH_TIMEOUT_S = 120.0
+PROC_COUNTS = (1, 2, 4, 8)
+FLUSHER_POLL_MS = 100
+
+CONTENDERS: dict[str, dict[str, Any]] = {
+    "segmentry": {"kind": "segmentry", "durability": "normal",
+                  "label": "segmentry track (durability=normal)"},
+    "segmentry-full": {"kind": "segmentry", "durability": "full",
+                       "label": "segmentry track (durability=full)"},
+    "analytics-python": {"kind": "analytics",
+                         "label": "analytics-python track (in memory, consumer on)"},
+    "persist-queue": {"kind": "persistqueue", "label": "persist-queue SQLiteAckQueue.put"},
+    "sqlite-normal": {"kind": "sqlite", "synchronous": "NORMAL",
+                      "label": "raw sqlite3 1-row commit, WAL, NORMAL"},
+    "sqlite-full": {"kind": "sqlite", "synchronous": "FULL",
+                    "label": "raw sqlite3 1-row commit, WAL, FULL"},
+}
+BASELINE = "analytics-python"
+SENDERS = ("segmentry", "segmentry-full", "analytics-python")  # contenders that deliver
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# =============================================================================================
+# Worker side: one run of one contender, in a fresh interpreter.
+# =============================================================================================
+
+Call = Callable[[int], object]
+
+
+def timed_loop(call: Call, n: int) -> tuple[int, list[int], int]:
+    """Call ``call(i)`` for i in range(n), timing each call; return (wall ns, per-call ns,
+    how many calls returned a falsy value: dropped events)."""
+    clock = time.perf_counter_ns
+    latencies = [0] * n
+    failures = 0
+    start = clock()
+    for i in range(n):
+        t0 = clock()
+        ok = call(i)
+        latencies[i] = clock() - t0
+        if not ok:
+            failures += 1
+    return clock() - start, latencies, failures
+
+
+def timer_overhead() -> tuple[float, float]:
+    """(ns one latency sample adds to itself, ns the whole harness adds per event)."""
+    clock, n = time.perf_counter_ns, 20_000
+    samples = sorted(clock() - clock() for _ in range(2001))
+    wall, _, _ = timed_loop(lambda i: True, n)
+    return -samples[1000], wall / n
+
+
+def event_properties(i: int) -> dict[str, Any]:
+    return {"plan": "pro", "i": i}
+
+
+def sample_body() -> str:
+    """A segmentry-encoded track event, as the queue stores it."""
+    from segmentry import messages
+
+    fields = {"event": EVENT_NAME, "properties": event_properties(0)}
+    return messages.encode("track", "user-0", fields, time.time()).body
+
+
+def setup_segmentry(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, Any]]]:
+    import segmentry
+
+    path = spec.get("queue_path") or os.path.join(spec["dir"], "queue.db")
+    client = segmentry.Client(WRITE_KEY, queue_path=path, api_url=spec.get("api_url"),
+                              durability=spec.get("durability", "normal"),
+                              flusher=spec.get("flusher"))
+    track = client.track
+
+    def call(i: int) -> object:
+        return track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}) is not None
+
+    def finish() -> dict[str, Any]:
+        flushed = client.flush(FLUSH_TIMEOUT_S) if spec.get("flusher") else None
+        client.close()
+        return {"flushed": flushed}
+
+    return call, finish
+
+
+def setup_analytics(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, Any]]]:
+    from segment.analytics import Client
+
+    size = spec["events"] + spec["warmup"] + 10
+    client = Client(WRITE_KEY, host=spec["host"], max_queue_size=size, send=True,
+                    sync_mode=False)
+    track = client.track
+
+    def call(i: int) -> object:
+        return track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})[0]
+
+    def finish() -> dict[str, Any]:
+        client.flush()  # queue.join(): every event sent (or given up on)
+        client.join()
+        return {"flushed": True}
+
+    return call, finish
+
+
+def setup_persistqueue(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, Any]]]:
+    from persistqueue import SQLiteAckQueue
+
+    queue = SQLiteAckQueue(os.path.join(spec["dir"], "persist-queue"), multithreading=True)
+    put = queue.put
+
+    def call(i: int) -> object:
+        event = {"type": "track", "userId": f"user-{i}", "event": EVENT_NAME,
+                 "properties": {"plan": "pro", "i": i}}
+        return put(event) is not None
+
+    def finish() -> dict[str, Any]:
+        queue.close()
+        return {"flushed": None}
+
+    return call, finish
+
+
+def open_raw(path: str, synchronous: str) -> sqlite3.Connection:
+    """A one-table WAL database like segmentry's events table, SQLite defaults otherwise."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, "
+                 "body TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL)")
+    return conn
+
+
+def setup_sqlite(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, Any]]]:
+    conn = open_raw(os.path.join(spec["dir"], "raw.db"), spec["synchronous"])
+    body = sample_body()
+    size, execute, now = len(body), conn.execute, time.time
+
+    def call(i: int) -> object:
+        return execute(RAW_INSERT, (body, size, now())).lastrowid
+
+    def finish() -> dict[str, Any]:
+        conn.close()
+        return {"flushed": None}
+
+    return call, finish
+
+
+SETUPS = {"segmentry": setup_segmentry, "analytics": setup_analytics,
+          "persistqueue": setup_persistqueue, "sqlite": setup_sqlite}
+
+
+def enqueue_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run of one contender: warm up, time N calls, then flush (timed apart)."""
+    call, finish = SETUPS[spec["kind"]](spec)
+    for i in range(spec["warmup"]):
+        call(i)
+    timer_ns, harness_ns = timer_overhead()
+    n = spec["events"]
+    wall_ns, latencies, drops = timed_loop(call, n)
+    start = time.perf_counter()
+    finished = finish()
+    return {"events": n, "warmup": spec["warmup"], "seconds": wall_ns / 1e9,
+            "rate": n / (wall_ns / 1e9),
+            **common.latency_summary(latencies), "drops": drops, "errors": 0,
+            "timer_ns": timer_ns, "harness_ns": harness_ns,
+            "flush_s": time.perf_counter() - start, **finished}
+
+
+def producer_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One of k producer processes on a shared file: ready, wait for go, enqueue until the
+    common deadline; latencies go to a binary file, errors are counted, never raised."""
+    import segmentry
+
+    client = segmentry.Client(WRITE_KEY, queue_path=spec["queue_path"], flusher=None,
+                              on_full="raise")
+    track, clock = client.track, time.perf_counter_ns
+    track("warmup", EVENT_NAME, {"plan": "pro"})  # opens the connection (and the schema)
+    print("ready", flush=True)
+    start_at = float(sys.stdin.readline().split()[1])
+    time.sleep(max(0.0, start_at - time.time()))
+    end_ns = clock() + int((start_at + spec["duration"] - time.time()) * 1e9)
+    latencies, errors, drops, i = array("q"), Counter[str](), 0, 0
+    t_start = time.time()
+    while True:
+        t0 = clock()
+        if t0 >= end_ns:
+            break
+        try:
+            if track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}) is None:
+                drops += 1
+        except Exception as exc:  # counted: the point is how many and which
+            errors["locked" if "locked" in str(exc) else type(exc).__name__] += 1
+        latencies.append(clock() - t0)
+        i += 1
+    t_end = time.time()
+    with open(spec["lat_path"], "wb") as f:
+        latencies.tofile(f)
+    client.close()
+    return {"events": i, "t_start": t_start, "t_end": t_end, "drops": drops,
+            "errors": dict(errors)}
+
+
+# -- profile --------------------------------------------------------------------------------
+
+
+def per_call_ns(fn: Call, n: int) -> float:
+    """Mean ns of fn(i) over n calls, loop overhead subtracted."""
+    clock = time.perf_counter_ns
+    start = clock()
+    for i in range(n):
+        fn(i)
+    wall = clock() - start
+    start = clock()
+    for _ in range(n):
+        pass
+    return (wall - (clock() - start)) / n
+
+
+def profile_components(spec: dict[str, Any]) -> dict[str, float]:
+    """Each piece of one track call alone, interleaved over rounds (median per piece)."""
+    import segmentry
+    from segmentry import messages
+    from segmentry.storage import PRODUCER_AUTOCHECKPOINT, SQLiteQueue
+
+    workdir = spec["dir"]
+    client = segmentry.Client(WRITE_KEY, queue_path=os.path.join(workdir, "p-track.db"),
+                              flusher=None)
+    queue = SQLiteQueue(os.path.join(workdir, "p-put.db"))
+    raw = open_raw(os.path.join(workdir, "p-raw.db"), "NORMAL")
+    raw.execute(f"PRAGMA wal_autocheckpoint={PRODUCER_AUTOCHECKPOINT}")  # as producers do
+    body = sample_body()
+    msg = json.loads(body)
+    now = time.time
+    pieces: dict[str, Call] = {
+        "track (flusher=None)": lambda i: client.track(
+            f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}),
+        "messages.encode": lambda i: messages.encode(
+            "track", f"user-{i}", {"event": EVENT_NAME, "properties": {"plan": "pro", "i": i}},
+            now()),
+        "messages.dumps": lambda i: messages.dumps(msg),
+        "new_message_id": lambda i: messages.new_message_id(),
+        "time + format_timestamp": lambda i: messages.format_timestamp(now()),
+        "SQLiteQueue.put": lambda i: queue.put(body, now()),
+        "raw INSERT commit": lambda i: raw.execute(RAW_INSERT, (body, len(body), now())),
+    }
+    for fn in pieces.values():  # open files, fill caches
+        per_call_ns(fn, 200)
+    rounds, n = 5, max(200, spec["events"] // 5)
+    samples: dict[str, list[float]] = {name: [] for name in pieces}
+    for _ in range(rounds):
+        for name, fn in pieces.items():
+            samples[name].append(per_call_ns(fn, n))
+    client.close()
+    queue.close()
+    raw.close()
+    return {name: spread(values)["median"] for name, values in samples.items()}
+
+
+def breakdown(c: dict[str, float]) -> dict[str, float]:
+    """Split one track call into parts, by difference of the component timings."""
+    encode, put, track = c["messages.encode"], c["SQLiteQueue.put"], c["track (flusher=None)"]
+    return {
+        "validation + dict building": encode - c["messages.dumps"] - c["new_message_id"]
+        - c["time + format_timestamp"],
+        "JSON encoding (messages.dumps)": c["messages.dumps"],
+        "messageId (uuid4 text)": c["new_message_id"],
+        "timestamp (time.time + format)": c["time + format_timestamp"],
+        "SQLite INSERT + commit (raw)": c["raw INSERT commit"],
+        "storage lock + put bookkeeping": put - c["raw INSERT commit"],
+        "client bookkeeping (kwargs, cap, notify)": track - encode - put,
+        "total: track (flusher=None)": track,
+    }
+
+
+def instrumented_track(spec: dict[str, Any], flusher: str | None) -> dict[str, Any]:
+    """Time encode and put inside real track calls (wrapping them in this process only),
+    to see where a running flusher thread's cost lands."""
+    import segmentry
+    from segmentry import messages
+
+    name = "thread" if flusher else "none"
+    client = segmentry.Client(WRITE_KEY, queue_path=os.path.join(spec["dir"], f"i-{name}.db"),
+                              api_url=spec.get("api_url"), flusher=flusher)
+    clock, encode, put = time.perf_counter_ns, messages.encode, client.queue.put
+    enc_ns: list[int] = []
+    put_ns: list[int] = []
+
+    def timed_encode(*args: Any, **kwargs: Any) -> Any:
+        t0 = clock()
+        out = encode(*args, **kwargs)
+        enc_ns.append(clock() - t0)
+        return out
+
+    def timed_put(body: str, now: float) -> int:
+        t0 = clock()
+        out = put(body, now)
+        put_ns.append(clock() - t0)
+        return out
+
+    messages.encode = timed_encode
+    client.queue.put = timed_put  # type: ignore[method-assign]
+    try:
+        for i in range(spec["warmup"]):
+            client.track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})
+        enc_ns.clear()
+        put_ns.clear()
+        n = spec["events"]
+        wall, total, _ = timed_loop(
+            lambda i: client.track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}), n)
+    finally:
+        messages.encode = encode
+    client.close()
+    slow = sum(1 for t in put_ns if t >= 1_000_000)
+    return {"rate": n / (wall / 1e9), "track_ns": sum(total) / n, "encode_ns": sum(enc_ns) / n,
+            "put_ns": sum(put_ns) / n, "put_p99_us": common.latency_summary(put_ns)["p99_us"],
+            "puts_over_1ms": slow, "put_ns_in_puts_over_1ms": sum(t for t in put_ns
+                                                                   if t >= 1_000_000) / n}
+
+
+def cprofile_top(spec: dict[str, Any], limit: int = 12) -> list[dict[str, Any]]:
+    import cProfile
+    import pstats
+
+    import segmentry
+
+    client = segmentry.Client(WRITE_KEY, queue_path=os.path.join(spec["dir"], "cprof.db"),
+                              flusher=None)
+    n = spec["events"]
+    client.track("warmup", EVENT_NAME)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(n):
+        client.track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})
+    profiler.disable()
+    client.close()
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:limit]
+    return [{"function": f"{func[0]}:{func[1]}({func[2]})", "calls": int(data[1]),
+             "tottime_us_per_event": data[2] / n * 1e6} for func, data in rows]
+
+
+def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    components = profile_components(spec)
+    instrumented = {"flusher=None": instrumented_track(spec, None)}
+    if spec.get("flusher"):
+        instrumented["flusher=thread"] = instrumented_track(spec, "thread")
+    return {"events": spec["events"], "components_ns": components,
+            "breakdown_ns": breakdown(components), "instrumented": instrumented,
+            "cprofile": cprofile_top(spec)}
+
+
+WORKERS = {"enqueue": enqueue_worker, "producer": producer_worker, "profile": profile_worker}
+
+
+def worker_main(spec_path: str) -> int:
+    spec = common.read_spec(spec_path)
+    common.write_result(spec, WORKERS[spec["worker"]](spec))
+    return 0
+
+
+# =============================================================================================
+# Parent side: alternation, fixtures, tables.
+# =============================================================================================
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: str, receiver: common.Receiver,
+                 flusher: str | None) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.receiver = receiver
+        self.flusher = flusher
+
+    def run_enqueue(self, spec: dict[str, Any], run: int, sends: bool) -> dict[str, Any]:
+        """One fresh-process run in its own scratch directory, deleted afterwards."""
+        rundir = tempfile.mkdtemp(dir=self.workdir, prefix="run-")
+        before = self.receiver.events() if sends else 0
+        try:
+            result = common.run_worker(MODULE, {
+                "worker": "enqueue", "dir": rundir, "events": self.args.events,
+                "warmup": self.args.warmup, "api_url": self.receiver.url,
+                "host": self.receiver.host, **spec}, self.workdir, timeout=900)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        delivered = self.receiver.events() - before if sends else None
+        return {"run": run, **result, "delivered": delivered}
+
+    def enqueue_section(self) -> dict[str, Any]:
+        log(f"enqueue: {len(CONTENDERS)} contenders x {self.args.runs} runs, "
+            f"{self.args.events:,} events each")
+
+        def one(name: str, run: int) -> dict[str, Any]:
+            spec = {k: v for k, v in CONTENDERS[name].items() if k != "label"}
+            if spec["kind"] == "segmentry":
+                spec["flusher"] = self.flusher
+            return self.run_enqueue({"name": name, **spec}, run, name in SENDERS)
+
+        runs = common.alternate(list(CONTENDERS), self.args.runs, one, log)
+        return {name: {"label": self.label(name), "runs": runs[name]} for name in CONTENDERS}
+
+    def label(self, name: str) -> str:
+        label = str(CONTENDERS[name]["label"])
+        if CONTENDERS[name]["kind"] == "segmentry":
+            label += ", flusher thread on" if self.flusher else ", flusher=None (no http.py)"
+        return label
+
+    def backlog_section(self) -> dict[str, Any]:
+        rows = self.args.backlog
+        cached = build_backlog(rows)
+        copy = os.path.join(self.workdir, "backlog.db")
+        log(f"backlog: copying {cached} ({os.path.getsize(cached) / 1e6:,.0f} MB)")
+        shutil.copyfile(cached, copy)
+        specs = {"empty": {"kind": "segmentry", "flusher": None},
+                 "backlog": {"kind": "segmentry", "flusher": None, "queue_path": copy}}
+        runs = common.alternate(list(specs), self.args.runs,
+                                lambda name, run: self.run_enqueue(specs[name], run, False), log)
+        os.unlink(copy)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(copy + suffix):
+                os.unlink(copy + suffix)
+        return {"rows": rows, "runs": runs}
+
+    def contention_section(self) -> list[dict[str, Any]]:
+        configs = [(k, False) for k in PROC_COUNTS]
+        if self.flusher:
+            configs.append((PROC_COUNTS[-1], True))
+        out = []
+        for procs, with_flusher in configs:
+            log(f"contention: {procs} producer process(es)"
+                + (" + a flusher process" if with_flusher else ""))
+            out.append(self.contention_run(procs, with_flusher))
+        return out
+
+    def contention_run(self, procs: int, with_flusher: bool) -> dict[str, Any]:
+        rundir = tempfile.mkdtemp(dir=self.workdir, prefix="procs-")
+        queue_path = os.path.join(rundir, "queue.db")
+        before = self.receiver.events()
+        flusher = start_flusher_process(queue_path, self.receiver.url) if with_flusher else None
+        try:
+            results, latencies = run_producers(queue_path, procs, self.args.duration, rundir)
+        finally:
+            delivered = stop_flusher_process(flusher, self.receiver, before)
+            shutil.rmtree(rundir, ignore_errors=True)
+        errors: Counter[str] = Counter()
+        for r in results:
+            errors.update(r["errors"])
+        window = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
+        events = sum(r["events"] for r in results)
+        return {"procs": procs, "flusher_process": with_flusher,
+                "duration_s": window, "events": events, "rate": events / window,
+                **common.latency_summary(latencies), "locked_errors": errors.pop("locked", 0),
+                "other_errors": dict(errors), "drops": sum(r["drops"] for r in results),
+                "delivered": delivered}
+
+    def profile_section(self) -> dict[str, Any]:
+        log("profile: component timings, instrumented track, cProfile")
+        rundir = tempfile.mkdtemp(dir=self.workdir, prefix="profile-")
+        try:
+            return common.run_worker(MODULE, {
+                "worker": "profile", "dir": rundir, "events": self.args.events,
+                "warmup": self.args.warmup, "api_url": self.receiver.url,
+                "flusher": self.flusher}, self.workdir, timeout=900)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+def run_producers(queue_path: str, procs: int, duration: float,
+                  rundir: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """Start k producer processes, wait until all are ready, give one start time to all."""
+    children: list[tuple[subprocess.Popen[str], dict[str, Any]]] = []
+    for k in range(procs):
+        spec_path = os.path.join(rundir, f"producer-{k}.json")
+        spec: dict[str, Any] = {
+            "worker": "producer", "queue_path": queue_path, "duration": duration,
+            "lat_path": os.path.join(rundir, f"lat-{k}.bin"),
+            "result": os.path.join(rundir, f"result-{k}.json")}
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        proc = subprocess.Popen(common.worker_command(MODULE, spec_path), cwd=common.ROOT,
+                                env=common.child_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        children.append((proc, spec))
+    try:
+        for proc, _ in children:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a producer process failed to start")
+        start_at = time.time() + 0.3
+        for proc, _ in children:
+            assert proc.stdin is not None
+            proc.stdin.write(f"go {start_at!r}\n")
+            proc.stdin.flush()
+        for proc, _ in children:
+            if proc.wait(timeout=duration + 120) != 0:
+                raise RuntimeError(f"a producer process exited {proc.returncode}")
+    finally:
+        for proc, _ in children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results, latencies = [], array("q")
+    for _, spec in children:
+        with open(spec["result"]) as f:
+            results.append(json.load(f))
+        with open(spec["lat_path"], "rb") as f:
+            latencies.frombytes(f.read())
+    return results, list(latencies)
+
+
+def start_flusher_process(queue_path: str, api_url: str) -> subprocess.Popen[bytes]:
+    """``python -m segmentry.flusher`` on the producers' file. It polls every
+    FLUSHER_POLL_MS instead of the default 2000: producers in other processes cannot wake
+    it, and a 2 s idle wait would leave it asleep for most of a short run."""
+    env = {**common.child_env(), "SEGMENT_WRITE_KEY": WRITE_KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", queue_path, "--api-url", api_url,
+         "--batch-every-ms", str(FLUSHER_POLL_MS), "--progress", "none",
+         "--log-level", "WARNING"],
+        cwd=common.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_flusher_process(proc: subprocess.Popen[bytes] | None, receiver: common.Receiver,
+                         before: int) -> int | None:
+    """SIGTERM the flusher (it finishes its batch in flight); return what it delivered."""
+    if proc is None:
+        return None
+    if proc.poll() is not None:
+        log(f"  the flusher process exited early ({proc.returncode})")
+    else:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return receiver.events() - before
+
+
+def build_backlog(rows: int) -> str:
+    """A segmentry queue file holding ``rows`` queued events, built once and cached.
+    The schema comes from SQLiteQueue itself; the rows go in one executemany."""
+    from segmentry import messages
+    from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
+    from segmentry.version import __version__
+
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    path = os.path.join(CACHE_DIR, f"backlog-{__version__}-schema{SCHEMA_VERSION}-{rows}.db")
+    if os.path.exists(path):
+        return path
+    log(f"backlog: building {rows:,} rows into {path} (once)")
+    tmp = path + ".building"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(tmp + suffix):
+            os.unlink(tmp + suffix)
+    start = time.time() - rows / 1000.0  # created times as if 1000 events/s came in
+    queue = SQLiteQueue(tmp)
+    queue.put(sample_body(), start)
+    queue.close()
+
+    def events() -> Any:
+        for i in range(1, rows):
+            created = start + i / 1000.0
+            fields = {"event": EVENT_NAME, "properties": event_properties(i)}
+            body = messages.encode("track", f"user-{i}", fields, created).body
+            yield body, len(body), created
+
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")  # a fixture: it is rebuilt if anything goes wrong
+    conn.execute("BEGIN")
+    conn.executemany(RAW_INSERT, events())
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    queue = SQLiteQueue(tmp)
+    depth = queue.stats(time.time()).depth
+    queue.close()
+    if depth != rows:
+        raise RuntimeError(f"backlog fixture holds {depth} rows, not {rows}")
+    os.replace(tmp, path)
+    return path
+
+
+def segmentry_flusher_mode() -> str | None:
+    """'thread' when the flusher thread can run here (segmentry.http imports), else None."""
+    check = subprocess.run([sys.executable, "-c", "import segmentry.http, segmentry.flusher"],
+                           cwd=common.ROOT, env=common.child_env(), capture_output=True)
+    return "thread" if check.returncode == 0 else None
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def runs_of(section: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = section[name]["runs"]
+    return runs
+
+
+def values(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [r[key] for r in runs if r.get(key) is not None]
+
+
+def median_of(runs: list[dict[str, Any]], key: str) -> float:
+    return spread(values(runs, key))["median"]
+
+
+def paired_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
+    """Rate ratio of a to b within each round (the runs that ran back to back)."""
+    return [ratio(x["rate"], y["rate"]) for x, y in zip(a, b)]
+
+
+def enqueue_table(section: dict[str, Any]) -> str:
+    base = runs_of(section, BASELINE)
+    rows = []
+    for name in section:
+        runs = runs_of(section, name)
+        delivered = values(runs, "delivered")
+        rows.append([
+            section[name]["label"], fmt_spread(values(runs, "rate")),
+            fmt_spread(paired_ratios(runs, base), "{:.2f}x"),
+            fmt_spread(values(runs, "p50_us"), "{:.1f}"),
+            fmt_spread(values(runs, "p99_us"), "{:.0f}"),
+            f"{max(values(runs, 'max_us')) / 1e3:.1f}",
+            str(sum(int(d) for d in values(runs, "drops"))),
+            f"{min(delivered):,.0f}/{runs[0]['events'] + runs[0]['warmup']:,}"
+            if delivered else "-",
+        ])
+    return table(["contender", "events/s", "vs analytics-python", "p50 us", "p99 us",
+                  "max ms", "drops", "delivered"], rows)
+
+
+def backlog_table(section: dict[str, Any]) -> str:
+    runs = section["runs"]
+    empty = runs["empty"]
+    rows = []
+    for name, title in (("empty", "empty queue"),
+                        ("backlog", f"{section['rows']:,}-row backlog")):
+        r = runs[name]
+        rows.append([f"segmentry, flusher=None, {title}", fmt_spread(values(r, "rate")),
+                     fmt_spread(paired_ratios(r, empty), "{:.2f}x"),
+                     fmt_spread(values(r, "p50_us"), "{:.1f}"),
+                     fmt_spread(values(r, "p99_us"), "{:.0f}"),
+                     f"{max(values(r, 'max_us')) / 1e3:.1f}"])
+    return table(["queue", "events/s", "vs empty", "p50 us", "p99 us", "max ms"], rows)
+
+
+def contention_table(rows_in: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in rows_in:
+        other = ", ".join(f"{k}={v}" for k, v in r["other_errors"].items()) or "0"
+        rows.append([f"{r['procs']}" + (" + flusher process" if r["flusher_process"] else ""),
+                     f"{r['rate']:,.0f}", f"{r['rate'] / r['procs']:,.0f}",
+                     f"{r['p50_us']:.0f}", f"{r['p99_us'] / 1e3:.2f}",
+                     f"{r['max_us'] / 1e3:.1f}", str(r["locked_errors"]), other,
+                     str(r["drops"]), "-" if r["delivered"] is None else f"{r['delivered']:,}"])
+    return table(["producers", "total ev/s", "per proc", "p50 us", "p99 ms", "max ms",
+                  "locked", "other errors", "drops", "delivered"], rows)
+
+
+def profile_report(profile: dict[str, Any]) -> str:
+    parts = profile["breakdown_ns"]
+    total = parts["total: track (flusher=None)"]
+    rows = [[name, f"{ns / 1e3:.2f}", f"{100 * ns / total:.0f}%"] for name, ns in parts.items()]
+    out = [f"Where one segmentry track() goes (flusher=None, means over "
+           f"{profile['events']:,} calls per piece, medians of 5 interleaved rounds; "
+           "parts by difference):", table(["part", "us/event", "share"], rows), ""]
+    inst_rows = []
+    for mode, r in profile["instrumented"].items():
+        inst_rows.append([mode, f"{r['rate']:,.0f}", f"{r['track_ns'] / 1e3:.2f}",
+                          f"{r['encode_ns'] / 1e3:.2f}", f"{r['put_ns'] / 1e3:.2f}",
+                          f"{r['put_p99_us']:.0f}", str(r["puts_over_1ms"]),
+                          f"{r['put_ns_in_puts_over_1ms'] / 1e3:.2f}"])
+    out += ["Instrumented track() (encode and put wrapped with timers, in one process):",
+            table(["mode", "events/s", "track us", "encode us", "put us", "put p99 us",
+                   "puts >= 1 ms", "us/event in those"], inst_rows), "",
+            "cProfile of track(), flusher=None (tottime per event; cProfile inflates "
+            "Python-level calls):",
+            table(["function", "calls", "us/event"],
+                  [[c["function"][-70:], f"{c['calls']:,}", f"{c['tottime_us_per_event']:.2f}"]
+                   for c in profile["cprofile"]])]
+    return "\n".join(out)
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, value: float, target: float, goal: float | None = None,
+            higher: bool = True) -> None:
+        met = value >= target if higher else value <= target
+        out[name] = {"value": value, "target": target, "goal": goal, "met": bool(met)}
+
+    enq = results.get("enqueue")
+    if enq:
+        add("segmentry / analytics-python enqueue rate",
+            spread(paired_ratios(runs_of(enq, "segmentry"), runs_of(enq, BASELINE)))["median"],
+            1.3, 2.0)
+        add("segmentry full / raw sqlite FULL commit rate",
+            spread(paired_ratios(runs_of(enq, "segmentry-full"),
+                                 runs_of(enq, "sqlite-full")))["median"], 0.7)
+    backlog = results.get("backlog")
+    if backlog:
+        add("backlog / empty enqueue rate",
+            spread(paired_ratios(backlog["runs"]["backlog"], backlog["runs"]["empty"]))["median"],
+            0.9)
+    for r in results.get("contention") or []:
+        if r["procs"] == PROC_COUNTS[-1] and not r["flusher_process"]:
+            add(f"{r['procs']} producers: p99 enqueue ms", r["p99_us"] / 1e3, 25.0, higher=False)
+            add(f"{r['procs']} producers: lock errors", r["locked_errors"], 0, higher=False)
+    return out
+
+
+def targets_table(checks: dict[str, dict[str, Any]]) -> str:
+    rows = []
+    for name, c in checks.items():
+        op = "<=" if "p99" in name or "errors" in name else ">="
+        goal = f", goal {c['goal']:g}" if c["goal"] else ""
+        rows.append([name, f"{c['value']:.2f}", f"{op} {c['target']:g}{goal}",
+                     "met" if c["met"] else "MISSED"])
+    return table(["target (measured, not asserted)", "value", "target", ""], rows)
+
+
+def report(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    out = [f"segmentry {meta['segmentry']} | Python {meta['python']} | SQLite {meta['sqlite']}"
+           f" | {meta['cpus']} CPUs | load {meta['loadavg_start']} -> {meta['loadavg_end']}",
+           f"receiver: {meta['receiver']} on 127.0.0.1 | segmentry flusher: "
+           f"{meta['flusher'] or 'None (segmentry.http not importable)'} | "
+           f"harness {meta['harness_ns']:.0f} ns/event (timer {meta['timer_ns']:.0f} ns/sample)"
+           " included in rates and latencies", ""]
+    if results.get("enqueue"):
+        out += [f"Enqueue, empty queues, {meta['events']:,} events x {meta['runs']} runs "
+                "(alternated, fresh process each), median (min–max); ratios paired per round:",
+                enqueue_table(results["enqueue"]), ""]
+    if results.get("backlog"):
+        out += ["Backlog: the same enqueue on an empty queue vs a pre-filled one. flusher=None: "
+                "nothing drains the backlog during the measurement.",
+                backlog_table(results["backlog"]), ""]
+    if results.get("contention"):
+        out += [f"Producer processes on ONE queue file, {meta['duration']:g} s each, "
+                "flusher=None (last row: plus `python -m segmentry.flusher`), latencies over "
+                "all calls:", contention_table(results["contention"]), ""]
+    if results.get("profile"):
+        out += [profile_report(results["profile"]), ""]
+    out += [targets_table(results["targets"])]
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--events", type=int, help="timed calls per run (default 30000)")
+    p.add_argument("--runs", type=int, help="runs per contender (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each run (default 500)")
+    p.add_argument("--backlog", type=int, help="backlog rows (default 1000000)")
+    p.add_argument("--duration", type=float, help="seconds per contention run (default 3)")
+    p.add_argument("--quick", action="store_true", help="a smoke test, well under a minute")
+    p.add_argument("--profile", action="store_true", help="add the per-event time breakdown")
+    p.add_argument("--skip-backlog", action="store_true")
+    p.add_argument("--skip-procs", action="store_true")
+    p.add_argument("--skip-enqueue", action="store_true", help="skip the main table")
+    p.add_argument("--json", help="write every raw number here")
+    args = p.parse_args(argv)
+    defaults = ({"events": 2000, "runs": 2, "warmup": 200, "backlog": 20_000, "duration": 0.5}
+                if args.quick else
+                {"events": 30_000, "runs": 5, "warmup": 500, "backlog": 1_000_000,
+                 "duration": 3.0})
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    from segmentry.version import __version__
+
+    flusher = segmentry_flusher_mode()
+    if not flusher:
+        log("segmentry.http does not import: segmentry runs with flusher=None")
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="segmentry-bench-")
+    results: dict[str, Any] = {"meta": {
+        "segmentry": __version__, "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "events": args.events,
+        "warmup": args.warmup, "runs": args.runs, "duration": args.duration,
+        "flusher": flusher, "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "argv": sys.argv}, "enqueue": None, "backlog": None, "contention": None,
+        "profile": None}
+    try:
+        with common.Receiver(workdir) as receiver:
+            results["meta"]["receiver"] = receiver.kind
+            bench = Bench(args, workdir, receiver, flusher)
+            if not args.skip_enqueue:
+                results["enqueue"] = bench.enqueue_section()
+            if not args.skip_backlog:
+                results["backlog"] = bench.backlog_section()
+            if not args.skip_procs:
+                results["contention"] = bench.contention_section()
+            if args.profile:
+                results["profile"] = bench.profile_section()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    meta = results["meta"]
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["elapsed_s"] = time.monotonic() - started
+    runs = [r for s in (results["enqueue"] or {}).values() for r in s["runs"]]
+    meta["timer_ns"] = spread(values(runs, "timer_ns"))["median"] if runs else float("nan")
+    meta["harness_ns"] = spread(values(runs, "harness_ns"))["median"] if runs else float("nan")
+    results["targets"] = targets(results)
+    print(report(results))
+    print(f"\n({meta['elapsed_s']:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

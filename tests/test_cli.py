@@ -1,0 +1,517 @@
+"""The ``segmentry`` command and the flusher's command line, run as real processes:
+exit codes, one-line errors, refused files left byte-identical, and the systemd unit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_segment import FakeSegment
+
+import segmentry
+from segmentry.flusher import holder_pid
+from segmentry.service import GRACE_S
+from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-write-key-7f3a"
+FAST = ["--retry-start", "1", "--retry-expiry", "20", "--batch-every-ms", "20"]
+UNIT = Path(__file__).resolve().parent.parent / "tools" / "segmentry-flusher.service"
+STATUS_KEYS = {"depth", "bytes", "oldest_age_s", "dead_letters", "flusher_pid", "in_flight",
+               "queue_path", "disk_bytes"}
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(tmp_path):
+    """The environment of every process: no write key or SEGMENTRY_* from the caller, and
+    a private state dir so the default queue path is inside the test's tmp_path."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("SEGMENTRY_") and k != "SEGMENT_WRITE_KEY"}
+    return {**clean, "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+@pytest.fixture
+def queue_path(tmp_path):
+    return str(tmp_path / "q.db")
+
+
+def run(env, *args, module="segmentry", extra=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", module, *args], env={**env, **(extra or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def flusher(env, path, url, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", path, "--api-url", url,
+         *FAST, *args],
+        env={**env, "SEGMENT_WRITE_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def assert_one_line_error(proc, code, *words):
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("segmentry: "), proc.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def status_json(env, path):
+    proc = run(env, "status", "--queue", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def enqueue(path, n, event="E", properties=None):
+    with segmentry.Client(queue_path=path, flusher=None) as client:
+        return [client.track(f"user-{i}", event, properties or {"i": i}) for i in range(n)]
+
+
+def stored_events(path):
+    conn = sqlite3.connect(path)
+    try:
+        return [json.loads(body) for (body,) in conn.execute("SELECT body FROM events")]
+    finally:
+        conn.close()
+
+
+def wait_until(predicate, timeout=30.0):
+    """Poll a condition that only another process can make true (no race is won by it)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def test_status_of_a_missing_queue_is_all_zeros_and_does_not_create_it(env, queue_path):
+    report = status_json(env, queue_path)
+    assert STATUS_KEYS <= set(report)
+    assert report["queue_path"] == queue_path
+    assert (report["depth"], report["bytes"], report["dead_letters"], report["in_flight"],
+            report["disk_bytes"]) == (0, 0, 0, 0, 0)
+    assert report["oldest_age_s"] is None and report["flusher_pid"] is None
+    assert os.listdir(os.path.dirname(queue_path)) == []
+
+
+def test_status_json_counts_queued_events_their_bytes_and_the_oldest_age(env, queue_path):
+    enqueue(queue_path, 3)
+    expected = SQLiteQueue(queue_path).stats(time.time())
+    report = status_json(env, queue_path)
+    assert report["depth"] == 3 and report["bytes"] == expected.bytes > 0
+    assert report["oldest_age_s"] >= 0 and report["in_flight"] == 0
+    assert report["dead_letters"] == 0 and report["flusher_pid"] is None
+    assert report["disk_bytes"] >= os.path.getsize(queue_path)
+
+
+def test_status_without_json_prints_a_readable_summary(env, queue_path):
+    enqueue(queue_path, 2)
+    proc = run(env, "status", "--queue", queue_path)
+    assert proc.returncode == 0, proc.stderr
+    assert queue_path in proc.stdout and "2 events" in proc.stdout
+    assert "none running" in proc.stdout
+
+
+def test_status_reads_the_queue_from_segmentry_queue_then_the_state_dir(env, tmp_path):
+    path = str(tmp_path / "from-env.db")
+    enqueue(path, 1)
+    proc = run(env, "status", "--json", extra={"SEGMENTRY_QUEUE": path})
+    assert json.loads(proc.stdout)["depth"] == 1
+    proc = run(env, "status", "--json")
+    default = tmp_path / "state" / "segmentry" / "queue.db"
+    assert json.loads(proc.stdout)["queue_path"] == str(default) and not default.exists()
+
+
+def test_status_shows_the_pid_of_the_running_flusher(env, queue_path):
+    enqueue(queue_path, 5)
+    with FakeSegment(write_key=KEY) as receiver:
+        receiver.delay(ms=10_000)  # holds the batch in flight while we look
+        # --wait: our probe of the lock may win a start-up race; the flusher then stands by.
+        proc = flusher(env, queue_path, receiver.url, "--wait")
+        try:
+            assert wait_until(lambda: holder_pid(queue_path) == proc.pid)
+            assert wait_until(lambda: SQLiteQueue(queue_path).stats(time.time()).in_flight)
+            report = status_json(env, queue_path)
+        finally:
+            proc.kill()
+            _, err = proc.communicate()
+    assert report["flusher_pid"] == proc.pid, err
+    assert (report["in_flight"], report["depth"]) == (5, 5), err
+    assert status_json(env, queue_path)["flusher_pid"] is None
+
+
+# -- track and identify ---------------------------------------------------------------------
+
+
+def test_track_enqueues_durably_and_prints_the_message_id(env, queue_path):
+    proc = run(env, "track", "--queue", queue_path, "--user-id", "u1", "--event", "Signed Up",
+               "--property", "plan=pro", "--context", "ip=10.0.0.1")
+    assert proc.returncode == 0, proc.stderr
+    message_id = proc.stdout.strip()
+    [event] = stored_events(queue_path)
+    assert event["messageId"] == message_id
+    assert (event["type"], event["userId"], event["event"]) == ("track", "u1", "Signed Up")
+    assert event["properties"] == {"plan": "pro"} and event["context"]["ip"] == "10.0.0.1"
+
+
+def test_track_never_starts_a_flusher(env, queue_path):
+    proc = run(env, "track", "--queue", queue_path, "--user-id", "u", "--event", "E",
+               extra={"SEGMENT_WRITE_KEY": KEY})
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(queue_path + ".lock")  # no flusher, so no network
+
+
+def test_property_values_are_json_when_they_parse_else_text(env, queue_path):
+    values = ["size=10", "ok=true", 'name="x"', "ratio=1.5", "none=null", "raw=hello",
+              "nan=NaN", "empty=", "eq=a=b"]
+    args = [a for v in values for a in ("--property", v)]
+    proc = run(env, "track", "--queue", queue_path, "--user-id", "u", "--event", "E", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert stored_events(queue_path)[0]["properties"] == {
+        "size": 10, "ok": True, "name": "x", "ratio": 1.5, "none": None, "raw": "hello",
+        "nan": "NaN", "empty": "", "eq": "a=b"}
+
+
+def test_track_keeps_a_given_timestamp_message_id_and_anonymous_id(env, queue_path):
+    proc = run(env, "track", "--queue", queue_path, "--anonymous-id", "anon-1", "--event", "E",
+               "--timestamp", "2024-05-01T12:00:00Z", "--message-id", "fixed-id-1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "fixed-id-1"
+    [event] = stored_events(queue_path)
+    assert event["timestamp"] == "2024-05-01T12:00:00.000Z"
+    assert event["anonymousId"] == "anon-1" and "userId" not in event
+
+
+def test_identify_enqueues_traits_and_prints_the_message_id(env, queue_path):
+    proc = run(env, "identify", "--queue", queue_path, "--user-id", "u1",
+               "--trait", "email=a@example.com", "--trait", "age=42")
+    assert proc.returncode == 0, proc.stderr
+    [event] = stored_events(queue_path)
+    assert event["messageId"] == proc.stdout.strip() and event["type"] == "identify"
+    assert event["traits"] == {"email": "a@example.com", "age": 42}
+
+
+def test_track_uses_segmentry_queue_when_no_queue_is_given(env, queue_path):
+    proc = run(env, "track", "--user-id", "u", "--event", "E",
+               extra={"SEGMENTRY_QUEUE": queue_path})
+    assert proc.returncode == 0, proc.stderr
+    assert stored_events(queue_path)[0]["messageId"] == proc.stdout.strip()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--event", "E"], ["--user-id or --anonymous-id"]),
+    (["--user-id", "u", "--event", "E", "--timestamp", "2024-05-01T12:00:00"],
+     ["naive", "--timestamp"]),
+    (["--user-id", "u", "--event", "E", "--timestamp", "yesterday"], ["ISO-8601"]),
+    (["--user-id", "u", "--event", "E", "--message-id", "x" * 100], ["message_id"]),
+])
+def test_an_invalid_event_exits_2_in_one_line_and_stores_nothing(env, queue_path, args, words):
+    proc = run(env, "track", "--queue", queue_path, *args)
+    assert_one_line_error(proc, 2, *words)
+    assert not os.path.exists(queue_path) or stored_events(queue_path) == []
+
+
+def test_a_bad_segmentry_setting_in_the_environment_exits_2(env, queue_path):
+    proc = run(env, "track", "--queue", queue_path, "--user-id", "u", "--event", "E",
+               extra={"SEGMENTRY_DURABILITY": "sometimes"})
+    assert_one_line_error(proc, 2, "durability")
+
+
+# -- bad command lines ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], ["COMMAND"]),
+    (["frobnicate"], ["frobnicate"]),
+    (["status", "--bogus"], ["--bogus"]),
+    (["dead-letters", "list", "--limit", "many"], ["--limit", "many"]),
+    (["dead-letters", "list", "--limit", "0"], ["--limit"]),
+    (["dead-letters", "purge", "x"], ["ID"]),
+    (["track", "--user-id", "u"], ["--event"]),
+    (["track", "--user-id", "u", "--event", "E", "--property", "novalue"], ["KEY=VALUE"]),
+])
+def test_a_bad_option_value_exits_2_in_one_line(env, queue_path, args, words):
+    proc = run(env, *args)
+    assert_one_line_error(proc, 2, *words)
+    assert not os.path.exists(queue_path)
+
+
+def test_the_console_script_is_the_same_command(env, queue_path):
+    script = shutil.which("segmentry", path=os.path.dirname(sys.executable))
+    if script is None:
+        pytest.skip("the segmentry console script is not installed next to this python")
+    proc = subprocess.run([script, "status", "--queue", queue_path, "--json"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["depth"] == 0
+
+
+# -- files that are not a usable queue ------------------------------------------------------
+
+
+def random_bytes(path):
+    Path(path).write_bytes(os.urandom(8192))
+
+
+def another_apps_database(path):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.execute("INSERT INTO users (name) VALUES ('ada')")
+    conn.commit()
+    conn.close()
+
+
+def newer_schema(path):
+    enqueue(path, 2)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.close()
+
+
+REFUSED = {
+    "random bytes": (random_bytes, ["corrupt", "mv "]),
+    "another app's sqlite file": (another_apps_database, ["not a segmentry queue"]),
+    "a newer schema": (newer_schema, ["newer than this segmentry", "upgrade"]),
+}
+COMMANDS = {
+    "status": ["status", "--json"],
+    "dead-letters list": ["dead-letters", "list"],
+    "dead-letters requeue": ["dead-letters", "requeue", "--all"],
+    "track": ["track", "--user-id", "u", "--event", "E"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("kind", REFUSED)
+def test_a_file_that_is_not_a_usable_queue_exits_1_and_is_left_untouched(
+        env, queue_path, kind, command):
+    make, words = REFUSED[kind]
+    make(queue_path)
+    before = Path(queue_path).read_bytes()
+    proc = run(env, *COMMANDS[command], "--queue", queue_path)
+    assert_one_line_error(proc, 1, queue_path, *words)
+    assert Path(queue_path).read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_the_flusher_refuses_such_a_file_with_exit_1_and_leaves_it_untouched(
+        env, queue_path, kind):
+    make, words = REFUSED[kind]
+    make(queue_path)
+    before = Path(queue_path).read_bytes()
+    proc = run(env, "--queue", queue_path, "--drain", "--api-url", "http://127.0.0.1:9/v1/",
+               module="segmentry.flusher", extra={"SEGMENT_WRITE_KEY": KEY})
+    assert_one_line_error(proc, 1, queue_path, *words)
+    assert Path(queue_path).read_bytes() == before
+
+
+def test_the_flusher_without_a_write_key_exits_2_in_one_line(env, queue_path):
+    proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
+    assert_one_line_error(proc, 2, "SEGMENT_WRITE_KEY")
+
+
+# -- flush ----------------------------------------------------------------------------------
+
+
+def test_flush_is_the_flusher_process(env, queue_path):
+    ids = enqueue(queue_path, 20)
+    with FakeSegment(write_key=KEY, record=True) as receiver:
+        proc = run(env, "flush", "--queue", queue_path, "--api-url", receiver.url, "--drain",
+                   *FAST, extra={"SEGMENT_WRITE_KEY": KEY})
+        assert proc.returncode == 0, proc.stderr
+        assert {e["messageId"] for e in receiver.events()} == set(ids)
+    assert status_json(env, queue_path)["depth"] == 0
+
+
+def test_flush_without_a_write_key_exits_2_like_the_flusher(env, queue_path):
+    assert_one_line_error(run(env, "flush", "--queue", queue_path), 2, "SEGMENT_WRITE_KEY")
+
+
+# -- dead letters ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned(env, queue_path):
+    """A queue whose two "Poison" events the receiver refused: two dead letters."""
+    enqueue(queue_path, 3)
+    poison = enqueue(queue_path, 2, event="Poison", properties={"secret": "s3cret-body"})
+    with FakeSegment(write_key=KEY) as receiver:
+        receiver.reject("Poison")
+        proc = flusher(env, queue_path, receiver.url, "--drain")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert status_json(env, queue_path)["dead_letters"] == 2
+    return poison
+
+
+def dead_letters(env, path, *args):
+    proc = run(env, "dead-letters", "list", "--queue", path, "--json", *args)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_dead_letters_list_shows_status_event_and_message_id_not_the_body(
+        env, queue_path, poisoned):
+    proc = run(env, "dead-letters", "list", "--queue", queue_path,
+               extra={"SEGMENT_WRITE_KEY": KEY})
+    assert proc.returncode == 0, proc.stderr
+    for message_id in poisoned:
+        assert message_id in proc.stdout
+    assert "Poison" in proc.stdout and "400" in proc.stdout and "rejected" in proc.stdout
+    assert "s3cret-body" not in proc.stdout and KEY not in proc.stdout + proc.stderr
+
+
+def test_dead_letters_list_json_gives_each_letter_and_the_total(env, queue_path, poisoned):
+    listing = dead_letters(env, queue_path, "--limit", "1")
+    assert listing["total"] == 2 and len(listing["dead_letters"]) == 1
+    letter = listing["dead_letters"][0]
+    assert (letter["status"], letter["type"], letter["event"]) == (400, "track", "Poison")
+    assert letter["messageId"] == poisoned[0] and "rejected" in letter["response"]
+    assert "body" not in letter and "s3cret-body" not in json.dumps(listing)
+
+
+def test_show_body_adds_each_full_event(env, queue_path, poisoned):
+    letters = dead_letters(env, queue_path, "--show-body")["dead_letters"]
+    assert [d["body"]["properties"] for d in letters] == [{"secret": "s3cret-body"}] * 2
+
+
+def test_dead_letters_list_of_a_missing_queue_is_empty_and_creates_nothing(env, queue_path):
+    assert dead_letters(env, queue_path) == {"queue_path": queue_path, "total": 0,
+                                             "dead_letters": []}
+    assert not os.path.exists(queue_path)
+
+
+def test_requeue_by_id_puts_that_dead_letter_back_in_the_queue(env, queue_path, poisoned):
+    first = dead_letters(env, queue_path)["dead_letters"][0]["id"]
+    proc = run(env, "dead-letters", "requeue", "--queue", queue_path, str(first))
+    assert proc.returncode == 0 and "requeued 1 dead letters" in proc.stdout
+    report = status_json(env, queue_path)
+    assert (report["depth"], report["dead_letters"]) == (1, 1)
+    assert stored_events(queue_path)[0]["messageId"] == poisoned[0]
+
+
+def test_requeue_all_puts_every_dead_letter_back(env, queue_path, poisoned):
+    proc = run(env, "dead-letters", "requeue", "--queue", queue_path, "--all")
+    assert proc.returncode == 0 and "requeued 2 dead letters" in proc.stdout
+    assert {e["messageId"] for e in stored_events(queue_path)} == set(poisoned)
+
+
+def test_purge_all_deletes_every_dead_letter_and_says_how_many(env, queue_path, poisoned):
+    proc = run(env, "dead-letters", "purge", "--queue", queue_path, "--all")
+    assert proc.returncode == 0 and "purged 2 dead letters" in proc.stdout
+    report = status_json(env, queue_path)
+    assert (report["depth"], report["dead_letters"]) == (0, 0)
+
+
+def test_purge_of_unknown_ids_says_they_were_not_found(env, queue_path, poisoned):
+    proc = run(env, "dead-letters", "purge", "--queue", queue_path, "9998", "9999")
+    assert proc.returncode == 0 and "purged 0 dead letters (2 ids not found)" in proc.stdout
+    assert status_json(env, queue_path)["dead_letters"] == 2
+
+
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+@pytest.mark.parametrize("choice", [[], ["1", "--all"]])
+def test_requeue_and_purge_need_ids_or_all_but_not_both(env, queue_path, action, choice):
+    enqueue(queue_path, 1)
+    proc = run(env, "dead-letters", action, "--queue", queue_path, *choice)
+    assert_one_line_error(proc, 2, "--all")
+
+
+def test_requeue_on_a_missing_queue_exits_1_and_creates_nothing(env, queue_path):
+    proc = run(env, "dead-letters", "requeue", "--queue", queue_path, "--all")
+    assert_one_line_error(proc, 1, "no queue file", queue_path)
+    assert not os.path.exists(queue_path)
+
+
+# -- the systemd unit -----------------------------------------------------------------------
+
+
+def read_unit(path=UNIT):
+    """A tiny unit-file parser: {section: {key: [values]}} (systemd keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def seconds(value):
+    return float(value[:-1] if value.endswith("s") else value)
+
+
+def test_the_unit_restarts_as_a_dedicated_user_with_the_key_and_queue_from_files():
+    service = read_unit()["Service"]
+    assert service["Restart"] == ["always"] and seconds(service["RestartSec"][0]) > 0
+    assert service["User"] == ["segmentry"] and service["Group"] == ["segmentry"]
+    assert service["EnvironmentFile"] == ["/etc/segmentry/env"]
+    assert "SEGMENTRY_QUEUE=/var/lib/segmentry/queue.db" in service["Environment"]
+    assert service["StateDirectory"] == ["segmentry"]
+    assert service["StateDirectoryMode"][0].endswith("770")
+    assert "-m segmentry.flusher" in service["ExecStart"][0]
+    assert service["ExecStart"][0].startswith("/usr/bin/env python3")
+    assert not any("--write-key " in v for v in service["ExecStart"])
+
+
+def test_the_unit_stops_with_sigterm_and_waits_longer_than_the_grace_period():
+    service = read_unit()["Service"]
+    assert service["KillSignal"] == ["SIGTERM"]
+    assert seconds(service["TimeoutStopSec"][0]) > GRACE_S
+
+
+def test_the_unit_is_hardened_and_lets_the_group_write_the_queue():
+    service = read_unit()["Service"]
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices",
+                "ProtectKernelTunables", "ProtectControlGroups", "LockPersonality"):
+        assert service[key] == ["yes"], key
+    assert service["ProtectSystem"] == ["strict"]
+    assert set(service["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6",
+                                                                  "AF_UNIX"}
+    assert "/var/lib/segmentry" in service["ReadWritePaths"][0].split()
+    assert service["UMask"] == ["0007"] and service["MemoryMax"]
+
+
+def test_the_units_start_step_creates_a_group_writable_queue_and_never_truncates_one(
+        tmp_path):
+    [pre] = read_unit()["Service"]["ExecStartPre"]
+    argv = shlex.split(pre)
+    path = tmp_path / "queue.db"
+    step = ["/bin/sh", "-c", f"umask 0007; {argv[-1]}"]
+    subprocess.run(step, env={"SEGMENTRY_QUEUE": str(path)}, check=True)
+    assert path.stat().st_mode & 0o777 == 0o660 and path.read_bytes() == b""
+    enqueue(str(path), 1)
+    before = path.read_bytes()
+    subprocess.run(step, env={"SEGMENTRY_QUEUE": str(path)}, check=True)
+    assert path.read_bytes() == before and len(before) > 0
+
+
+def test_systemd_analyze_verifies_the_unit():
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run([analyze, "verify", str(UNIT)], capture_output=True, text=True,
+                          timeout=60)
+    # verify exits 0 on ignored bad keys too: any line about our file is a finding.
+    assert proc.returncode == 0, proc.stderr
+    assert UNIT.name not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
