@@ -172,7 +172,10 @@ class Client:
         if not self._first_id:
             self._first_id = row_id
         self._last_id = row_id
-        self._notify_flusher()
+        try:
+            self._notify_flusher()
+        except Exception:  # stored already: a flusher problem must not fail the call
+            logger.exception("segmentry could not start its flusher thread")
         return event.message_id
 
     def _check_cap(self, size: int) -> None:

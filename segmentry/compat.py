@@ -153,9 +153,9 @@ class Client:
         self.proxies = proxies
         self.options = self._segmentry_options(
             thread, upload_size, upload_interval, queue_path, segmentry_options)
-        _configure_logging(debug, log_handler)
         self._lock = threading.Lock()
         self._client: SegmentryClient | None = SegmentryClient(write_key, **self.options)
+        _configure_logging(debug, log_handler)  # only once the options proved valid
 
     def _segmentry_options(self, thread: int, upload_size: int, upload_interval: float,
                            queue_path: str | None, extra: dict[str, Any]) -> dict[str, Any]:

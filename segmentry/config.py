@@ -58,6 +58,8 @@ class Options:
             raise ConfigurationError(f"api_url must be an http(s) URL, not {self.api_url!r}")
         if not self.api_url.endswith("/"):
             self.api_url += "/"
+        if self.queue_path is not None:  # str or os.PathLike; absolute, so chdir is harmless
+            self.queue_path = os.path.abspath(os.fspath(self.queue_path))
         if not isinstance(self.requests_options, Mapping):
             raise ConfigurationError("requests_options must be a dict")
         if self.on_error is not None and not callable(self.on_error):

@@ -387,25 +387,32 @@ def test_max_queue_size_does_not_bound_the_durable_queue(make_client: Any) -> No
     assert all(client.identify("userId")[0] for _ in range(10))
 
 
+@pytest.fixture
+def segmentry_logger() -> Iterator[logging.Logger]:
+    """The package logger, its level and handlers restored after the test."""
+    logger = logging.getLogger("segmentry")
+    level, handlers = logger.level, list(logger.handlers)
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)  # setLevel, not an assignment: it also clears the loggers' caches
+
+
 def test_debug_sets_the_segmentry_logger_to_debug_only_when_asked(
-        make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    logger = logging.getLogger("segmentry")
-    monkeypatch.setattr(logger, "level", logging.NOTSET)
-    handlers = list(logger.handlers)
+        make_client: Any, segmentry_logger: logging.Logger) -> None:
+    segmentry_logger.setLevel(logging.NOTSET)
+    handlers = list(segmentry_logger.handlers)
     make_client(KEY)
-    assert logger.level == logging.NOTSET
+    assert segmentry_logger.level == logging.NOTSET
     make_client(KEY, debug=True)
-    assert logger.level == logging.DEBUG and logger.handlers == handlers
+    assert segmentry_logger.level == logging.DEBUG and segmentry_logger.handlers == handlers
 
 
-def test_log_handler_is_added_to_the_segmentry_logger(
-        make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    logger = logging.getLogger("segmentry")
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+def test_log_handler_is_added_to_the_segmentry_logger_once(
+        make_client: Any, segmentry_logger: logging.Logger) -> None:
     handler = logging.NullHandler()
     make_client(KEY, log_handler=handler)
     make_client(KEY, log_handler=handler)
-    assert logger.handlers.count(handler) == 1
+    assert segmentry_logger.handlers.count(handler) == 1
 
 
 # -- success, drops, flush / join / shutdown ---------------------------------------------------
