@@ -536,8 +536,10 @@ def test_close_ends_a_backoff_wait_at_once_and_makes_no_further_retry(listen):
     """Real waiting (close() must interrupt it): a 300 s Retry-After ends at close()."""
     retrying = threading.Event()
     telemetry_id = f"test-{uuid.uuid4()}"
+    # Telemetry is global: count only this test's worker (another test's flusher
+    # thread may still be retrying in the background).
     telemetry.attach(telemetry_id, [("segmentry", "batch", "retry")],
-                     lambda *args: retrying.set())
+                     lambda *args: threading.current_thread() is worker and retrying.set())
     stub = Stub(retry_after("300", status=503))
     http = sh.client(KEY, API, adapter=stub)
     result: dict = {}
