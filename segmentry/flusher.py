@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import filelock
@@ -65,7 +65,7 @@ class Flusher:
         self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         self._slots = threading.Semaphore(options.max_in_flight)
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Senders | None = None
         self._settled = threading.Condition()
         self._in_flight = 0
         self._last_maintain = 0.0
@@ -204,11 +204,11 @@ class Flusher:
             deadline: float | None = None) -> bool:
         """Claim and send until ``stop`` (or, with ``drain``, until the queue is empty,
         a misconfiguration, or the monotonic ``deadline``). Return whether it drained."""
-        self._pool = ThreadPoolExecutor(self.options.max_in_flight, "segmentry-send")
+        self._pool = Senders(self.options.max_in_flight, self.deliver, self._done)
         try:
             return self._loop(stop, wake, drain, deadline)
         finally:
-            self._pool.shutdown(wait=False)
+            self._pool.shutdown()
 
     def _loop(self, stop: threading.Event, wake: threading.Event, drain: bool,
               deadline: float | None) -> bool:
@@ -217,7 +217,8 @@ class Flusher:
                 return False
             if drain and self.outcome.misconfigured:
                 return False
-            pause = self.pause_until - self.clock()
+            pause = max(self.pause_until - self.clock(),
+                        self.http.paused_until() - time.monotonic())  # a Retry-After
             if pause > 0:
                 stop.wait(min(pause, 1.0))
                 continue
@@ -247,13 +248,10 @@ class Flusher:
         with self._settled:
             self._in_flight += 1
         assert self._pool is not None
-        future = self._pool.submit(self.deliver, claim)
-        future.add_done_callback(self._done)
+        self._pool.submit(claim)
 
-    def _done(self, future: Future[None]) -> None:
+    def _done(self) -> None:
         self._slots.release()
-        if future.exception() is not None:
-            logger.error("delivering a batch failed: %s", future.exception())
         with self._settled:
             self._in_flight -= 1
             self._settled.notify_all()
@@ -305,6 +303,38 @@ class Flusher:
             while self._in_flight and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
         self.http.close()
+
+
+class Senders:
+    """``size`` daemon threads that deliver claims. Daemons, unlike ThreadPoolExecutor's
+    workers, never hold up a process exit behind a hung request: the rows they hold stay
+    leased in the file and the next flusher sends them again."""
+
+    def __init__(self, size: int, deliver: Callable[[Claim], None],
+                 done: Callable[[], None]) -> None:
+        self._work: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
+        self._deliver, self._done = deliver, done
+        self._threads = [threading.Thread(target=self._serve, name=f"segmentry-send-{i}",
+                                          daemon=True) for i in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, claim: Claim) -> None:
+        self._work.put(claim)
+
+    def shutdown(self) -> None:
+        """Each thread ends after the claims already submitted."""
+        for _ in self._threads:
+            self._work.put(None)
+
+    def _serve(self) -> None:
+        while (claim := self._work.get()) is not None:
+            try:
+                self._deliver(claim)
+            except Exception:  # a storage failure while settling: the lease stays
+                logger.exception("delivering a batch failed")
+            finally:
+                self._done()
 
 
 def _text(answer: Any) -> str:
