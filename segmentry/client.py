@@ -40,8 +40,9 @@ class Client:
                 "and let `python -m segmentry.flusher` deliver)")
         self.queue = SQLiteQueue(self.queue_path, self.options.durability)
         self.dropped = 0
-        self._first_id = 0  # the ids this client stored: what flush() waits for
+        self._first_id = 0  # the range of ids this client stored: what flush() waits for
         self._last_id = 0
+        self._ids_lock = threading.Lock()
         self._puts_since_stat = CAP_RESTAT_EVERY
         self._disk_bytes = 0
         self._last_drop_log = 0.0
@@ -108,7 +109,8 @@ class Client:
         """Wait until no event this client enqueued before the call is still queued,
         delivered by this process's flusher or by whichever flusher holds the queue.
         Return whether that happened within ``timeout`` seconds (None: no limit)."""
-        first, last = self._first_id, self._last_id
+        with self._ids_lock:
+            first, last = self._first_id, self._last_id
         if last == 0:
             return True
         background = self._flusher
@@ -127,6 +129,9 @@ class Client:
             else:
                 time.sleep(pause)
             wait = min(wait * 2, 0.25)
+        with self._ids_lock:  # all delivered: start a new range, unless one was added
+            if (self._first_id, self._last_id) == (first, last):
+                self._first_id = self._last_id = 0
         return True
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
@@ -169,9 +174,11 @@ class Client:
                 raise
             self._drop(event, exc)
             return None
-        if not self._first_id:
-            self._first_id = row_id
-        self._last_id = row_id
+        with self._ids_lock:
+            # A min/max range, not the first id: ids restart at 1 after the queue empties.
+            if not self._first_id or row_id < self._first_id:
+                self._first_id = row_id
+            self._last_id = max(self._last_id, row_id)
         try:
             self._notify_flusher()
         except Exception:  # stored already: a flusher problem must not fail the call
@@ -221,6 +228,7 @@ class Client:
             self._flusher.abandon()  # the thread did not survive the fork; its lock is the parent's
             self._flusher = None
         self._flusher_lock = threading.Lock()
+        self._ids_lock = threading.Lock()
 
 
 _COMMON = frozenset({"anonymous_id", "timestamp", "integrations", "message_id"})

@@ -282,3 +282,15 @@ def test_a_child_process_never_reuses_the_parents_connection(tmp_path):
     assert answer == b"1"
     assert [e["event"] for e in stored(c)] == ["before fork", "in child"]
     c.close()
+
+
+def test_flush_waits_for_events_whose_ids_restarted_after_the_queue_emptied(client):
+    """SQLite reuses ids once the table is empty: flush() must still see the new ones."""
+    with segmentry.Client(queue_path=client.queue_path, flusher=None) as other:
+        other.track("other", "E")
+        other.track("other", "E")  # ids 1 and 2
+    client.track("u", "first")  # id 3
+    drain = client.queue.claim(10, 10**9, time.time(), 60)
+    client.queue.delete(drain.token, [r.id for r in drain.rows])  # the queue is empty
+    client.track("u", "second")  # gets id 1 again
+    assert client.flush(timeout=0.05) is False
