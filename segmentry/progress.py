@@ -16,8 +16,10 @@ LOG_EVERY_S = 10.0
 
 
 class Progress:
-    def __init__(self, flusher: Any, mode: str = "auto", stream: Any = None) -> None:
+    def __init__(self, flusher: Any, mode: str = "auto", stream: Any = None,
+                 every: float | None = None) -> None:
         self.flusher = flusher
+        self.every = every
         self.stream = stream or sys.stderr
         if mode == "auto":
             mode = "bar" if self.stream.isatty() else "log"
@@ -40,7 +42,7 @@ class Progress:
             self.report(final=True)
 
     def _loop(self) -> None:
-        every = BAR_EVERY_S if self.mode == "bar" else LOG_EVERY_S
+        every = self.every or (BAR_EVERY_S if self.mode == "bar" else LOG_EVERY_S)
         while not self._stop.wait(every):
             self.report()
 
@@ -53,9 +55,12 @@ class Progress:
         elapsed = max(time.monotonic() - self._start, 1e-6)
         rate = sent / elapsed
         eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "-"
+        outcome = self.flusher.outcome
         line = f"sent {sent}  remaining {remaining}  {rate:,.0f} events/s  ETA {eta}"
+        if outcome.buried or outcome.released:
+            line += f"  dead-lettered {outcome.buried}  retried later {outcome.released}"
         if self.mode == "bar":
             self.stream.write("\r" + line.ljust(72) + ("\n" if final else ""))
             self.stream.flush()
         else:
-            logger.info("drain: %s", line)
+            logger.info("%s", line)

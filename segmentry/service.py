@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="with --drain: a progress bar on a terminal, log lines otherwise")
+    p.add_argument("--summary-every", type=float, default=60.0, metavar="S",
+                   help="running as a service: one summary log line every S seconds")
     return p
 
 
@@ -155,9 +157,11 @@ def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
 def _work(args: Any, flusher: Flusher, stop: threading.Event) -> int:
     if args.once:
         flusher.run_once()
-        return EXIT_UNDELIVERED if flusher.outcome.misconfigured else EXIT_OK
+        failed = flusher.outcome.misconfigured or flusher.outcome.released
+        return EXIT_UNDELIVERED if failed else EXIT_OK
     if not args.drain:
-        flusher.run(stop, threading.Event())
+        with Progress(flusher, "log", every=args.summary_every):  # one line per interval
+            flusher.run(stop, threading.Event())
         return EXIT_OK
     deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
     with Progress(flusher, args.progress):

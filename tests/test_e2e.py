@@ -244,3 +244,25 @@ def test_a_forked_child_delivers_and_never_frees_the_parents_flusher_lock(receiv
     client.close()
     users = sorted(e["userId"] for e in receiver.events())
     assert users == ["child", "parent", "parent"]
+
+
+def test_once_sends_one_batch_and_exits_1_when_it_could_not_deliver(receiver, queue_path):
+    enqueue(queue_path, 150)
+    ok = flusher(queue_path, receiver.url, "--once")
+    assert ok.wait(timeout=60) == 0
+    assert receiver.stats()["unique"] == 100 and depth(queue_path).depth == 50
+    receiver.fail(503)
+    failed = flusher(queue_path, receiver.url, "--once", "--retry-attempts", "0")
+    assert failed.wait(timeout=60) == 1
+    assert depth(queue_path).depth == 50
+
+
+def test_the_service_logs_a_summary_line_without_bodies_or_key(receiver, queue_path):
+    enqueue(queue_path, 30, event="Secret Event Name")
+    proc = flusher(queue_path, receiver.url, "--summary-every", "0.1")
+    assert receiver.wait_for(lambda s: s["unique"] == 30, timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "sent 30" in err and "remaining 0" in err
+    assert "Secret Event Name" not in err and KEY not in err
