@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from . import telemetry
 from .config import DEFAULT_API_URL, Options, resolve
 from .exceptions import ConfigurationError, StorageError
 from .flusher import Flusher, Lock, holder_pid, make_http
@@ -118,6 +119,10 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [h for h in root.handlers if isinstance(h, logging.NullHandler)]
     root.addHandler(handler)
     root.setLevel(level)
+    if level == "DEBUG":  # every claim, batch, retry and drop, as log lines (never bodies)
+        telemetry.detach("segmentry-service-log")
+        telemetry.attach("segmentry-service-log", telemetry.ALL_EVENTS,
+                         telemetry.log_bridge(logging.DEBUG))
 
 
 def run(args: Any, options: Options, write_key: str) -> int:

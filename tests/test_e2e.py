@@ -266,3 +266,11 @@ def test_the_service_logs_a_summary_line_without_bodies_or_key(receiver, queue_p
     assert proc.returncode == 0
     assert "sent 30" in err and "remaining 0" in err
     assert "Secret Event Name" not in err and KEY not in err
+
+
+def test_debug_logging_bridges_telemetry_without_bodies(receiver, queue_path):
+    enqueue(queue_path, 5, event="Secret Event Name")
+    code, err = drain(queue_path, receiver.url, "--log-level", "DEBUG")
+    assert code == 0
+    assert "segmentry.batch.stop" in err and "segmentry.claim.stop" in err
+    assert "Secret Event Name" not in err and KEY not in err
