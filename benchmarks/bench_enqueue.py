@@ -5,6 +5,11 @@ where segmentry's time per event goes.
 
     python benchmarks/bench_enqueue.py [--events N] [--runs 5] [--quick] [--profile]
         [--backlog 1000000] [--skip-backlog] [--skip-procs] [--json out.json]
+        [--warmup 500] [--duration 3] [--skip-enqueue]
+
+``--quick`` (a smoke test, about 20 s) runs 2 x 2,000 events, a 20,000-row backlog and
+0.5 s contention runs. The full run takes about 4 minutes on 2 cores, plus about a
+minute to build the 1 M-row backlog the first time.
 
 Method. Contenders alternate run by run (A B C ... A B C ...), each run in a fresh
 interpreter. A run makes ``warmup`` untimed calls, then N timed ones; its rate is N /
@@ -20,6 +25,8 @@ Contenders of the main table (all queues start empty):
   durability="normal" and the in-process flusher thread delivers while we enqueue
   (flusher=None, labelled so, if ``segmentry.http`` cannot be imported);
 - ``segmentry-full``: the same with ``durability="full"``;
+- ``segmentry-noflusher`` / ``segmentry-full-noflusher``: the same two with flusher=None,
+  the enqueue alone: the gap to the two above is what the flusher thread costs;
 - ``analytics-python``: ``segment.analytics.Client(key, host=receiver,
   max_queue_size=N + warmup + 10)``, its consumer thread sending (send=True,
   sync_mode=False); calls refused because its queue is full count as ``drops``;
@@ -34,24 +41,30 @@ event. Backlog: segmentry with flusher=None on a fresh file vs on a copy of a fi
 ``--backlog`` rows (built once, cached under /tmp keyed by version and schema); no flusher
 drains the backlog while we measure. Contention: k producer processes (flusher=None,
 on_full="raise") enqueue for a fixed time on one file; then 8 of them with a
-``python -m segmentry.flusher`` process draining the same file.
+``python -m segmentry.flusher`` process draining the same file (``--batch-every-ms 100``:
+producers in other processes cannot wake it, and the default 2 s idle wait would leave it
+asleep through most of a 3 s run). A wall-clock start time shared by all producers opens
+the window; the aggregate rate is all events over the first start to the last end.
 
 JSON (``--json``), every number raw:
 
     {"meta": {"segmentry", "python", "sqlite", "cpus", "events", "warmup", "runs",
-              "flusher", "receiver", "loadavg_start", "loadavg_end", "argv"},
+              "duration", "flusher", "receiver", "loadavg_start", "loadavg_end", "argv",
+              "elapsed_s", "timer_ns", "harness_ns"},
      "enqueue": {NAME: {"label": str, "runs": [RUN, ...]}},
      "backlog": {"rows": int, "runs": {"empty": [RUN, ...], "backlog": [RUN, ...]}} | null,
      "contention": [{"procs", "flusher_process", "duration_s", "events", "rate",
                      "p50_us", "p99_us", "max_us", "locked_errors", "other_errors"
                      ({type: count}), "drops", "delivered" (null when no flusher ran)}] | null,
      "profile": {"events", "components_ns": {NAME: ns/event}, "breakdown_ns": {PART: ns},
-                 "instrumented": {MODE: {...}}, "cprofile": [{"function", "calls",
+                 "instrumented": {MODE: {...}}, "wal_reuse": {STATE: {"median", "min",
+                 "max"}} (events/s), "cprofile": [{"function", "calls",
                  "tottime_us_per_event"}]} | null,
      "targets": {NAME: {"value", "target", "goal" (or null), "met"}}}
 
-    RUN = {"run", "events", "seconds", "rate" (events/s), "p50_us", "p99_us", "max_us",
-           "drops", "errors", "timer_ns", "harness_ns", "flush_s", "flushed",
+    RUN = {"run", "events", "warmup", "seconds", "rate" (events/s), "p50_us", "p99_us",
+           "max_us", "drops", "timer_ns" (cost of one latency sample's two clock reads),
+           "harness_ns" (loop cost per event), "flush_s", "flushed" (null: no sender),
            "delivered" (events the receiver got during the run and its flush, or null)}
 """
 
@@ -88,8 +101,12 @@ FLUSHER_POLL_MS = 100
 CONTENDERS: dict[str, dict[str, Any]] = {
     "segmentry": {"kind": "segmentry", "durability": "normal",
                   "label": "segmentry track (durability=normal)"},
+    "segmentry-noflusher": {"kind": "segmentry", "durability": "normal", "flusher": None,
+                            "label": "segmentry track (durability=normal)"},
     "segmentry-full": {"kind": "segmentry", "durability": "full",
                        "label": "segmentry track (durability=full)"},
+    "segmentry-full-noflusher": {"kind": "segmentry", "durability": "full", "flusher": None,
+                                 "label": "segmentry track (durability=full)"},
     "analytics-python": {"kind": "analytics",
                          "label": "analytics-python track (in memory, consumer on)"},
     "persist-queue": {"kind": "persistqueue", "label": "persist-queue SQLiteAckQueue.put"},
@@ -99,7 +116,6 @@ CONTENDERS: dict[str, dict[str, Any]] = {
                     "label": "raw sqlite3 1-row commit, WAL, FULL"},
 }
 BASELINE = "analytics-python"
-SENDERS = ("segmentry", "segmentry-full", "analytics-python")  # contenders that deliver
 
 
 def log(message: str) -> None:
@@ -139,6 +155,16 @@ def timer_overhead() -> tuple[float, float]:
 
 def event_properties(i: int) -> dict[str, Any]:
     return {"plan": "pro", "i": i}
+
+
+def tracker(client: Any) -> Call:
+    """The call every segmentry run times, bound to one client."""
+    track = client.track
+
+    def call(i: int) -> object:
+        return track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})
+
+    return call
 
 
 def sample_body() -> str:
@@ -247,7 +273,7 @@ def enqueue_worker(spec: dict[str, Any]) -> dict[str, Any]:
     finished = finish()
     return {"events": n, "warmup": spec["warmup"], "seconds": wall_ns / 1e9,
             "rate": n / (wall_ns / 1e9),
-            **common.latency_summary(latencies), "drops": drops, "errors": 0,
+            **common.latency_summary(latencies), "drops": drops,
             "timer_ns": timer_ns, "harness_ns": harness_ns,
             "flush_s": time.perf_counter() - start, **finished}
 
@@ -302,8 +328,24 @@ def per_call_ns(fn: Call, n: int) -> float:
     return (wall - (clock() - start)) / n
 
 
+class _NullCursor:
+    lastrowid = 1
+
+
+class _NullConnection:
+    """Stands in for a sqlite3 connection, so put's own Python cost can be timed alone."""
+
+    def execute(self, sql: str, row: tuple[Any, ...]) -> _NullCursor:
+        return _NULL_CURSOR
+
+
+_NULL_CURSOR = _NullCursor()
+
+
 def profile_components(spec: dict[str, Any]) -> dict[str, float]:
-    """Each piece of one track call alone, interleaved over rounds (median per piece)."""
+    """Each piece of one track call alone, interleaved over rounds (median per piece).
+    The Python layers are timed with SQLite stubbed out (their cost is small next to a
+    commit's jitter, so subtracting two timings that both commit would drown them)."""
     import segmentry
     from segmentry import messages
     from segmentry.storage import PRODUCER_AUTOCHECKPOINT, SQLiteQueue
@@ -311,22 +353,37 @@ def profile_components(spec: dict[str, Any]) -> dict[str, float]:
     workdir = spec["dir"]
     client = segmentry.Client(WRITE_KEY, queue_path=os.path.join(workdir, "p-track.db"),
                               flusher=None)
+    stubbed = segmentry.Client(WRITE_KEY, queue_path=os.path.join(workdir, "p-stub.db"),
+                               flusher=None)
+
+    def stub_put(body: str, now: float) -> int:
+        return 1
+
+    setattr(stubbed.queue, "put", stub_put)  # noqa: B010 (an instance attribute, on purpose)
     queue = SQLiteQueue(os.path.join(workdir, "p-put.db"))
+    null = _NullConnection()
     raw = open_raw(os.path.join(workdir, "p-raw.db"), "NORMAL")
     raw.execute(f"PRAGMA wal_autocheckpoint={PRODUCER_AUTOCHECKPOINT}")  # as producers do
     body = sample_body()
     msg = json.loads(body)
     now = time.time
+    queue.put(body, now())  # opens the connection the stub then replaces
+    real_conn = queue._conn  # private, for this measurement only; restored below
+    setattr(queue, "_conn", null)  # noqa: B010
     pieces: dict[str, Call] = {
         "track (flusher=None)": lambda i: client.track(
             f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}),
+        "track (put stubbed)": lambda i: stubbed.track(
+            f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i}),
+        "stub put call": lambda i: stub_put(body, now()),
         "messages.encode": lambda i: messages.encode(
             "track", f"user-{i}", {"event": EVENT_NAME, "properties": {"plan": "pro", "i": i}},
             now()),
         "messages.dumps": lambda i: messages.dumps(msg),
         "new_message_id": lambda i: messages.new_message_id(),
         "time + format_timestamp": lambda i: messages.format_timestamp(now()),
-        "SQLiteQueue.put": lambda i: queue.put(body, now()),
+        "SQLiteQueue.put (connection stubbed)": lambda i: queue.put(body, now()),
+        "stub execute call": lambda i: null.execute(RAW_INSERT, (body, len(body), now())),
         "raw INSERT commit": lambda i: raw.execute(RAW_INSERT, (body, len(body), now())),
     }
     for fn in pieces.values():  # open files, fill caches
@@ -336,26 +393,32 @@ def profile_components(spec: dict[str, Any]) -> dict[str, float]:
     for _ in range(rounds):
         for name, fn in pieces.items():
             samples[name].append(per_call_ns(fn, n))
-    client.close()
-    queue.close()
-    raw.close()
+    queue._conn = real_conn
+    for closable in (client, stubbed, queue, raw):
+        closable.close()
     return {name: spread(values)["median"] for name, values in samples.items()}
 
 
 def breakdown(c: dict[str, float]) -> dict[str, float]:
-    """Split one track call into parts, by difference of the component timings."""
-    encode, put, track = c["messages.encode"], c["SQLiteQueue.put"], c["track (flusher=None)"]
-    return {
+    """Split one track call into parts: encode's pieces by difference, the Python layers
+    with SQLite stubbed, the commit alone; what is left is jitter and cache effects."""
+    encode = c["messages.encode"]
+    parts = {
         "validation + dict building": encode - c["messages.dumps"] - c["new_message_id"]
         - c["time + format_timestamp"],
         "JSON encoding (messages.dumps)": c["messages.dumps"],
         "messageId (uuid4 text)": c["new_message_id"],
         "timestamp (time.time + format)": c["time + format_timestamp"],
-        "SQLite INSERT + commit (raw)": c["raw INSERT commit"],
-        "storage lock + put bookkeeping": put - c["raw INSERT commit"],
-        "client bookkeeping (kwargs, cap, notify)": track - encode - put,
-        "total: track (flusher=None)": track,
+        "client bookkeeping (kwargs, cap, notify)": c["track (put stubbed)"] - encode
+        - c["stub put call"],
+        "storage put: lock, row tuple": c["SQLiteQueue.put (connection stubbed)"]
+        - c["stub execute call"],
+        "SQLite INSERT + commit (raw sqlite3)": c["raw INSERT commit"],
     }
+    track = c["track (flusher=None)"]
+    parts["rest (difference to the measured total)"] = track - sum(parts.values())
+    parts["total: track (flusher=None)"] = track
+    return parts
 
 
 def instrumented_track(spec: dict[str, Any], flusher: str | None) -> dict[str, Any]:
@@ -384,7 +447,7 @@ def instrumented_track(spec: dict[str, Any], flusher: str | None) -> dict[str, A
         return out
 
     messages.encode = timed_encode
-    client.queue.put = timed_put  # type: ignore[method-assign]
+    setattr(client.queue, "put", timed_put)  # noqa: B010 (this instance only)
     try:
         for i in range(spec["warmup"]):
             client.track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})
@@ -425,6 +488,33 @@ def cprofile_top(spec: dict[str, Any], limit: int = 12) -> list[dict[str, Any]]:
              "tottime_us_per_event": data[2] / n * 1e6} for func, data in rows]
 
 
+def wal_reuse(spec: dict[str, Any], rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Enqueue rate right after the idle maintenance the flusher runs on an empty queue
+    (maintain(empty=True): WAL truncated, so commits grow the file again) vs after a
+    PASSIVE checkpoint (the WAL file stays allocated and is overwritten in place)."""
+    import segmentry
+    from segmentry.storage import SQLiteQueue
+
+    events = {"normal": max(2000, spec["events"] // 3), "full": 2000}
+    rates: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for durability, n in events.items():
+            for truncated in (True, False):
+                path = os.path.join(spec["dir"], f"wal-{r}-{durability}-{truncated}.db")
+                client = segmentry.Client(WRITE_KEY, queue_path=path, flusher=None,
+                                          durability=durability)
+                for i in range(2 * n):  # WAL frames for what follows
+                    client.track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})
+                queue = SQLiteQueue(path, durability)
+                queue.maintain(empty=truncated)
+                queue.close()
+                wall, _, _ = timed_loop(tracker(client), n)
+                client.close()
+                key = f"{durability}, after {'TRUNCATE' if truncated else 'PASSIVE'}"
+                rates.setdefault(key, []).append(n / (wall / 1e9))
+    return {key: spread(values) for key, values in rates.items()}
+
+
 def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
     components = profile_components(spec)
     instrumented = {"flusher=None": instrumented_track(spec, None)}
@@ -432,7 +522,7 @@ def profile_worker(spec: dict[str, Any]) -> dict[str, Any]:
         instrumented["flusher=thread"] = instrumented_track(spec, "thread")
     return {"events": spec["events"], "components_ns": components,
             "breakdown_ns": breakdown(components), "instrumented": instrumented,
-            "cprofile": cprofile_top(spec)}
+            "wal_reuse": wal_reuse(spec), "cprofile": cprofile_top(spec)}
 
 
 WORKERS = {"enqueue": enqueue_worker, "producer": producer_worker, "profile": profile_worker}
@@ -450,6 +540,8 @@ def worker_main(spec_path: str) -> int:
 
 
 class Bench:
+    """The parent: runs each section against one receiver, in a scratch directory."""
+
     def __init__(self, args: argparse.Namespace, workdir: str, receiver: common.Receiver,
                  flusher: str | None) -> None:
         self.args = args
@@ -476,19 +568,28 @@ class Bench:
             f"{self.args.events:,} events each")
 
         def one(name: str, run: int) -> dict[str, Any]:
-            spec = {k: v for k, v in CONTENDERS[name].items() if k != "label"}
-            if spec["kind"] == "segmentry":
-                spec["flusher"] = self.flusher
-            return self.run_enqueue({"name": name, **spec}, run, name in SENDERS)
+            spec = self.spec(name)
+            sends = spec["kind"] == "analytics" or bool(spec.get("flusher"))
+            return self.run_enqueue({"name": name, **spec}, run, sends)
 
         runs = common.alternate(list(CONTENDERS), self.args.runs, one, log)
         return {name: {"label": self.label(name), "runs": runs[name]} for name in CONTENDERS}
 
+    def spec(self, name: str) -> dict[str, Any]:
+        spec = {k: v for k, v in CONTENDERS[name].items() if k != "label"}
+        if spec["kind"] == "segmentry":
+            spec.setdefault("flusher", self.flusher)  # the default: the in-process thread
+        return spec
+
     def label(self, name: str) -> str:
-        label = str(CONTENDERS[name]["label"])
-        if CONTENDERS[name]["kind"] == "segmentry":
-            label += ", flusher thread on" if self.flusher else ", flusher=None (no http.py)"
-        return label
+        label, spec = str(CONTENDERS[name]["label"]), self.spec(name)
+        if spec["kind"] != "segmentry":
+            return label
+        if spec["flusher"]:
+            return label + ", flusher thread on"
+        if "flusher" in CONTENDERS[name]:
+            return label + ", flusher=None"
+        return label + ", flusher=None (segmentry.http missing)"
 
     def backlog_section(self) -> dict[str, Any]:
         rows = self.args.backlog
@@ -758,6 +859,13 @@ def profile_report(profile: dict[str, Any]) -> str:
     out += ["Instrumented track() (encode and put wrapped with timers, in one process):",
             table(["mode", "events/s", "track us", "encode us", "put us", "put p99 us",
                    "puts >= 1 ms", "us/event in those"], inst_rows), "",
+            "Enqueue (flusher=None) after the flusher's idle maintenance: "
+            "maintain(empty=True) truncates the WAL,",
+            "so the next commits grow the file; after a PASSIVE checkpoint the WAL is "
+            "overwritten in place:",
+            table(["queue state", "events/s, median (min–max) of 3"],
+                  [[key, fmt_spread([s["median"], s["min"], s["max"]])]
+                   for key, s in profile["wal_reuse"].items()]), "",
             "cProfile of track(), flusher=None (tottime per event; cProfile inflates "
             "Python-level calls):",
             table(["function", "calls", "us/event"],
@@ -779,9 +887,10 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         add("segmentry / analytics-python enqueue rate",
             spread(paired_ratios(runs_of(enq, "segmentry"), runs_of(enq, BASELINE)))["median"],
             1.3, 2.0)
-        add("segmentry full / raw sqlite FULL commit rate",
-            spread(paired_ratios(runs_of(enq, "segmentry-full"),
-                                 runs_of(enq, "sqlite-full")))["median"], 0.7)
+        for name, note in (("segmentry-full", ""), ("segmentry-full-noflusher", ", flusher=None")):
+            add(f"segmentry full{note} / raw sqlite FULL commit rate",
+                spread(paired_ratios(runs_of(enq, name), runs_of(enq, "sqlite-full")))["median"],
+                0.7)
     backlog = results.get("backlog")
     if backlog:
         add("backlog / empty enqueue rate",
