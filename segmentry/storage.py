@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Callable, NamedTuple, TypeVar
 
@@ -59,6 +59,8 @@ CREATE TABLE dead_letters (
 
 _INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
 _READY = "lease_until <= :now AND not_before <= :now"
+_LEASE = (f"UPDATE events SET lease = :token, lease_until = :until "
+          f"WHERE id BETWEEN :first AND :last AND {_READY}")
 
 
 class Row(NamedTuple):
@@ -105,7 +107,8 @@ class SQLiteQueue:
                 f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
         self.path = os.path.abspath(os.fspath(path))
         self.durability = durability
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards this object's connection
+        self._write_lock = _path_lock(self.path)
         self._conn: sqlite3.Connection | None = None
         self._autocheckpoint = PRODUCER_AUTOCHECKPOINT
         _queues.add(self)
@@ -121,10 +124,11 @@ class SQLiteQueue:
         with self._lock:  # fast path: the connection is open and the file not locked
             if self._conn is not None:
                 try:
-                    return self._conn.execute(_INSERT, row).lastrowid or 0
+                    with self._write_lock:
+                        return self._conn.execute(_INSERT, row).lastrowid or 0
                 except sqlite3.Error:
                     pass  # a failed statement stored nothing: retry on the slow path
-        return self._run(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
+        return self._write(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
 
     def pending(self, first_id: int, last_id: int) -> bool:
         """Whether any event with an id in [first_id, last_id] is still queued."""
@@ -148,29 +152,27 @@ class SQLiteQueue:
         """Lease up to ``limit`` ready rows, oldest first, whose sizes (plus one comma
         each) add up to at most ``max_bytes``; always at least one row if any is ready."""
         token = random.randint(1, 2**62)
+        rows = self._run(lambda conn: _ready_rows(conn, limit, max_bytes, now))
+        if not rows:
+            return Claim(token, [])
+        # Read first, then lease in ONE statement: the write lock is held for one C call,
+        # never across the GIL hand-offs of fetching rows (which stalled producers).
+        args = {"token": token, "until": now + lease_s, "now": now,
+                "first": rows[0].id, "last": rows[-1].id}
+        leased = self._write(lambda conn: conn.execute(_LEASE, args).rowcount)
+        if leased != len(rows):  # the rows changed in between: take what the lease got
+            rows = self._leased(token, max_bytes)
+        return Claim(token, rows)
 
-        def take(conn: sqlite3.Connection) -> Claim:
-            with _write(conn):
-                cur = conn.execute(
-                    f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
-                    "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
-                rows: list[Row] = []
-                total = 0
-                for row in cur:
-                    total += row[2] + 1
-                    if rows and total > max_bytes:
-                        break
-                    rows.append(Row(*row))
-                cur.close()
-                if rows:
-                    conn.execute(
-                        f"UPDATE events SET lease = :token, lease_until = :until "
-                        f"WHERE id BETWEEN :first AND :last AND {_READY}",
-                        {"token": token, "until": now + lease_s, "now": now,
-                         "first": rows[0].id, "last": rows[-1].id})
-            return Claim(token, rows)
-
-        return self._run(take)
+    def _leased(self, token: int, max_bytes: int) -> list[Row]:
+        """The rows a lease actually holds, within the byte budget; the rest let go."""
+        sql = "SELECT id, body, size, attempts, created FROM events WHERE lease = ? ORDER BY id"
+        held = self._run(lambda conn: [Row(*r) for r in conn.execute(sql, (token,))])
+        rows = _within(held, max_bytes)
+        if len(rows) < len(held):
+            free = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease = ? AND id > ?"
+            self._write(lambda conn: conn.execute(free, (token, rows[-1].id)).rowcount)
+        return rows
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
         """Remove delivered rows that this lease still holds; return how many.
@@ -203,13 +205,13 @@ class SQLiteQueue:
                         moved += 1
             return moved
 
-        return self._run(move)
+        return self._write(move)
 
     def reset_leases(self) -> int:
         """Make every claimed row ready again: called by a flusher that has just taken
         the queue's lock, so any lease left is a dead flusher's."""
         sql = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease != 0"
-        return self._run(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
+        return self._write(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
 
     def next_ready_at(self, now: float) -> float | None:
         """When the oldest unclaimed row is ready (None if there is none)."""
@@ -258,12 +260,12 @@ class SQLiteQueue:
                     f"FROM dead_letters {where} ORDER BY id", args)
                 return conn.execute(f"DELETE FROM dead_letters {where}", args).rowcount
 
-        return self._run(move)
+        return self._write(move)
 
     def purge(self, ids: Sequence[int] | None = None) -> int:
         where, args = _ids_clause(ids)
         sql = f"DELETE FROM dead_letters {where}"
-        return self._run(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
+        return self._write(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
 
     def integrity_check(self) -> str:
         return str(self._run(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]))
@@ -279,9 +281,13 @@ class SQLiteQueue:
         if not ids:
             return 0
         params = (*args, token, min(ids), max(ids))
-        return self._run(lambda conn: conn.execute(sql, params).rowcount)
+        return self._write(lambda conn: conn.execute(sql, params).rowcount)
 
-    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """_run, holding this process's write lock for the file (see _path_lock)."""
+        return self._run(fn, write=True)
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
         """Run fn on this process's connection, retrying while the file is locked;
         translate every other sqlite3 error into StorageError."""
         deadline = time.monotonic() + LOCKED_DEADLINE_S
@@ -289,7 +295,10 @@ class SQLiteQueue:
             with self._lock:
                 try:
                     conn = self._conn or self._open()
-                    return fn(conn)
+                    if not write:
+                        return fn(conn)
+                    with self._write_lock:
+                        return fn(conn)
                 except sqlite3.OperationalError as exc:
                     if not _is_busy(exc) or time.monotonic() > deadline:
                         raise self._error(exc) from exc
@@ -359,6 +368,27 @@ class SQLiteQueue:
             self._close()
 
 
+def _ready_rows(conn: sqlite3.Connection, limit: int, max_bytes: int, now: float) -> list[Row]:
+    cur = conn.execute(f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
+                       "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
+    try:
+        return _within((Row(*r) for r in cur), max_bytes)
+    finally:
+        cur.close()
+
+
+def _within(rows: Iterable[Row], max_bytes: int) -> list[Row]:
+    """The leading rows whose sizes plus a comma each fit in max_bytes (at least one)."""
+    taken: list[Row] = []
+    total = 0
+    for row in rows:
+        total += row.size + 1
+        if taken and total > max_bytes:
+            break
+        taken.append(row)
+    return taken
+
+
 def _header(conn: sqlite3.Connection) -> tuple[int, int, int]:
     app_id = conn.execute("PRAGMA application_id").fetchone()[0]
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -411,6 +441,18 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+_write_locks: dict[str, threading.Lock] = {}
+_registry = threading.Lock()
+
+
+def _path_lock(path: str) -> threading.Lock:
+    """One write lock per file per process, shared by its queue objects: a producer
+    then waits for the in-process flusher's write on a lock that wakes it at once,
+    not in SQLite's busy handler, which sleeps 1 ms and more per retry."""
+    with _registry:
+        return _write_locks.setdefault(path, threading.Lock())
+
+
 _forking: list[SQLiteQueue] = []
 
 
@@ -419,17 +461,27 @@ def _before_fork() -> None:
     for queue in _forking:
         queue._lock.acquire()
         queue._close()  # the parent reopens lazily; the child never sees this connection
+    _registry.acquire()
+    for lock in _write_locks.values():
+        lock.acquire()  # no thread is mid-write: the child's copies are free
 
 
 def _after_fork_parent() -> None:
+    for lock in _write_locks.values():
+        lock.release()
+    _registry.release()
     for queue in _forking:
         queue._lock.release()
     _forking.clear()
 
 
 def _after_fork_child() -> None:
+    global _registry
+    _registry = threading.Lock()
+    _write_locks.clear()
     for queue in _forking:
         queue._lock = threading.Lock()
+        queue._write_lock = _path_lock(queue.path)
     _forking.clear()
 
 
