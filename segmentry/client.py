@@ -43,6 +43,7 @@ class Client:
         self._first_id = 0  # the range of ids this client stored: what flush() waits for
         self._last_id = 0
         self._ids_lock = threading.Lock()
+        self._puts = 0  # stored events, so flush() sees one stored while it waited
         self._puts_since_stat = CAP_RESTAT_EVERY
         self._disk_bytes = 0
         self._last_drop_log = 0.0
@@ -110,7 +111,7 @@ class Client:
         delivered by this process's flusher or by whichever flusher holds the queue.
         Return whether that happened within ``timeout`` seconds (None: no limit)."""
         with self._ids_lock:
-            first, last = self._first_id, self._last_id
+            first, last, puts = self._first_id, self._last_id, self._puts
         if last == 0:
             return True
         background = self._flusher
@@ -130,7 +131,7 @@ class Client:
                 time.sleep(pause)
             wait = min(wait * 2, 0.25)
         with self._ids_lock:  # all delivered: start a new range, unless one was added
-            if (self._first_id, self._last_id) == (first, last):
+            if self._puts == puts:
                 self._first_id = self._last_id = 0
         return True
 
@@ -179,6 +180,7 @@ class Client:
             if not self._first_id or row_id < self._first_id:
                 self._first_id = row_id
             self._last_id = max(self._last_id, row_id)
+            self._puts += 1
         try:
             self._notify_flusher()
         except Exception:  # stored already: a flusher problem must not fail the call

@@ -132,7 +132,7 @@ def run(args: Any, options: Options, write_key: str) -> int:
     lock = Lock(path)
     stop = _stop_on_signals()
     if not _acquire(lock, args.wait, stop, path):
-        return EXIT_UNDELIVERED
+        return EXIT_OK if stop.is_set() else EXIT_UNDELIVERED  # a standby told to stop
     flusher = Flusher(queue, make_http(write_key, options), options)
     try:
         flusher.take_over()

@@ -294,3 +294,21 @@ def test_flush_waits_for_events_whose_ids_restarted_after_the_queue_emptied(clie
     client.queue.delete(drain.token, [r.id for r in drain.rows])  # the queue is empty
     client.track("u", "second")  # gets id 1 again
     assert client.flush(timeout=0.05) is False
+
+
+def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
+    """Another thread's event may land inside the range flush() waited for (ids restart
+    once the queue empties): the next flush() must still wait for it."""
+    client.track("u", "first")
+    real_pending = client.queue.pending
+
+    def delivered_then_another_thread_tracks(first, last):
+        claim = client.queue.claim(10, 10**9, time.time(), 60)
+        client.queue.delete(claim.token, [r.id for r in claim.rows])  # delivered
+        client.track("u", "meanwhile")  # gets id 1 again: inside the waited range
+        client.queue.pending = real_pending
+        return False
+
+    client.queue.pending = delivered_then_another_thread_tracks
+    assert client.flush(timeout=1)
+    assert client.flush(timeout=0.05) is False

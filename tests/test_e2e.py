@@ -274,3 +274,18 @@ def test_debug_logging_bridges_telemetry_without_bodies(receiver, queue_path):
     assert code == 0
     assert "segmentry.batch.stop" in err and "segmentry.claim.stop" in err
     assert "Secret Event Name" not in err and KEY not in err
+
+
+def test_a_standby_flusher_stopped_with_sigterm_exits_0(receiver, queue_path):
+    enqueue(queue_path, 1)
+    receiver.delay(ms=5000)
+    active = flusher(queue_path, receiver.url)
+    try:
+        assert wait_until(lambda: depth(queue_path).in_flight > 0)
+        standby = flusher(queue_path, receiver.url, "--wait")
+        assert "standing by" in standby.stderr.readline()
+        standby.send_signal(signal.SIGTERM)
+        assert standby.wait(timeout=30) == 0
+    finally:
+        active.kill()
+        active.wait()

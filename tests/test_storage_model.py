@@ -275,6 +275,6 @@ class QueueModel(RuleBasedStateMachine):
 
 
 QueueModel.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=50, deadline=None,
+    max_examples=150, stateful_step_count=50, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestQueueModel = QueueModel.TestCase
