@@ -14,6 +14,9 @@ every table shows the median (min–max) of the runs; ratios are paired within a
   receiver has N unique messageIds. segmentry: ``Client(KEY, queue_path=..., api_url=...)``
   (default flusher thread), N tracks, ``flush()``. analytics-python: ``Client(KEY, host=...,
   max_queue_size=N + 10, upload_size=100)``, N tracks, ``flush()``. Drops = N - unique.
+  Also reported, not used for the target: segmentry with ``flusher=None`` while a
+  ``python -m segmentry.flusher --batch-every-ms 50`` process, started beforehand, delivers
+  (the deployment DESIGN.md describes for operators); its CPU is ``flusher_cpu_s``.
 - replay: ``python -m segmentry.flusher --drain --max-in-flight 8`` on a copy of a cached
   queue file of ``--backlog`` real event bodies (made by ``segmentry.messages.encode``),
   timed from spawn to exit; ``rate`` subtracts the start-up cost measured in the same round
@@ -33,7 +36,8 @@ every table shows the median (min–max) of the runs; ratios are paired within a
   with it. Lost = returned ids the receiver (``--record``) never got.
 - growth: in a fresh process, ``track()`` (flusher=None) on a queue file already holding
   0 / 100 k / 1 M rows, then ``SQLiteQueue.claim(100, 499_000, now, 600)`` + ``delete`` per
-  batch on the same file (flusher autocheckpoint, as the flusher does).
+  batch on the same file (flusher autocheckpoint, as the flusher does); then claims with 7
+  more outstanding, as max_in_flight=8 keeps them (each claim skips the leased rows).
 - profile (full runs, or ``--only profile``): ``py-spy record`` of one flusher drain.
 
 JSON (``--json``), every number raw::
@@ -46,8 +50,8 @@ JSON (``--json``), every number raw::
                                           "analytics-python": [E2E]}} | null,
      "sigkill": {"k", "runs": {"segmentry"|"analytics-python": [KILL]}} | null,
      "growth": {"sizes", "events", "batches", "runs": {SIZE: [GROWTH]}} | null,
-     "profile": {"rows", "samples", "self": [[frame, share]], "inclusive": [[frame, share]],
-                 "threads": {...}} | null}
+     "profile": {"rows", "seconds", "samples", "categories": [[name, share]],
+                 "self": [[frame, share]], "threads": {kind: share}} | null}
     TARGET = {"value", "target", "op" (">=" or "<"), "met", "issue", "detail"}
 
 Each run object carries ``rate`` (events/s) plus what the tables show; see the functions
@@ -58,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import json
 import logging
 import os
@@ -90,6 +95,7 @@ CLAIM_BYTES = 499_000  # the claim limit the brief fixes (just under 500 KB minu
 LEASE_S = 600.0
 FLUSHER_AUTOCHECKPOINT = 1000  # pages, as segmentry.flusher sets on its connection
 RECEIVER_START_S = 15.0
+FLUSHER_PROCESS = "segmentry-flusher-process"  # e2e: flusher=None, a flusher process delivers
 SECTIONS = ("e2e", "replay", "rtt", "sigkill", "growth", "profile")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
@@ -258,7 +264,9 @@ def _rows(first: int, end: int, start: float) -> Iterator[tuple[str, int, float]
 
 
 def copy_queue(source: str | None, target: str) -> str:
-    """A private copy of a cached backlog (or a new empty queue file when source is None)."""
+    """A private copy of a cached backlog (or a new empty queue file when source is None),
+    on disk before it is used: the writeback of a fresh 300 MB copy would otherwise compete
+    with the I/O being measured (it cut enqueue rates on a 1 M copy by a quarter here)."""
     from segmentry.storage import SQLiteQueue
 
     if source is None:
@@ -267,6 +275,11 @@ def copy_queue(source: str | None, target: str) -> str:
         queue.close()
     else:
         shutil.copyfile(source, target)
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # no connection to this file exists yet in this process
     return target
 
 
@@ -291,8 +304,10 @@ def _segmentry_client(spec: dict[str, Any]) -> tuple[Callable[[int], bool], Call
     import segmentry
     import segmentry.flusher  # noqa: F401  (loaded now: the import is not what we time)
 
-    client = segmentry.Client(WRITE_KEY, queue_path=os.path.join(spec["dir"], "queue.db"),
-                              api_url=spec["api_url"])
+    client = segmentry.Client(WRITE_KEY, api_url=spec["api_url"],
+                              queue_path=spec.get("queue_path")
+                              or os.path.join(spec["dir"], "queue.db"),
+                              flusher=spec.get("flusher", "thread"))
     track = client.track
 
     def call(i: int) -> bool:
@@ -346,7 +361,7 @@ class LogCapture(logging.Handler):
 def e2e_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """N tracks, flush, then wait until the receiver holds every returned event."""
     captured = LogCapture.install()
-    setup = _segmentry_client if spec["contender"] == "segmentry" else _analytics_client
+    setup = _analytics_client if spec["contender"] == "analytics-python" else _segmentry_client
     call, flush, close = setup(spec)
     n = spec["events"]
     cpu0, t0 = time.process_time(), time.perf_counter()
@@ -445,6 +460,18 @@ def growth_worker(spec: dict[str, Any]) -> dict[str, Any]:
         claim_ns.append(m - s)
         delete_ns.append(clock() - m)
         claimed += len(claim.rows)
+    # Again with 7 more claims outstanding, as a flusher with max_in_flight=8 has: each
+    # claim then skips the leased rows at the head of the queue.
+    flying: collections.deque[Any] = collections.deque()
+    inflight_ns = []
+    for _ in range(spec["batches"]):
+        s = clock()
+        claim = queue.claim(BATCH, CLAIM_BYTES, time.time(), LEASE_S)
+        inflight_ns.append(clock() - s)
+        flying.append(claim)
+        if len(flying) >= 8:
+            oldest = flying.popleft()
+            queue.delete(oldest.token, [r.id for r in oldest.rows])
     queue.close()
     enq = common.latency_summary(lat)
     per_batch = [c + d for c, d in zip(claim_ns, delete_ns)]
@@ -454,6 +481,7 @@ def growth_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "claim_p50_us": common.latency_summary(claim_ns)["p50_us"],
             "delete_p50_us": common.latency_summary(delete_ns)["p50_us"],
             "batch_p99_us": common.latency_summary(per_batch)["p99_us"],
+            "claim_inflight_p50_us": common.latency_summary(inflight_ns)["p50_us"],
             "rate": n / enqueue_s}
 
 
@@ -514,6 +542,7 @@ class RssSampler:
         self.interval = interval
         self.peak_rss = 0
         self.peak_hwm = 0
+        self.io: dict[str, int] = {}  # /proc/PID/io as last read: bytes written so far
         self.timeline: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -540,6 +569,8 @@ class RssSampler:
                 with open(f"/proc/{self.pid}/status") as f:
                     hwm = next((int(line.split()[1]) * 1024 for line in f
                                 if line.startswith("VmHWM:")), 0)
+                with open(f"/proc/{self.pid}/io") as f:
+                    self.io = {k: int(v) for k, v in (line.split(": ") for line in f)}
             except (psutil.Error, OSError, StopIteration, ValueError):
                 return
             self.peak_rss, self.peak_hwm = max(self.peak_rss, rss), max(self.peak_hwm, hwm)
@@ -555,10 +586,10 @@ def flusher_env() -> dict[str, str]:
 
 
 def flusher_command(queue: str, api_url: str, max_in_flight: int,
-                    extra: list[str] | None = None) -> list[str]:
+                    extra: list[str] | None = None, drain: bool = True) -> list[str]:
     return [sys.executable, "-m", "segmentry.flusher", "--queue", queue, "--api-url", api_url,
-            "--drain", "--max-in-flight", str(max_in_flight), "--progress", "none",
-            "--log-level", "WARNING", *(extra or [])]
+            *(["--drain"] if drain else []), "--max-in-flight", str(max_in_flight),
+            "--progress", "none", "--log-level", "WARNING", *(extra or [])]
 
 
 def drain(rx: Receiver, source: str | None, rundir: str, max_in_flight: int = 8,
@@ -597,6 +628,7 @@ def drain(rx: Receiver, source: str | None, rundir: str, max_in_flight: int = 8,
             "max_rss_mb": usage.ru_maxrss / 1024, "sampled_rss_mb": sampler.peak_rss / 2**20,
             "rss_timeline": sampler.timeline[::max(1, len(sampler.timeline) // 40)],
             "cpu_s": usage.ru_utime + usage.ru_stime, "rx_cpu_s": rx.cpu_s() - rx_cpu0,
+            "wchar": sampler.io.get("wchar"), "write_bytes": sampler.io.get("write_bytes"),
             "db_before": before["db"], "wal_before": before["wal"],
             "db_after": after["db"], "wal_after": after["wal"], "stderr": stderr}
 
@@ -623,24 +655,52 @@ class Bench:
     def e2e(self, rx: Receiver, events: int, delay_ms: float = 0.0) -> Callable[[str, int],
                                                                                 dict[str, Any]]:
         def run_one(contender: str, run: int) -> dict[str, Any]:
+            spec = {"worker": "e2e", "contender": contender, "events": events,
+                    "api_url": rx.url, "host": rx.host, "timeout": max(60.0, events / 500)}
             rx.reset()
             if delay_ms:
                 rx.faults({"delay_ms": delay_ms})
             cpu0 = rx.cpu_s()
-            result = self.worker({"worker": "e2e", "contender": contender, "events": events,
-                                  "api_url": rx.url, "host": rx.host,
-                                  "timeout": max(60.0, events / 500)})
+            if contender == FLUSHER_PROCESS:
+                result = self.with_flusher_process(rx, spec)
+            else:
+                result = self.worker(spec)
             for line in result["log"]:
                 log(f"    {contender} logged: {line}")
             return {"run": run, **result, "rx_cpu_s": rx.cpu_s() - cpu0}
 
         return run_one
 
+    def with_flusher_process(self, rx: Receiver, spec: dict[str, Any]) -> dict[str, Any]:
+        """The e2e worker with flusher=None while a ``python -m segmentry.flusher`` process
+        (started and holding the queue's lock beforehand) delivers the same file."""
+        qdir = self.rundir()
+        queue = os.path.join(qdir, "queue.db")
+        command = flusher_command(queue, rx.url, 8, ["--batch-every-ms", "50"], drain=False)
+        with open(os.path.join(qdir, "flusher.log"), "wb") as err:
+            proc = subprocess.Popen(command, cwd=common.ROOT, env=flusher_env(),
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + RECEIVER_START_S
+            while not os.path.exists(queue + ".flusher"):  # its pid file: it holds the lock
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the flusher process did not start")
+                time.sleep(0.02)
+            result = self.worker({**spec, "queue_path": queue, "flusher": None})
+        finally:
+            usage = None
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here
+            shutil.rmtree(qdir, ignore_errors=True)
+        return {**result, "flusher_cpu_s": usage.ru_utime + usage.ru_stime if usage else None}
+
     def e2e_section(self, rx: Receiver) -> dict[str, Any]:
         n = self.args.e2e_events
         log(f"e2e: {n:,} events, segmentry vs analytics-python x {self.args.runs}")
-        runs = common.alternate(["segmentry", "analytics-python"], self.args.runs,
-                                self.e2e(rx, n), log)
+        runs = common.alternate(["segmentry", "analytics-python", FLUSHER_PROCESS],
+                                self.args.runs, self.e2e(rx, n), log)
         return {"events": n, "runs": runs}
 
     # -- replay -------------------------------------------------------------------------------
@@ -783,7 +843,7 @@ class Bench:
         paths = {n: build_backlog(n) if n else None for n in sizes}
         log(f"growth: enqueue and claim at backlogs {sizes} x {self.args.runs}")
         spec = {"worker": "growth", "events": self.args.growth_events, "warmup": 200,
-                "batches": self.args.growth_events // BATCH}
+                "batches": self.args.growth_events // (2 * BATCH)}  # two passes
         runs = common.alternate(
             [str(n) for n in sizes], self.args.runs,
             lambda name, run: {"run": run, **self.worker({**spec, "size": int(name),
@@ -806,7 +866,7 @@ class Bench:
         rundir = self.rundir()
         try:
             raw = os.path.join(rundir, "profile.txt")
-            result = drain(rx, path, rundir, 8, [pyspy, "record", "--gil", "-r", "250",
+            result = drain(rx, path, rundir, 8, [pyspy, "record", "--nonblocking", "-r", "1000",
                                                  "-f", "raw", "-o", raw, "--"])
             with open(raw) as f:
                 profile = summarize_profile(f.read())
@@ -815,11 +875,27 @@ class Bench:
         return {"rows": rows, "seconds": result["seconds"], "exit": result["exit"], **profile}
 
 
+# Where a sample's time goes, by the first marker found anywhere in its stack (most
+# specific first): what the flusher does for each batch, and what is start-up or waiting.
+PROFILE_CATEGORIES = (
+    ("start-up: imports", ("importlib",)),
+    ("waiting (a blocked thread py-spy counts as active)", ("Condition.wait", "Event.wait")),
+    ("SQLite: claim (select + lease)", ("SQLiteQueue.claim",)),
+    ("SQLite: delete after 2xx", ("SQLiteQueue.delete",)),
+    ("SQLite: checkpoint / vacuum", ("SQLiteQueue.maintain",)),
+    ("SQLite: other", ("storage.py",)),
+    ("HTTP: requests + urllib3 + http.client", ("HTTPClient.post", "Session.post")),
+    ("batch body: check + splice", ("splice_batch", "_check_batch")),
+    ("telemetry", ("telemetry.py",)),
+    ("flusher loop and senders' bookkeeping", ("flusher.py",)),
+)
+
+
 def summarize_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
-    """From py-spy's collapsed stacks: the share of samples per frame, self and inclusive,
-    and per thread kind (the claim loop vs the sender threads)."""
+    """From py-spy's collapsed stacks: the share of samples per category (see
+    PROFILE_CATEGORIES), per thread kind, and the top frames by self time."""
     self_time: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
+    categories: Counter[str] = Counter()
     threads: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
@@ -827,21 +903,22 @@ def summarize_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [frame.strip() for frame in stack.split(";")]
         total += count
+        frames = [frame.strip() for frame in stack.split(";")]
         self_time[_frame_name(frames[-1])] += count
-        for name in {_frame_name(frame) for frame in frames}:
-            inclusive[name] += count
+        if frames[-1].startswith("Senders._serve "):  # SimpleQueue.get: waiting for work
+            categories[PROFILE_CATEGORIES[1][0]] += count
+        else:
+            categories[next((name for name, markers in PROFILE_CATEGORIES
+                              if any(m in frame for frame in frames for m in markers)),
+                             "other")] += count
         kind = "senders" if any("Senders._serve" in f for f in frames) else \
             "claim loop" if any("Flusher._loop" in f for f in frames) else "other"
         threads[kind] += count
     share = 1.0 / max(1, total)
-    interesting = [(name, n * share) for name, n in inclusive.most_common()
-                   if any(key in name for key in ("segmentry/", "requests/", "urllib3/",
-                                                  "http/client", "socket", "json/"))]
     return {"samples": total,
+            "categories": [(name, n * share) for name, n in categories.most_common()],
             "self": [(name, n * share) for name, n in self_time.most_common(top)],
-            "inclusive": interesting[:top],
             "threads": {name: n * share for name, n in threads.items()}}
 
 
@@ -900,7 +977,11 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             f"{per_event_us(seg, 'cpu_s'):.0f} us/event in the client process) vs "
             f"analytics-python {median(ap):,.0f} ev/s (enqueue {median(ap, 'enqueue_s'):.2f} s, "
             f"flush {median(ap, 'flush_s'):.2f} s; CPU {per_event_us(ap, 'cpu_s'):.0f} us/event);"
-            f" drops {sum(int(r['drops']) for r in seg)} vs {sum(int(r['drops']) for r in ap)}")
+            f" drops {sum(int(r['drops']) for r in seg)} vs {sum(int(r['drops']) for r in ap)}"
+            + (f"; with flusher=None and a flusher process instead of the thread: "
+               f"{median(e2e['runs'][FLUSHER_PROCESS]):,.0f} ev/s "
+               f"({spread(paired(e2e['runs'][FLUSHER_PROCESS], ap))['median']:.2f}x)"
+               if FLUSHER_PROCESS in e2e["runs"] else ""))
     replay = results.get("replay")
     if replay:
         runs = replay["runs"]

@@ -295,6 +295,23 @@ def rate_metrics(timeline: list[list[float]], hosts: int, limit: float,
     return out
 
 
+def longest_stall(timeline: list[list[float]], after: float, hosts: int) -> float:
+    """The longest time after ``after`` during which events were waiting (more than one
+    batch per host) yet no request at all reached the receiver: backoff outliving the
+    outage."""
+    longest, since = 0.0, None
+    for prev, row in zip(timeline, timeline[1:]):
+        if row[T] < after:
+            continue
+        stalled = row[REQ] == prev[REQ] and row[DEPTH] > hosts * BATCH
+        if stalled:
+            since = prev[T] if since is None else since
+            longest = max(longest, row[T] - since)
+        else:
+            since = None
+    return longest
+
+
 def outage_metrics(timeline: list[list[float]], hosts: int, limit: float,
                    outage: tuple[float, float]) -> dict[str, Any]:
     start, length = outage
@@ -310,6 +327,7 @@ def outage_metrics(timeline: list[list[float]], hosts: int, limit: float,
             "drain_after_s": None if drained is None else drained - end,
             "recovery_peak_rps": peak_per_second(timeline, end, max(end + 1, recover_end), REQ),
             "recovery_429": window(timeline, end, recover_end, R429),
+            "stall_after_s": longest_stall(timeline, end, hosts),
             "recovery_requests": window(timeline, end, recover_end, REQ)}
 
 
@@ -355,7 +373,8 @@ def targets(phases: dict[str, dict[str, Any]], limit: float) -> dict[str, dict[s
             f"{out_['recovery_requests']:.0f} requests while recovering; {out_['outage_rps']:.1f}"
             f" req/s at the dead receiver; first 200 {_s(out_['first_ok_after_s'])} and drained "
             f"{_s(out_['drain_after_s'])} after recovery ({out_['backlog_at_recovery']:,} events "
-            "waiting at recovery)")
+            f"waiting at recovery; longest stretch with events waiting and no request at all: "
+            f"{out_.get('stall_after_s', 0):.1f} s)")
     return out
 
 

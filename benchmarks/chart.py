@@ -58,10 +58,13 @@ def enqueue_panel(ax: Any, results: dict[str, Any]) -> None:
 def e2e_panel(ax: Any, results: dict[str, Any]) -> None:
     runs = results["delivery"]["e2e"]["runs"]
     ap = spread(_rates(runs["analytics-python"]))["median"]
+    items = [("segmentry", _rates(runs["segmentry"]), SEGMENTRY),
+             ("analytics-python", _rates(runs["analytics-python"]), PEER)]
+    if runs.get("segmentry-flusher-process"):
+        items.append(("segmentry flusher=None\n+ flusher process",
+                      _rates(runs["segmentry-flusher-process"]), SEGMENTRY))
     _bars(ax, f"end to end: {results['delivery']['e2e']['events']:,} events enqueued -> received",
-          [("segmentry", _rates(runs["segmentry"]), SEGMENTRY),
-           ("analytics-python", _rates(runs["analytics-python"]), PEER)], "events/s",
-          (2 * ap, "target 2x analytics-python"))
+          items, "events/s", (2 * ap, "target 2x analytics-python"))
 
 
 def replay_panel(ax: Any, results: dict[str, Any]) -> None:

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import chart, common  # noqa: E402
+from benchmarks.bench_fleet import longest_stall  # noqa: E402
 from benchmarks.common import fmt_spread, spread  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -283,14 +284,21 @@ def enqueue_section(data: dict[str, Any]) -> list[str]:
 
 def e2e_section(e2e: dict[str, Any]) -> list[str]:
     seg, ap = e2e["runs"]["segmentry"], e2e["runs"]["analytics-python"]
+    process = e2e["runs"].get("segmentry-flusher-process", [])
     rows = []
     for name, runs in (("segmentry (default flusher thread)", seg),
-                       ("analytics-python (upload_size=100)", ap)):
+                       ("analytics-python (upload_size=100)", ap),
+                       ("segmentry flusher=None + `python -m segmentry.flusher "
+                        "--batch-every-ms 50` (extra, not the target's)", process)):
+        if not runs:
+            continue
+        cpu = us_per_event(runs, "cpu_s")
+        if runs is process:
+            cpu += f" + flusher process {us_per_event(runs, 'flusher_cpu_s')}"
         rows.append([name, sp(runs), ratio_sp(runs, ap), sp(runs, "enqueue_s", "{:.2f}"),
-                     sp(runs, "flush_s", "{:.2f}"), us_per_event(runs, "cpu_s"),
-                     us_per_event(runs, "rx_cpu_s"),
+                     sp(runs, "flush_s", "{:.2f}"), cpu, us_per_event(runs, "rx_cpu_s"),
                      sum(int(r["drops"]) for r in runs), sum(int(r["duplicates"]) for r in runs)])
-    logs = sorted({line for r in seg + ap for line in r.get("log", [])})
+    logs = sorted({line for r in seg + ap + process for line in r.get("log", [])})
     out = ["## End to end: enqueue N, until the receiver has all N", "",
            f"N = {e2e['events']:,} `track()` calls then `flush()`, timed until the receiver "
            "holds N unique messageIds.", "",
@@ -334,12 +342,16 @@ def replay_section(replay: dict[str, Any]) -> list[str]:
         d = drains[rows_n]
         mem_rows.append([f"{rows_n:,}", sp(d, "max_rss_mb", "{:.1f}"),
                          sp(d, "sampled_rss_mb", "{:.1f}"), sp(d, "seconds", "{:.1f}"),
+                         f"{med(d, 'wchar') / rows_n:,.0f}" if values(d, "wchar") else "-",
                          mb(med(d, "db_before")), mb(med(d, "wal_before")),
                          mb(med(d, "db_after")), mb(med(d, "wal_after")),
                          ", ".join(sorted({str(r["exit"]) for r in d}))])
     out += ["Flusher memory and files per backlog drained (max RSS from `wait4`, as "
-            "`/usr/bin/time -v`; sampled = psutil every 50 ms):", "",
-            md_table(["backlog", "max RSS MB", "sampled RSS MB", "drain s", "DB MB before",
+            "`/usr/bin/time -v`; sampled = psutil every 50 ms; bytes written = the process's "
+            "`wchar` in /proc/PID/io, last read up to 50 ms before it exits, over the events "
+            "drained; each stored event is about 330 bytes):", "",
+            md_table(["backlog", "max RSS MB", "sampled RSS MB", "drain s",
+                      "bytes written per event", "DB MB before",
                       "WAL MB before", "DB MB after", "WAL MB after", "exit"], mem_rows), ""]
     return out
 
@@ -385,26 +397,30 @@ def growth_section(growth: dict[str, Any]) -> list[str]:
         rows.append([f"{size:,}", sp(r, "enqueue_rate"), ratio_sp(r, base, "enqueue_rate"),
                      sp(r, "enqueue_p99_us", "{:.0f}"), sp(r, "claim_rate"),
                      ratio_sp(r, base, "claim_rate"), sp(r, "claim_p50_us", "{:.0f}"),
-                     sp(r, "delete_p50_us", "{:.0f}"), sp(r, "batch_p99_us", "{:.0f}")])
+                     sp(r, "delete_p50_us", "{:.0f}"), sp(r, "batch_p99_us", "{:.0f}"),
+                     sp(r, "claim_inflight_p50_us", "{:.0f}")])
     return ["## Cost growth with the backlog", "",
             f"Per run: {growth['events']:,} `track()` calls (flusher=None) on a queue file "
             f"already holding the backlog, then {growth['batches']} batches of "
-            "`claim(100, 499_000, now, 600)` + `delete` on the same file.", "",
-            md_table(["backlog", "enqueue events/s", "vs empty", "enqueue p99 µs",
-                      "claim+delete events/s", "vs empty", "claim p50 µs", "delete p50 µs",
-                      "batch p99 µs"], rows), ""]
+            "`claim(100, 499_000, now, 600)` + `delete` on the same file; last column: "
+            "claims with 7 other batches leased, as a flusher with max_in_flight=8 has them.",
+            "", md_table(["backlog", "enqueue events/s", "vs empty", "enqueue p99 µs",
+                          "claim+delete events/s", "vs empty", "claim p50 µs", "delete p50 µs",
+                          "batch p99 µs", "claim p50 µs, 7 in flight"], rows), ""]
 
 
 def profile_section(profile: dict[str, Any]) -> list[str]:
     threads = ", ".join(f"{name} {100 * share:.0f}%" for name, share in
                         sorted(profile["threads"].items(), key=lambda kv: -kv[1]))
     return ["## Where the flusher's CPU goes (py-spy)", "",
-            f"`py-spy record` (250 Hz, active stacks only) over one `--drain` of "
-            f"{profile['rows']:,} events ({profile['samples']:,} samples; by thread: "
-            f"{threads}).", "",
-            md_table(["frame (inclusive)", "share of samples"],
-                     [[f"`{name}`", f"{100 * share:.1f}%"] for name, share in
-                      profile["inclusive"]]), "",
+            f"`py-spy record --nonblocking` (1 kHz, stacks of running threads) over one "
+            f"`--drain` of {profile['rows']:,} events ({profile['samples']:,} samples; by "
+            f"thread: {threads}). Each sample is put in the first category whose marker is "
+            "in its stack (`PROFILE_CATEGORIES` in bench_delivery.py); SQLite's and the "
+            "socket's C time counts for the Python frame that called it.", "",
+            md_table(["category", "share of samples"],
+                     [[name, f"{100 * share:.1f}%"] for name, share in
+                      profile["categories"]]), "",
             md_table(["frame (self)", "share of samples"],
                      [[f"`{name}`", f"{100 * share:.1f}%"] for name, share in profile["self"]]),
             ""]
@@ -440,10 +456,13 @@ def fleet_section(fleet: dict[str, Any]) -> list[str]:
                 "the hosts kept enqueueing, then the receiver came back (still at R):", "",
                 md_table(["requests/s at the dead receiver", "events waiting at recovery",
                           "first 200 after recovery", "backlogs drained after recovery",
+                          "longest stall after recovery (events waiting, no request)",
                           "peak req/s while recovering", "vs R", "429s / requests while "
                           "recovering"],
                          [[f"{outage['outage_rps']:.1f}", f"{outage['backlog_at_recovery']:,}",
                            s(outage["first_ok_after_s"]), s(outage["drain_after_s"]),
+                           s(longest_stall(outage["timeline"], start + length,
+                                           len(outage["hosts"]))),
                            f"{outage['recovery_peak_rps']:.0f}",
                            f"{outage['recovery_peak_rps'] / outage['limit']:.2f}x",
                            f"{outage['recovery_429']:.0f} / {outage['recovery_requests']:.0f}"]]),

@@ -64,7 +64,8 @@ class Flusher:
         self.outcome = Outcome()
         self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
-        self._slots = threading.Semaphore(options.max_in_flight)
+        self.window = Window(options.max_in_flight)
+        self._gate_seen = client.paused_until()  # the shared pause last noticed
         self._pool: Senders | None = None
         self._settled = threading.Condition()
         self._in_flight = 0
@@ -131,6 +132,7 @@ class Flusher:
         verdict = http.classify(answer.status_code)
         if verdict == "ok":
             self.outcome.add("sent", self.queue.delete(token, ids))
+            self.window.grow()
             self.outcome.misconfigured = None
             self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         elif verdict == "retry":
@@ -217,16 +219,10 @@ class Flusher:
                 return False
             if drain and self.outcome.misconfigured:
                 return False
-            pause = max(self.pause_until - self.clock(),
-                        self.http.paused_until() - time.monotonic())  # a Retry-After
-            if pause > 0:
-                stop.wait(min(pause, 1.0))
-                continue
-            if not self._slots.acquire(timeout=0.2):
+            if self._paused(stop) or not self._slot_free():
                 continue
             claim = self.claim()
             if not claim.rows:
-                self._slots.release()
                 if self._idle(drain):
                     return True
                 self._wait(stop, wake, drain)
@@ -235,6 +231,24 @@ class Flusher:
             self._maintain(empty=False)
             if not drain and self._partial(claim):
                 self._wait(stop, wake, drain)
+        return False
+
+    def _paused(self, stop: threading.Event) -> bool:
+        """Wait out a stored backoff or a Retry-After; a new pause halves the window."""
+        gate = self.http.paused_until()
+        if gate > self._gate_seen:
+            self._gate_seen = gate
+            self.window.shrink()
+        pause = max(self.pause_until - self.clock(), gate - time.monotonic())
+        if pause > 0:
+            stop.wait(min(pause, 1.0))
+        return pause > 0
+
+    def _slot_free(self) -> bool:
+        with self._settled:
+            if self.window.allows(self._in_flight):
+                return True
+            self._settled.wait(0.2)
         return False
 
     def _partial(self, claim: Claim) -> bool:
@@ -251,7 +265,6 @@ class Flusher:
         self._pool.submit(claim)
 
     def _done(self) -> None:
-        self._slots.release()
         with self._settled:
             self._in_flight -= 1
             self._settled.notify_all()
@@ -303,6 +316,30 @@ class Flusher:
             while self._in_flight and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
         self.http.close()
+
+
+class Window:
+    """How many batches may be in flight: additive increase, multiplicative decrease,
+    as TCP does. Without it, N hosts x max_in_flight batches all retried together after
+    each Retry-After, and a rate-limited receiver refused a third of all requests."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = float(limit)
+        self._lock = threading.Lock()
+
+    def allows(self, in_flight: int) -> bool:
+        return in_flight < int(self.size)
+
+    def grow(self) -> None:
+        """A delivered batch: one more in flight per window's worth of successes."""
+        with self._lock:
+            self.size = min(float(self.limit), self.size + 1.0 / self.size)
+
+    def shrink(self) -> None:
+        """The receiver asked to slow down (429, an outage): halve, down to one."""
+        with self._lock:
+            self.size = max(1.0, self.size / 2)
 
 
 class Senders:

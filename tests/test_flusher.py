@@ -225,3 +225,29 @@ def test_only_one_flusher_lock_per_queue(path):
     a.release()
     assert b.acquire(timeout=0)
     b.release()
+
+
+def test_the_window_halves_on_a_pause_and_grows_back_one_per_window():
+    from segmentry.flusher import Window
+
+    window = Window(8)
+    assert window.allows(7) and not window.allows(8)
+    window.shrink()
+    window.shrink()
+    assert window.allows(1) and not window.allows(2)
+    for _ in range(2):
+        window.grow()  # 2 -> 2.5 -> 2.9
+    assert not window.allows(3)
+    for _ in range(40):
+        window.grow()
+    assert window.allows(7) and not window.allows(8)
+
+
+def test_a_retry_after_shrinks_how_many_batches_fly_at_once(path):
+    enqueue(path, 30)
+    flusher, stub, queue = make(path, sequence((429, "", {"Retry-After": "0"}), 200),
+                                max_batch_size=10, retry_attempts=1)
+    flusher.run(threading.Event(), threading.Event(), drain=True,
+                deadline=time.monotonic() + 30)
+    assert queue.stats(time.time()).depth == 0
+    assert flusher.window.size < 8
