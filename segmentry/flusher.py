@@ -24,9 +24,11 @@ from .storage import Claim, Row, SQLiteQueue
 logger = logging.getLogger(__name__)
 
 LEASE_S = 600.0  # a backstop only: a new lock holder resets every lease at once
-CYCLE_DELAY_CAP_S = 300.0  # the longest pause after a cycle's retries ran out
+CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
+# late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
+RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
 FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
 
@@ -66,6 +68,7 @@ class Flusher:
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         self.window = Window(options.max_in_flight)
         self._gate_seen = client.paused_until()  # the shared pause last noticed
+        self._failing = False  # a transient failure since the last 2xx
         self._pool: Senders | None = None
         self._settled = threading.Condition()
         self._in_flight = 0
@@ -133,6 +136,8 @@ class Flusher:
         if verdict == "ok":
             self.outcome.add("sent", self.queue.delete(token, ids))
             self.window.grow()
+            if self._failing:
+                self._recovered()
             self.outcome.misconfigured = None
             self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
         elif verdict == "retry":
@@ -151,9 +156,19 @@ class Flusher:
         not_before = self.clock() + delay
         self.outcome.add("released", self.queue.release(token, [r.id for r in rows], not_before))
         self.pause_until = max(self.pause_until, not_before)
+        self._failing = True
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
                        _describe(error), len(rows), delay)
         self._on_error(error, rows)
+
+    def _recovered(self) -> None:
+        """A 2xx after failures: the receiver is back. Rows still waiting out a backoff
+        stored during the outage are ready now, so the backlog replays at once."""
+        self._failing = False
+        self.pause_until = min(self.pause_until, self.clock())
+        resumed = self.queue.resume(self.clock())
+        if resumed:
+            logger.info("receiver is back: %d events waiting out a backoff resume now", resumed)
 
     def _cycle_delay(self, attempts: int) -> float:
         base = self.options.retry_expiry / 1000.0 * 2 ** min(attempts - 1, 16)
@@ -469,6 +484,7 @@ class Background:
 
     def __init__(self, write_key: str, queue_path: str, options: Options) -> None:
         self.options = options
+        self._key = write_key
         self.queue = SQLiteQueue(queue_path, options.durability)
         self.flusher = Flusher(self.queue, make_http(write_key, options), options)
         self.lock = Lock(queue_path)
@@ -504,21 +520,29 @@ class Background:
         self.lock.abandon()
 
     def _main(self) -> None:
+        """Stand by for the lock, then deliver; an unexpected error restarts the flusher
+        (a dead thread would leave flush() waiting and the queue growing)."""
         try:
             while not self._stop.is_set():
-                if self.lock.acquire(timeout=LOCK_POLL_S):
-                    break
-            else:
-                return
-            try:
-                self.flusher.take_over()
-                self.flusher.run(self._stop, self._wake)
-            finally:
-                self.flusher.finish(grace=2.0)
-                self.lock.release()
-                self.queue.close()
-        except Exception:
-            logger.exception("segmentry flusher thread stopped on an unexpected error")
+                if not self.lock.acquire(timeout=LOCK_POLL_S):
+                    continue
+                try:
+                    self._deliver()
+                except Exception:
+                    logger.exception("segmentry flusher failed; restarting in %.0f s", RESTART_S)
+                    self.flusher = Flusher(self.queue, make_http(self._key, self.options),
+                                           self.options)
+                    self._stop.wait(RESTART_S)
+        finally:
+            self.queue.close()
+
+    def _deliver(self) -> None:
+        try:
+            self.flusher.take_over()
+            self.flusher.run(self._stop, self._wake)
+        finally:
+            self.flusher.finish(grace=2.0)
+            self.lock.release()
 
 
 # -- the command line ---------------------------------------------------------------------

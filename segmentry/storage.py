@@ -215,6 +215,11 @@ class SQLiteQueue:
         sql = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease != 0"
         return self._write(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
 
+    def resume(self, now: float) -> int:
+        """Make unclaimed rows that wait out a backoff ready now (the receiver is back)."""
+        sql = "UPDATE events SET not_before = 0 WHERE not_before > ? AND lease = 0"
+        return self._write(lambda c: c.execute(sql, (now,)).rowcount)
+
     def next_ready_at(self, now: float) -> float | None:
         """When the oldest unclaimed row is ready (None if there is none)."""
         sql = ("SELECT MIN(not_before) FROM (SELECT not_before FROM events "

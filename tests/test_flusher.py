@@ -251,3 +251,39 @@ def test_a_retry_after_shrinks_how_many_batches_fly_at_once(path):
                 deadline=time.monotonic() + 30)
     assert queue.stats(time.time()).depth == 0
     assert flusher.window.size < 8
+
+
+def test_the_flusher_thread_restarts_after_an_unexpected_error(path, monkeypatch):
+    import segmentry.flusher as flusher_module
+
+    monkeypatch.setattr(flusher_module, "RESTART_S", 0.01)
+    real_claim = SQLiteQueue.claim
+    failures = []
+
+    def claim_failing_once(self, *args):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("an unexpected bug")
+        return real_claim(self, *args)
+
+    monkeypatch.setattr(SQLiteQueue, "claim", claim_failing_once)
+    stub = Stub()
+    with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
+                          batch_every_ms=10) as client:
+        mid = client.track("u", "E")
+        assert client.flush(timeout=30)
+    assert failures == [1] and [e["messageId"] for e in stub.events] == [mid]
+
+
+def test_a_2xx_after_an_outage_resumes_rows_waiting_out_a_backoff(path):
+    def waiting(queue):
+        sql = "SELECT COUNT(*) FROM events WHERE not_before > ?"
+        return queue._run(lambda c: c.execute(sql, (time.time(),)).fetchone()[0])
+
+    enqueue(path, 20)
+    flusher, stub, queue = make(path, sequence(503, 200), max_batch_size=10)
+    flusher.run_once()  # 503: ten rows released with a stored backoff
+    assert waiting(queue) == 10 and flusher.pause_until > time.time()
+    flusher.run_once()  # the other ten: 200, the receiver is back
+    assert waiting(queue) == 0 and flusher.pause_until <= time.time()
+    assert flusher.run_once() == 10 and queue.stats(time.time()).depth == 0

@@ -241,3 +241,13 @@ def test_space_is_given_back_after_a_backlog_drains(queue):
     assert os.stat(queue.path).st_size < grown / 4
     assert os.stat(queue.path + "-wal").st_size <= WAL_KEEP_BYTES
     assert queue.integrity_check() == "ok"
+
+
+def test_resume_makes_rows_in_backoff_ready_but_leaves_leases_alone(queue):
+    fill(queue, 3)
+    first = queue.claim(2, BIG, NOW, 60)
+    queue.release(first.token, [r.id for r in first.rows], NOW + 600)
+    leased = queue.claim(1, BIG, NOW, 60)
+    assert queue.resume(NOW) == 2
+    assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == [r.id for r in first.rows]
+    assert queue.delete(leased.token, [r.id for r in leased.rows]) == 1
