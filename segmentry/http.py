@@ -191,6 +191,7 @@ class HTTPClient:
             self._settle_environment()
         self.auth = HTTPBasicAuth(write_key, "")  # also keeps ~/.netrc from replacing it
         self.closing = threading.Event()
+        self._templates: dict[str, requests.PreparedRequest] = {}
         self.clock, self.now, self.jitter = clock, now, jitter
         self.sleep: Callable[[float], object] = sleep or self.closing.wait
         self._gate = clock()
@@ -242,17 +243,28 @@ class HTTPClient:
     def post(self, url: str, body: str, retry_count: int = 0) -> requests.Response:
         """One attempt, no retry: POST ``body``; NetworkError when no response came."""
         data = body.encode("utf-8")
-        headers = dict(self.headers)
+        request = self._prepared(url).copy()
         if retry_count:
-            headers["X-Retry-Count"] = str(retry_count)
+            request.headers["X-Retry-Count"] = str(retry_count)
         if self.gzip:
             data = gzip_module.compress(data, compresslevel=6, mtime=0)
-            headers["Content-Encoding"] = "gzip"
+            request.headers["Content-Encoding"] = "gzip"
+        request.prepare_body(data, None)
         try:
-            return self.session.post(
-                url, data=data, headers=headers, auth=self.auth, **self.request_options)
+            return self.session.send(request, **self.request_options)
         except _TRANSPORT_ERRORS as exc:
             raise _network_error(exc) from exc
+
+    def _prepared(self, url: str) -> requests.PreparedRequest:
+        """The request as requests prepares it (headers, auth, hooks), made once per URL
+        and copied per attempt: preparing it each time was a third of a request's CPU.
+        Session cookies are read then; Segment sets none."""
+        template = self._templates.get(url)
+        if template is None:
+            template = self.session.prepare_request(
+                requests.Request("POST", url, headers=self.headers, auth=self.auth))
+            self._templates[url] = template
+        return template
 
 
 def client(
