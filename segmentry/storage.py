@@ -382,7 +382,7 @@ def _ready_rows(conn: sqlite3.Connection, limit: int, max_bytes: int, now: float
     cur = conn.execute(f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
                        "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
     try:
-        return _within((Row(*r) for r in cur), max_bytes)
+        return _within(map(Row._make, cur.fetchall()), max_bytes)
     finally:
         cur.close()
 
