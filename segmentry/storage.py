@@ -30,6 +30,7 @@ DURABILITY = {"normal": "NORMAL", "full": "FULL"}  # never OFF: a power loss mus
 BUSY_TIMEOUT_S = 5.0  # SQLite's own busy handler, per statement
 LOCKED_DEADLINE_S = 300.0  # then a "database is locked" becomes a StorageError
 PRODUCER_AUTOCHECKPOINT = 16384  # pages; the flusher checkpoints long before this
+FULL_AUTOCHECKPOINT = 1000  # pages, with durability="full" (SQLite's default)
 WAL_KEEP_BYTES = 4 << 20  # journal_size_limit: what a reset WAL keeps allocated
 VACUUM_PAGES = 1024  # free pages (4 MiB) worth giving back once the queue is empty
 
@@ -112,7 +113,10 @@ class SQLiteQueue:
         self._lock = threading.Lock()  # guards this object's connection
         self._write_lock = _path_lock(self.path)
         self._conn: sqlite3.Connection | None = None
-        self._autocheckpoint = PRODUCER_AUTOCHECKPOINT
+        # In FULL mode every commit fsyncs the WAL, and fsyncing a file that keeps growing
+        # cost 30-40 % more than reusing a small one: checkpoint (and reuse) it early.
+        self._autocheckpoint = (FULL_AUTOCHECKPOINT if durability == "full"
+                                else PRODUCER_AUTOCHECKPOINT)
         _queues.add(self)
 
     # -- producer side ------------------------------------------------------------
