@@ -482,9 +482,18 @@ NOTES = [
     "- The chart (`results.png`) shows the same medians, whiskers min–max.", ""]
 
 
+def missed_section() -> list[str]:
+    """The hand-written analysis of the missed targets (benchmarks/missed.md)."""
+    path = os.path.join(HERE, "missed.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [*f.read().rstrip("\n").split("\n"), ""]
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     """RESULTS.md from the loaded JSON (see ``load``)."""
-    lines = header(results) + targets_section(results)
+    lines = header(results) + targets_section(results) + missed_section()
     if results.get("enqueue"):
         lines += enqueue_section(results["enqueue"])
     delivery = results.get("delivery") or {}
