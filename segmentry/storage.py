@@ -158,27 +158,19 @@ class SQLiteQueue:
         """Lease up to ``limit`` ready rows, oldest first, whose sizes (plus one comma
         each) add up to at most ``max_bytes``; always at least one row if any is ready."""
         token = random.randint(1, 2**62)
-        rows = self._run(lambda conn: _ready_rows(conn, limit, max_bytes, now))
-        if not rows:
-            return Claim(token, [])
-        # Read first, then lease in ONE statement: the write lock is held for one C call,
-        # never across the GIL hand-offs of fetching rows (which stalled producers).
-        args = {"token": token, "until": now + lease_s, "now": now,
-                "first": rows[0].id, "last": rows[-1].id}
-        leased = self._write(lambda conn: conn.execute(_LEASE, args).rowcount)
-        if leased != len(rows):  # the rows changed in between: take what the lease got
-            rows = self._leased(token, max_bytes)
-        return Claim(token, rows)
+        args = {"token": token, "until": now + lease_s, "now": now}
 
-    def _leased(self, token: int, max_bytes: int) -> list[Row]:
-        """The rows a lease actually holds, within the byte budget; the rest let go."""
-        sql = "SELECT id, body, size, attempts, created FROM events WHERE lease = ? ORDER BY id"
-        held = self._run(lambda conn: [Row(*r) for r in conn.execute(sql, (token,))])
-        rows = _within(held, max_bytes)
-        if len(rows) < len(held):
-            free = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease = ? AND id > ?"
-            self._write(lambda conn: conn.execute(free, (token, rows[-1].id)).rowcount)
-        return rows
+        def take(conn: sqlite3.Connection) -> list[Row]:
+            # One write transaction: rows read and leased together. Reading outside it
+            # would let an id that SQLite reuses (after the queue emptied) be leased
+            # with another event's body in hand, and that event deleted unsent.
+            with _write(conn):
+                rows = _ready_rows(conn, limit, max_bytes, now)
+                if rows:
+                    conn.execute(_LEASE, {**args, "first": rows[0].id, "last": rows[-1].id})
+            return rows
+
+        return Claim(token, self._write(take))
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
         """Remove delivered rows that this lease still holds; return how many.
@@ -451,8 +443,10 @@ def _ids_clause(ids: Sequence[int] | None) -> tuple[str, list[Any]]:
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the file, or (SQLITE_PROTOCOL, "locking protocol") WAL
+    recovery after a crashed process is racing us: both pass if we try again."""
     text = str(exc)
-    return "locked" in text or "busy" in text
+    return "locked" in text or "busy" in text or "locking protocol" in text
 
 
 _write_locks: dict[str, threading.Lock] = {}
