@@ -289,3 +289,32 @@ def test_a_standby_flusher_stopped_with_sigterm_exits_0(receiver, queue_path):
     finally:
         active.kill()
         active.wait()
+
+
+def test_drain_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(receiver, queue_path):
+    import pty
+
+    enqueue(queue_path, 500)
+    main, secondary = pty.openpty()  # a real terminal on stderr: --progress auto picks the bar
+    env = {**os.environ, "SEGMENT_WRITE_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", queue_path, "--api-url",
+         receiver.url, "--drain", *FAST], env=env, stderr=secondary, stdout=subprocess.PIPE)
+    os.close(secondary)
+    assert proc.wait(timeout=60) == 0
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal closed once the flusher exited
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(main)
+    text = screen.decode()
+    assert "\rsent " in text and "remaining 0" in text and "events/s" in text and "ETA" in text
+    assert "INFO segmentry.flusher: sent" not in text
+    enqueue(queue_path, 10)
+    code, err = drain(queue_path, receiver.url)  # stderr is a pipe: a log line
+    assert code == 0 and "\rsent" not in err and "INFO segmentry.flusher: sent 10" in err
