@@ -111,7 +111,6 @@ class SQLiteQueue:
         self.path = os.path.abspath(os.fspath(path))
         self.durability = durability
         self._lock = threading.Lock()  # guards this object's connection
-        self._write_lock = _path_lock(self.path)
         self._conn: sqlite3.Connection | None = None
         # In FULL mode every commit fsyncs the WAL, and fsyncing a file that keeps growing
         # cost 30-40 % more than reusing a small one: checkpoint (and reuse) it early.
@@ -130,11 +129,10 @@ class SQLiteQueue:
         with self._lock:  # fast path: the connection is open and the file not locked
             if self._conn is not None:
                 try:
-                    with self._write_lock:
-                        return self._conn.execute(_INSERT, row).lastrowid or 0
+                    return self._conn.execute(_INSERT, row).lastrowid or 0
                 except sqlite3.Error:
                     pass  # a failed statement stored nothing: retry on the slow path
-        return self._write(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
+        return self._run(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
 
     def pending(self, first_id: int, last_id: int) -> bool:
         """Whether any event with an id in [first_id, last_id] is still queued."""
@@ -170,7 +168,7 @@ class SQLiteQueue:
                     conn.execute(_LEASE, {**args, "first": rows[0].id, "last": rows[-1].id})
             return rows
 
-        return Claim(token, self._write(take))
+        return Claim(token, self._run(take))
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
         """Remove delivered rows that this lease still holds; return how many.
@@ -203,18 +201,18 @@ class SQLiteQueue:
                         moved += 1
             return moved
 
-        return self._write(move)
+        return self._run(move)
 
     def reset_leases(self) -> int:
         """Make every claimed row ready again: called by a flusher that has just taken
         the queue's lock, so any lease left is a dead flusher's."""
         sql = "UPDATE events SET lease = 0, lease_until = 0 WHERE lease != 0"
-        return self._write(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
+        return self._run(lambda c: _in_write(c, lambda: c.execute(sql).rowcount))
 
     def resume(self, now: float) -> int:
         """Make unclaimed rows that wait out a backoff ready now (the receiver is back)."""
         sql = "UPDATE events SET not_before = 0 WHERE not_before > ? AND lease = 0"
-        return self._write(lambda c: c.execute(sql, (now,)).rowcount)
+        return self._run(lambda c: c.execute(sql, (now,)).rowcount)
 
     def next_ready_at(self, now: float) -> float | None:
         """When the oldest unclaimed row is ready (None if there is none)."""
@@ -235,7 +233,7 @@ class SQLiteQueue:
                 conn.executescript("PRAGMA incremental_vacuum;")
                 conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
 
-        self._write(run)
+        self._run(run)
 
     # -- status and dead letters -----------------------------------------------------
 
@@ -265,12 +263,12 @@ class SQLiteQueue:
                     f"FROM dead_letters {where} ORDER BY id", args)
                 return conn.execute(f"DELETE FROM dead_letters {where}", args).rowcount
 
-        return self._write(move)
+        return self._run(move)
 
     def purge(self, ids: Sequence[int] | None = None) -> int:
         where, args = _ids_clause(ids)
         sql = f"DELETE FROM dead_letters {where}"
-        return self._write(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
+        return self._run(lambda c: _in_write(c, lambda: c.execute(sql, args).rowcount))
 
     def integrity_check(self) -> str:
         return str(self._run(lambda c: c.execute("PRAGMA integrity_check").fetchone()[0]))
@@ -286,13 +284,9 @@ class SQLiteQueue:
         if not ids:
             return 0
         params = (*args, token, min(ids), max(ids))
-        return self._write(lambda conn: conn.execute(sql, params).rowcount)
+        return self._run(lambda conn: conn.execute(sql, params).rowcount)
 
-    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """_run, holding this process's write lock for the file (see _path_lock)."""
-        return self._run(fn, write=True)
-
-    def _run(self, fn: Callable[[sqlite3.Connection], T], write: bool = False) -> T:
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run fn on this process's connection, retrying while the file is locked;
         translate every other sqlite3 error into StorageError."""
         deadline = time.monotonic() + LOCKED_DEADLINE_S
@@ -300,10 +294,7 @@ class SQLiteQueue:
             with self._lock:
                 try:
                     conn = self._conn or self._open()
-                    if not write:
-                        return fn(conn)
-                    with self._write_lock:
-                        return fn(conn)
+                    return fn(conn)
                 except sqlite3.OperationalError as exc:
                     if not _is_busy(exc) or time.monotonic() > deadline:
                         raise self._error(exc) from exc
@@ -449,18 +440,6 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text or "locking protocol" in text
 
 
-_write_locks: dict[str, threading.Lock] = {}
-_registry = threading.Lock()
-
-
-def _path_lock(path: str) -> threading.Lock:
-    """One write lock per file per process, shared by its queue objects: a producer
-    then waits for the in-process flusher's write on a lock that wakes it at once,
-    not in SQLite's busy handler, which sleeps 1 ms and more per retry."""
-    with _registry:
-        return _write_locks.setdefault(path, threading.Lock())
-
-
 _forking: list[SQLiteQueue] = []
 
 
@@ -469,27 +448,17 @@ def _before_fork() -> None:
     for queue in _forking:
         queue._lock.acquire()
         queue._close()  # the parent reopens lazily; the child never sees this connection
-    _registry.acquire()
-    for lock in _write_locks.values():
-        lock.acquire()  # no thread is mid-write: the child's copies are free
 
 
 def _after_fork_parent() -> None:
-    for lock in _write_locks.values():
-        lock.release()
-    _registry.release()
     for queue in _forking:
         queue._lock.release()
     _forking.clear()
 
 
 def _after_fork_child() -> None:
-    global _registry
-    _registry = threading.Lock()
-    _write_locks.clear()
     for queue in _forking:
         queue._lock = threading.Lock()
-        queue._write_lock = _path_lock(queue.path)
     _forking.clear()
 
 
