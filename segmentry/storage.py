@@ -387,10 +387,12 @@ def _within(rows: Iterable[Row], max_bytes: int) -> list[Row]:
 
 
 def _header(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    tables = conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
-    return app_id, version, tables
+    # One statement, so one snapshot: read one by one, a file another process is
+    # initializing could show application_id 0 (before its commit) and tables (after).
+    row = conn.execute("SELECT (SELECT application_id FROM pragma_application_id), "
+                       "(SELECT user_version FROM pragma_user_version), "
+                       "(SELECT COUNT(*) FROM sqlite_master)").fetchone()
+    return row[0], row[1], row[2]
 
 
 def _initialize(conn: sqlite3.Connection) -> None:

@@ -251,3 +251,39 @@ def test_resume_makes_rows_in_backoff_ready_but_leaves_leases_alone(queue):
     assert queue.resume(NOW) == 2
     assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == [r.id for r in first.rows]
     assert queue.delete(leased.token, [r.id for r in leased.rows]) == 1
+
+
+_OPENER = """
+import sys
+from segmentry.storage import SQLiteQueue
+queue = SQLiteQueue(sys.argv[1])  # lazy: nothing is opened before the go line
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    queue.put('{"n": 1}', 0.0)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+    raise SystemExit(1)
+"""
+
+
+def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
+    # Regression: one process read the header field by field while another was creating
+    # the schema, saw application_id 0 next to existing tables, and refused the file.
+    # Several rounds, because each round is one roll of the scheduler's dice.
+    import subprocess
+    import sys
+
+    for round_ in range(12):
+        path = str(tmp_path / f"q{round_}.db")
+        procs = [subprocess.Popen([sys.executable, "-c", _OPENER, path], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(6)]
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:  # released together: they race to create the schema
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+        assert [proc.returncode for proc in procs] == [0] * 6, outputs
+        assert SQLiteQueue(path).stats(0.0).depth == 6
