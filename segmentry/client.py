@@ -221,7 +221,7 @@ class Client:
 
         with self._flusher_lock:
             if self._flusher is None:
-                self._flusher = Background(self.write_key or "", self.queue_path, self.options)
+                self._flusher = Background(self.write_key or "", self.queue, self.options)
                 self._flusher.start()
             return self._flusher
 

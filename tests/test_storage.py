@@ -287,3 +287,20 @@ def test_processes_opening_a_new_file_at_once_all_succeed(tmp_path):
         outputs = [proc.communicate(timeout=60)[0] for proc in procs]
         assert [proc.returncode for proc in procs] == [0] * 6, outputs
         assert SQLiteQueue(path).stats(0.0).depth == 6
+
+
+def test_a_failed_commit_leaves_no_transaction_open(tmp_path):
+    # The connection is shared by producers' autocommit INSERTs: a transaction left open
+    # after a failed COMMIT would swallow them uncommitted.
+    from segmentry.storage import _write
+
+    conn = sqlite3.connect(str(tmp_path / "fk.db"), isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (parent_id INTEGER REFERENCES parent(id) "
+                 "DEFERRABLE INITIALLY DEFERRED)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with _write(conn):
+            conn.execute("INSERT INTO child VALUES (42)")  # checked only at COMMIT
+    assert not conn.in_transaction
+    assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 0
