@@ -35,6 +35,7 @@ from .exceptions import (
     MessageTooLarge,
     NetworkError,
 )
+from .pacing import Pacer
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class HTTPClient:
         self.sleep: Callable[[float], object] = sleep or self.closing.wait
         self._gate = clock()
         self._gate_lock = threading.Lock()
+        self.pacer = Pacer(clock)
 
     def _settle_environment(self) -> None:
         """Read the proxy and CA-bundle environment once, not per request: requests scans
@@ -226,13 +228,19 @@ class HTTPClient:
             self._gate = max(self._gate, self.clock() + seconds)
 
     def wait_open(self) -> bool:
-        """Wait until the pause is over; return False at once when the client is closing."""
+        """Wait until the pause is over, then for this request's slot when the receiver
+        has rate-limited us (see pacing.py); return False at once when closing."""
         while not self.closing.is_set():
             remaining = self.paused_until() - self.clock()
             if remaining <= 0:
-                return True
+                break
             self.sleep(remaining)  # loop: another thread may have pushed the gate further
-        return False
+        else:
+            return False
+        delay = self.pacer.delay()
+        if delay > 0:
+            self.sleep(delay)
+        return not self.closing.is_set()
 
     def close(self) -> None:
         """End every wait now, forbid further retries, close the session if it is ours."""
@@ -346,6 +354,7 @@ def _attempt(
         with telemetry.span(("segmentry", kind), metadata) as span:
             response = http.post(url, body, attempt)
             span.set(**_stop_metadata(response))
+        http.pacer.observe(response.status_code)
     except NetworkError as exc:  # the span has reported it as an exception event
         return exc
     return response

@@ -834,3 +834,25 @@ def test_a_refused_connection_is_retried_then_a_network_error():
         telemetry.detach(handler_id)
     assert isinstance(excinfo.value.__cause__, requests.ConnectionError)
     assert len(attempts) == 3
+
+
+def test_after_a_429_requests_wait_for_their_pacing_slot(make, fake):
+    # 20 answers 200, then a 429 with Retry-After: 0, then 200 again: the retry and the
+    # calls after it are spaced by the pacer, not sent back to back.
+    answers = iter([200] * 20 + [429] + [200] * 10)
+
+    def handler(request):
+        status = next(answers)
+        return (status, "", {"Retry-After": "0"} if status == 429 else {})
+
+    http, stub = make(handler)
+    for _ in range(20):
+        fake.now += 0.1  # 10 requests/s accepted
+        assert sh.batch(http, [track()]).status_code == 200
+    assert fake.sleeps == []
+    for _ in range(3):
+        assert sh.batch(http, [track()]).status_code == 200
+    rate = http.pacer.rate
+    assert rate is not None and rate < 10
+    paced = [s for s in fake.sleeps if s > 0]
+    assert len(paced) >= 2 and all(s == pytest.approx(1 / rate, rel=0.2) for s in paced[-2:])
