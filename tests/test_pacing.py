@@ -1,11 +1,11 @@
-"""Pacing after a 429: spaced at 90 % of the rate the receiver accepted, probing upwards,
+"""Pacing after a 429: AIMD on a request rate, seeded from this client's recent requests,
 released when the 429s stop. Time is a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from segmentry.pacing import PACE_RELEASE_S, Pacer
+from segmentry.pacing import PACE_BACKOFF, PACE_FLOOR, PACE_RELEASE_S, Pacer
 
 
 class Clock:
@@ -16,52 +16,55 @@ class Clock:
         return self.now
 
 
-def accepted(pacer: Pacer, clock: Clock, count: int, every: float) -> None:
+def send(pacer: Pacer, clock: Clock, count: int, every: float, status: int = 200) -> None:
+    """``count`` requests, one each ``every`` seconds (waiting for their slots), answered
+    with ``status``."""
     for _ in range(count):
-        clock.now += every
-        pacer.observe(200)
-
-
-def slots(pacer: Pacer, count: int) -> list[float]:
-    return [pacer.delay() for _ in range(count)]
+        clock.now += every + pacer.delay()
+        pacer.observe(status)
 
 
 def test_nothing_is_paced_before_a_429():
     clock = Clock()
     pacer = Pacer(clock)
-    accepted(pacer, clock, 50, 0.01)
-    pacer.observe(503)  # an outage is Retry-After's and the backoff's business
+    send(pacer, clock, 50, 0.01)
+    send(pacer, clock, 3, 0.01, status=503)  # an outage is Retry-After's and backoff's
     assert pacer.rate is None
-    assert slots(pacer, 5) == [0.0] * 5
+    assert [pacer.delay() for _ in range(5)] == [0.0] * 5
 
 
-def test_a_429_paces_at_90_percent_of_the_accepted_rate():
+def test_the_first_429_paces_below_the_recent_request_rate():
     clock = Clock()
     pacer = Pacer(clock)
-    accepted(pacer, clock, 40, 0.1)  # 10 requests/s accepted over the last 4 s
+    send(pacer, clock, 40, 0.1)  # 10 requests/s
     pacer.observe(429)
-    assert pacer.rate == pytest.approx(0.9 * 40 / 3.9, rel=0.01)
-    gaps = slots(pacer, 4)
+    assert pacer.rate == pytest.approx(PACE_BACKOFF * 10, rel=0.1)
+    gaps = [pacer.delay() for _ in range(4)]
     assert gaps[0] == 0.0
-    assert gaps[1:] == pytest.approx([1 / pacer.rate * k for k in (1, 2, 3)])
+    assert gaps[1:] == pytest.approx([k / pacer.rate for k in (1, 2, 3)])
 
 
-def test_too_few_answers_to_measure_leaves_it_to_retry_after():
+def test_429s_together_cut_the_rate_once_and_a_later_one_cuts_it_again():
     clock = Clock()
     pacer = Pacer(clock)
-    accepted(pacer, clock, 3, 0.1)
+    send(pacer, clock, 40, 0.1)
+    for _ in range(5):  # the batches in flight, refused together
+        pacer.observe(429)
+    first = pacer.rate
+    assert first == pytest.approx(PACE_BACKOFF * 10, rel=0.1)
+    clock.now += 1.0
     pacer.observe(429)
-    assert pacer.rate is None
+    assert pacer.rate == pytest.approx(PACE_BACKOFF * first)
 
 
 def test_2xx_answers_raise_the_rate_and_the_pacing_ends_after_the_429s_stop():
     clock = Clock()
     pacer = Pacer(clock)
-    accepted(pacer, clock, 40, 0.1)
+    send(pacer, clock, 40, 0.1)
     pacer.observe(429)
     first = pacer.rate
     assert first is not None
-    accepted(pacer, clock, 20, 0.1)
+    send(pacer, clock, 20, 0.0)
     assert pacer.rate is not None and pacer.rate > first
     clock.now += PACE_RELEASE_S
     pacer.observe(200)
@@ -72,6 +75,8 @@ def test_2xx_answers_raise_the_rate_and_the_pacing_ends_after_the_429s_stop():
 def test_the_rate_never_falls_below_the_floor():
     clock = Clock()
     pacer = Pacer(clock)
-    accepted(pacer, clock, 5, 1.0)
-    pacer.observe(429)
-    assert pacer.rate is not None and pacer.rate >= 0.5
+    for _ in range(20):
+        clock.now += 1.0
+        pacer.delay()
+        pacer.observe(429)
+    assert pacer.rate == PACE_FLOOR
