@@ -536,6 +536,9 @@ class Background:
                 self.flusher = Flusher(self.queue, make_http(self._key, self.options),
                                        self.options)
                 self._stop.wait(RESTART_S)
+        # Stopped by Client.close(), which closes the queue too; a thread that outlived
+        # its join timeout (a hung request) must not leave a reopened connection behind.
+        self.queue.close()
 
     def _deliver(self) -> None:
         try:
