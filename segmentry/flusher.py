@@ -31,6 +31,8 @@ LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
 FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
+# The stored bodies (plus a comma each) a claim may take: the request stays under 500 KB.
+CLAIM_BYTES = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD
 
 
 class Outcome:
@@ -91,8 +93,7 @@ class Flusher:
         limit = 1 if self.options.sender == "immediate" else self.options.max_batch_size
         meta = {"queue_path": self.queue.path}
         with telemetry.span(("segmentry", "claim"), meta) as span:
-            claim = self.queue.claim(limit, messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD,
-                                     self.clock(), LEASE_S)
+            claim = self.queue.claim(limit, CLAIM_BYTES, self.clock(), LEASE_S)
             span.set(claimed=len(claim.rows))
         return claim
 
@@ -270,8 +271,9 @@ class Flusher:
         if self.options.sender == "immediate":
             return False
         bytes_ = sum(r.size + 1 for r in claim.rows)
-        full_bytes = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD - messages.MAX_EVENT_BYTES
-        return len(claim.rows) < self.options.max_batch_size and bytes_ < full_bytes
+        # Full by bytes: the next event might not have fit.
+        return (len(claim.rows) < self.options.max_batch_size
+                and bytes_ < CLAIM_BYTES - messages.MAX_EVENT_BYTES)
 
     def _submit(self, claim: Claim) -> None:
         with self._settled:

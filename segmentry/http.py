@@ -511,8 +511,9 @@ def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
     session.mount("https://", adapter)
 
 
-class NoopAdapter(BaseAdapter):
-    """send_to_http=False: answers 200 {"success": true} to every request, sends nothing."""
+class LocalAdapter(BaseAdapter):
+    """A ``requests`` adapter that answers in this process and never opens a socket:
+    subclasses build the answer in ``respond`` (NoopAdapter; testing.StubAdapter)."""
 
     def send(
         self,
@@ -523,14 +524,24 @@ class NoopAdapter(BaseAdapter):
         cert: Any = None,
         proxies: Any = None,
     ) -> requests.Response:
+        return self.respond(request)
+
+    def respond(self, request: requests.PreparedRequest) -> requests.Response:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NoopAdapter(LocalAdapter):
+    """send_to_http=False: answers 200 {"success": true} to every request, sends nothing."""
+
+    def respond(self, request: requests.PreparedRequest) -> requests.Response:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("send_to_http=False: not sending %d event(s) to %s",
                          _count_events(request_json(request)), request.path_url)
         return make_response(request, 200, b'{"success":true}',
                              {"Content-Type": "application/json"})
-
-    def close(self) -> None:
-        pass
 
 
 def _count_events(body: Any) -> int:

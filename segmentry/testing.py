@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from typing import Any, Callable, Union
 
 import requests
-from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from .http import make_response, request_json
+from .http import LocalAdapter, make_response, request_json
 
 Body = Union[str, bytes, Mapping[str, Any], list[Any]]
 Answer = Union[int, tuple[int, Body], tuple[int, Body, Mapping[str, str]]]
@@ -61,7 +60,7 @@ def sequence(*answers: Answer | BaseException | type[BaseException]) -> Handler:
     return handler
 
 
-class StubAdapter(BaseAdapter):
+class StubAdapter(LocalAdapter):
     """A ``requests`` adapter that answers every request with ``handler(request)``.
 
     Mount it with ``client(..., adapter=stub)``. Thread-safe as long as the handler is.
@@ -71,15 +70,7 @@ class StubAdapter(BaseAdapter):
         super().__init__()
         self.handler: Handler = handler or ok
 
-    def send(
-        self,
-        request: requests.PreparedRequest,
-        stream: bool = False,
-        timeout: Any = None,
-        verify: Any = True,
-        cert: Any = None,
-        proxies: Any = None,
-    ) -> requests.Response:
+    def respond(self, request: requests.PreparedRequest) -> requests.Response:
         try:
             answer = self.handler(request)
         except BaseException:
@@ -91,9 +82,6 @@ class StubAdapter(BaseAdapter):
 
     def answered(self, request: requests.PreparedRequest, status: int | None) -> None:
         """Called after each request with the status given (None when the handler raised)."""
-
-    def close(self) -> None:
-        pass
 
 
 def _unpack(answer: Answer) -> tuple[int, bytes, dict[str, str]]:
