@@ -312,3 +312,21 @@ def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
     client.queue.pending = delivered_then_another_thread_tracks
     assert client.flush(timeout=1)
     assert client.flush(timeout=0.05) is False
+
+
+def test_producers_beside_the_flusher_thread_never_run_checkpoints(tmp_path):
+    # DESIGN: checkpoints are the flusher's job. The flusher thread shares the Client's
+    # connection for claims and deletes, so it must not raise that connection's
+    # autocheckpoint (a producer's commit would then run it); it checkpoints on its own.
+    from segmentry.storage import PRODUCER_AUTOCHECKPOINT
+
+    client = segmentry.Client("K", queue_path=str(tmp_path / "q.db"), send_to_http=False)
+    try:
+        for i in range(50):
+            client.track("u", "E", {"i": i})
+        assert client.flush(timeout=30)  # delivered: the thread holds the queue's lock
+        setting = client.queue._run(
+            lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+        assert setting == PRODUCER_AUTOCHECKPOINT
+    finally:
+        client.close()
