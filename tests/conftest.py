@@ -3,4 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+
+@pytest.fixture
+def queue_path(tmp_path):
+    """A queue file path in the test's own directory (the file is not created)."""
+    return str(tmp_path / "q.db")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from fake_segment import FakeSegment
+from helpers import FAST, enqueue, wait_until
 
-import segmentry
 from segmentry.flusher import holder_pid
 from segmentry.service import GRACE_S
 from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
@@ -24,7 +24,6 @@ from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
 pytestmark = pytest.mark.slow
 
 KEY = "test-write-key-7f3a"
-FAST = ["--retry-start", "1", "--retry-expiry", "20", "--batch-every-ms", "20"]
 UNIT = Path(__file__).resolve().parent.parent / "tools" / "segmentry-flusher.service"
 STATUS_KEYS = {"depth", "bytes", "oldest_age_s", "dead_letters", "flusher_pid", "in_flight",
                "queue_path", "disk_bytes"}
@@ -40,11 +39,6 @@ def env(tmp_path):
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith("SEGMENTRY_") and k != "SEGMENT_WRITE_KEY"}
     return {**clean, "XDG_STATE_HOME": str(tmp_path / "state")}
-
-
-@pytest.fixture
-def queue_path(tmp_path):
-    return str(tmp_path / "q.db")
 
 
 def run(env, *args, module="segmentry", extra=None, timeout=120):
@@ -75,27 +69,12 @@ def status_json(env, path):
     return json.loads(proc.stdout)
 
 
-def enqueue(path, n, event="E", properties=None):
-    with segmentry.Client(queue_path=path, flusher=None) as client:
-        return [client.track(f"user-{i}", event, properties or {"i": i}) for i in range(n)]
-
-
 def stored_events(path):
     conn = sqlite3.connect(path)
     try:
         return [json.loads(body) for (body,) in conn.execute("SELECT body FROM events")]
     finally:
         conn.close()
-
-
-def wait_until(predicate, timeout=30.0):
-    """Poll a condition that only another process can make true (no race is won by it)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # -- status ---------------------------------------------------------------------------------
@@ -173,7 +152,8 @@ def test_track_enqueues_durably_and_prints_the_message_id(env, queue_path):
 
 def test_track_never_starts_a_flusher(env, queue_path):
     proc = run(env, "track", "--queue", queue_path, "--user-id", "u", "--event", "E",
-               extra={"SEGMENT_WRITE_KEY": KEY})
+               extra={"SEGMENT_WRITE_KEY": KEY,
+                      "SEGMENTRY_API_URL": "http://127.0.0.1:9/v1/"})  # never the internet
     assert proc.returncode == 0, proc.stderr
     assert not os.path.exists(queue_path + ".lock")  # no flusher, so no network
 

@@ -263,7 +263,6 @@ def test_a_producer_killed_mid_stream_loses_no_returned_event(tmp_path, durabili
     ids = {r[0] for r in conn.execute("SELECT json_extract(body, '$.messageId') FROM events")}
     conn.close()
     assert set(returned) <= ids
-    assert len(ids) >= len(returned)
 
 
 def test_a_child_process_never_reuses_the_parents_connection(tmp_path):
@@ -273,9 +272,11 @@ def test_a_child_process_never_reuses_the_parents_connection(tmp_path):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child reports whether it got a fresh connection
-        c.track("u", "in child")
-        os.write(w, b"1" if c.queue._conn is not parent_conn else b"0")
-        os._exit(0)
+        try:
+            c.track("u", "in child")
+            os.write(w, b"1" if c.queue._conn is not parent_conn else b"0")
+        finally:
+            os._exit(0)  # never return into pytest in the forked copy
     os.close(w)
     answer = os.read(r, 1)
     os.waitpid(pid, 0)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from fake_segment import FakeSegment
+from helpers import FAST, enqueue, wait_until
 
 import segmentry
 from segmentry.storage import SQLiteQueue
@@ -18,23 +19,12 @@ from segmentry.storage import SQLiteQueue
 pytestmark = pytest.mark.slow
 
 KEY = "test-key"
-FAST = ["--retry-start", "1", "--retry-expiry", "20", "--batch-every-ms", "20"]
 
 
 @pytest.fixture
 def receiver():
     with FakeSegment(write_key=KEY, record=True) as srv:
         yield srv
-
-
-@pytest.fixture
-def queue_path(tmp_path):
-    return str(tmp_path / "q.db")
-
-
-def enqueue(path, n, event="E"):
-    with segmentry.Client(queue_path=path, flusher=None) as c:
-        return [c.track(f"user-{i}", event, {"i": i}) for i in range(n)]
 
 
 def flusher(path, url, *args, env=None):
@@ -49,16 +39,6 @@ def drain(path, url, *args, timeout=120):
     proc = flusher(path, url, "--drain", *args)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
-
-
-def wait_until(predicate, timeout=30.0):
-    """Poll a condition that only another process can make true (no race is won by it)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def depth(path):
@@ -234,8 +214,11 @@ def test_a_forked_child_delivers_and_never_frees_the_parents_flusher_lock(receiv
     assert holder_pid(queue_path) == os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: enqueue with the inherited client, wait for delivery
-        ok = client.track("child", "E") is not None and client.flush(timeout=30)
-        os._exit(0 if ok else 1)
+        ok = False
+        try:
+            ok = client.track("child", "E") is not None and client.flush(timeout=30)
+        finally:
+            os._exit(0 if ok else 1)  # never return into pytest in the forked copy
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert holder_pid(queue_path) == os.getpid()

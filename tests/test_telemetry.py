@@ -105,8 +105,10 @@ def test_a_raising_handler_is_logged_detached_and_others_still_run(attach, caplo
     assert not telemetry.detach(broken_id)  # already gone after its first failure
 
 
-def test_execute_without_handlers_is_a_no_op():
-    telemetry.execute(("segmentry", "nobody"), {}, {})
+def test_execute_without_handlers_is_a_no_op(caplog):
+    with caplog.at_level("DEBUG", logger="segmentry"):
+        assert telemetry.execute(("segmentry", "nobody"), {}, {}) is None
+    assert caplog.records == []
 
 
 def test_log_bridge_logs_counts_and_status_never_bodies(caplog):
