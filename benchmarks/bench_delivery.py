@@ -1117,15 +1117,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[name] = sections[name]()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    results["meta"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    results["meta"]["elapsed_s"] = time.monotonic() - started
     results["targets"] = targets(results)
-    print(report(results))
-    print(f"({results['meta']['elapsed_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return common.finish(results, started, report, args.json)
 
 
 if __name__ == "__main__":

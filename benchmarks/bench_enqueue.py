@@ -786,10 +786,6 @@ def values(runs: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in runs if r.get(key) is not None]
 
 
-def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return spread(values(runs, key))["median"]
-
-
 def paired_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
     """Rate ratio of a to b within each round (the runs that ran back to back)."""
     return [ratio(x["rate"], y["rate"]) for x, y in zip(a, b)]
@@ -1000,18 +996,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta = results["meta"]
-    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    meta["elapsed_s"] = time.monotonic() - started
     runs = [r for s in (results["enqueue"] or {}).values() for r in s["runs"]]
     meta["timer_ns"] = spread(values(runs, "timer_ns"))["median"] if runs else float("nan")
     meta["harness_ns"] = spread(values(runs, "harness_ns"))["median"] if runs else float("nan")
     results["targets"] = targets(results)
-    print(report(results))
-    print(f"\n({meta['elapsed_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+    return common.finish(results, started, lambda r: report(r) + "\n", args.json)
 
 
 if __name__ == "__main__":

@@ -424,17 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     results = {"bench": "fleet", "meta": {
         "segmentry": __version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-        "hosts": args.hosts, "limit": args.limit, "quick": args.quick, "argv": sys.argv,
-        "elapsed_s": time.monotonic() - started}, "phases": phases,
-        "targets": targets(phases, args.limit)}
-    for name, t in results["targets"].items():
-        print(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3g} "
-              f"(target {t['op']} {t['target']:g}) - {t['detail']}")
-    print(f"({results['meta']['elapsed_s']:.0f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    return 0
+        "hosts": args.hosts, "limit": args.limit, "quick": args.quick, "argv": sys.argv},
+        "phases": phases, "targets": targets(phases, args.limit)}
+    return common.finish(results, started, report, args.json)
+
+
+def report(results: dict[str, Any]) -> str:
+    return "\n".join(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3g} "
+                     f"(target {t['op']} {t['target']:g}) - {t['detail']}"
+                     for name, t in results["targets"].items())
 
 
 if __name__ == "__main__":

@@ -131,9 +131,8 @@ class Receiver:
     """A Segment receiver in its own process on 127.0.0.1: tools/fake_segment.py when it
     is there and starts, else the built-in one below. Both answer GET /__stats."""
 
-    def __init__(self, workdir: str, prefer_fake: bool = True) -> None:
+    def __init__(self, workdir: str) -> None:
         self.workdir = workdir
-        self.prefer_fake = prefer_fake
         self.kind = ""
         self.url = ""  # the api_url: http://127.0.0.1:PORT/v1/
         self._proc: subprocess.Popen[bytes] | None = None
@@ -145,7 +144,7 @@ class Receiver:
 
     def start(self) -> Receiver:
         fake = ROOT / "tools" / "fake_segment.py"
-        if self.prefer_fake and fake.exists():
+        if fake.exists():
             if self._spawn([sys.executable, str(fake), "--port", "0"], "tools/fake_segment.py"):
                 return self
         if not self._spawn([sys.executable, "-m", "benchmarks.common"], "built-in"):
@@ -288,3 +287,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def finish(results: dict[str, Any], started: float,
+           render: Callable[[dict[str, Any]], str], json_path: str | None) -> int:
+    """The end of every bench's main(): the run's meta, the report, the JSON if asked."""
+    meta = results["meta"]
+    meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["elapsed_s"] = time.monotonic() - started
+    print(render(results))
+    print(f"({meta['elapsed_s']:.0f} s)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
