@@ -95,18 +95,47 @@ def test_a_poison_event_is_dead_lettered_and_the_others_arrive(receiver, queue_p
     assert len(letters) == 1 and poison in letters[0].body and letters[0].status == 400
 
 
-def test_a_flusher_killed_mid_send_loses_nothing(receiver, queue_path):
-    ids = enqueue(queue_path, 500)
-    receiver.delay(ms=5000)
-    proc = flusher(queue_path, receiver.url)
-    assert wait_until(lambda: depth(queue_path).in_flight > 0)
+class Flushers:
+    """Flusher processes of one test, killed at teardown if a failed assertion left any."""
+
+    def __init__(self, receiver, queue_path):
+        self.receiver, self.queue_path, self.procs = receiver, queue_path, []
+        self.ids: list[str] = []
+
+    def start(self, *args):
+        proc = flusher(self.queue_path, self.receiver.url, *args)
+        self.procs.append(proc)
+        return proc
+
+    def mid_send(self, events):
+        """Enqueue ``events`` (their ids in self.ids), hold every request 5 s, start a
+        flusher; return it once a batch is in flight."""
+        self.ids = enqueue(self.queue_path, events)
+        self.receiver.delay(ms=5000)
+        proc = self.start()
+        assert wait_until(lambda: depth(self.queue_path).in_flight > 0)
+        return proc
+
+
+@pytest.fixture
+def flushers(receiver, queue_path):
+    started = Flushers(receiver, queue_path)
+    yield started
+    for proc in started.procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def test_a_flusher_killed_mid_send_loses_nothing(receiver, queue_path, flushers):
+    proc = flushers.mid_send(500)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     receiver.clear_faults()
     code, err = drain(queue_path, receiver.url)
     assert code == 0, err
     assert receiver.wait_for(lambda s: s["unique"] == 500, timeout=30)
-    assert {e["messageId"] for e in receiver.events()} == set(ids)
+    assert {e["messageId"] for e in receiver.events()} == set(flushers.ids)
     assert SQLiteQueue(queue_path).integrity_check() == "ok"
 
 
@@ -122,34 +151,24 @@ def test_sigterm_stops_the_service_with_exit_0_and_keeps_what_is_left(receiver, 
     assert left.in_flight == 0 and left.depth + receiver.stats()["unique"] == 300
 
 
-def test_a_standby_flusher_takes_over_when_the_active_one_dies(receiver, queue_path):
-    receiver.delay(ms=5000)
-    enqueue(queue_path, 100)
-    active = flusher(queue_path, receiver.url)
-    assert wait_until(lambda: depth(queue_path).in_flight > 0)
-    standby = flusher(queue_path, receiver.url, "--wait")
-    try:
-        active.send_signal(signal.SIGKILL)
-        active.wait(timeout=10)
-        receiver.clear_faults()
-        assert receiver.wait_for(lambda s: s["unique"] == 100, timeout=30)
-    finally:
-        standby.send_signal(signal.SIGTERM)
-        standby.communicate(timeout=30)
+def test_a_standby_flusher_takes_over_when_the_active_one_dies(receiver, queue_path,
+                                                               flushers):
+    active = flushers.mid_send(100)
+    standby = flushers.start("--wait")
+    active.send_signal(signal.SIGKILL)
+    active.wait(timeout=10)
+    receiver.clear_faults()
+    assert receiver.wait_for(lambda s: s["unique"] == 100, timeout=30)
+    standby.send_signal(signal.SIGTERM)
+    standby.communicate(timeout=30)
     assert standby.returncode == 0
 
 
-def test_a_second_flusher_without_wait_exits_1_naming_the_holder(receiver, queue_path):
-    enqueue(queue_path, 1)
-    receiver.delay(ms=5000)
-    active = flusher(queue_path, receiver.url)
-    try:
-        assert wait_until(lambda: depth(queue_path).in_flight > 0)
-        code, err = drain(queue_path, receiver.url)
-        assert code == 1 and f"pid {active.pid}" in err and "Traceback" not in err
-    finally:
-        active.kill()
-        active.wait()
+def test_a_second_flusher_without_wait_exits_1_naming_the_holder(receiver, queue_path,
+                                                                 flushers):
+    active = flushers.mid_send(1)
+    code, err = drain(queue_path, receiver.url)
+    assert code == 1 and f"pid {active.pid}" in err and "Traceback" not in err
 
 
 def test_a_revoked_write_key_exits_1_on_drain_and_keeps_everything(receiver, queue_path):
@@ -259,19 +278,12 @@ def test_debug_logging_bridges_telemetry_without_bodies(receiver, queue_path):
     assert "Secret Event Name" not in err and KEY not in err
 
 
-def test_a_standby_flusher_stopped_with_sigterm_exits_0(receiver, queue_path):
-    enqueue(queue_path, 1)
-    receiver.delay(ms=5000)
-    active = flusher(queue_path, receiver.url)
-    try:
-        assert wait_until(lambda: depth(queue_path).in_flight > 0)
-        standby = flusher(queue_path, receiver.url, "--wait")
-        assert "standing by" in standby.stderr.readline()
-        standby.send_signal(signal.SIGTERM)
-        assert standby.wait(timeout=30) == 0
-    finally:
-        active.kill()
-        active.wait()
+def test_a_standby_flusher_stopped_with_sigterm_exits_0(receiver, queue_path, flushers):
+    flushers.mid_send(1)
+    standby = flushers.start("--wait")
+    assert "standing by" in standby.stderr.readline()
+    standby.send_signal(signal.SIGTERM)
+    assert standby.wait(timeout=30) == 0
 
 
 def test_drain_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(receiver, queue_path):
