@@ -83,7 +83,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import WRITE_KEY, spread  # noqa: E402
+from benchmarks.common import WRITE_KEY, log, spread  # noqa: E402
 
 MODULE = "benchmarks.bench_delivery"
 FAKE_SEGMENT = common.ROOT / "tools" / "fake_segment.py"
@@ -98,10 +98,6 @@ RECEIVER_START_S = 15.0
 FLUSHER_PROCESS = "segmentry-flusher-process"  # e2e: flusher=None, a flusher process delivers
 SECTIONS = ("e2e", "replay", "rtt", "sigkill", "growth", "profile")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # =============================================================================================

@@ -88,7 +88,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import WRITE_KEY, fmt_spread, ratio, spread, table  # noqa: E402
+from benchmarks.common import WRITE_KEY, fmt_spread, log, ratio, spread, table  # noqa: E402
 
 MODULE = "benchmarks.bench_enqueue"
 EVENT_NAME = "Signed Up"
@@ -116,10 +116,6 @@ CONTENDERS: dict[str, dict[str, Any]] = {
                     "label": "raw sqlite3 1-row commit, WAL, FULL"},
 }
 BASELINE = "analytics-python"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # =============================================================================================

@@ -301,3 +301,8 @@ def finish(results: dict[str, Any], started: float,
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr: stdout carries the report."""
+    print(message, file=sys.stderr, flush=True)

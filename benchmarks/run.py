@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
 
 from benchmarks import chart, common  # noqa: E402
 from benchmarks.bench_fleet import longest_stall  # noqa: E402
-from benchmarks.common import fmt_spread, spread  # noqa: E402
+from benchmarks.common import fmt_spread, log, spread  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "out")
@@ -44,10 +44,6 @@ BENCHES = ("enqueue", "delivery", "fleet")
 FLAGS = {"enqueue": (["--profile"], ["--quick"]), "delivery": ([], ["--quick"]),
          "fleet": ([], ["--quick"])}
 TIMEOUT_S = {"enqueue": 1800, "delivery": 3600, "fleet": 600}
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # =============================================================================================
