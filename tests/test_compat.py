@@ -89,6 +89,7 @@ def make_client(tmp_path: Any) -> Iterator[Any]:
 
     def make(*args: Any, **kwargs: Any) -> analytics.Client:
         kwargs.setdefault("queue_path", str(tmp_path / f"client{len(made)}.db"))
+        kwargs.setdefault("host", "http://127.0.0.1:9")  # never the internet, even if broken
         client = analytics.Client(*args, **kwargs)
         made.append(client)
         return client
@@ -352,7 +353,7 @@ def test_settings_map_onto_segmentry_options(make_client: Any) -> None:
 
 
 def test_default_settings_give_segments_api_and_analytics_python_limits(make_client: Any) -> None:
-    options = make_client(KEY).segmentry_client.options
+    options = make_client(KEY, host=None).segmentry_client.options  # None: the default
     assert options.api_url == "https://api.segment.io/v1/"
     assert options.requests_options == {"timeout": 15}
     assert (options.retry_attempts, options.max_in_flight, options.batch_every_ms) == (10, 1, 500)
