@@ -9,6 +9,7 @@ import time
 
 import pytest
 import requests
+from helpers import wait_until
 
 import segmentry
 from segmentry import telemetry
@@ -231,16 +232,16 @@ def test_the_window_halves_on_a_pause_and_grows_back_one_per_window():
     from segmentry.flusher import Window
 
     window = Window(8)
-    assert window.allows(7) and not window.allows(8)
+    assert (window.free(0), window.free(7), window.free(8)) == (8, 1, 0)
     window.shrink()
     window.shrink()
-    assert window.allows(1) and not window.allows(2)
+    assert (window.free(0), window.free(1), window.free(2)) == (2, 1, 0)
     for _ in range(2):
         window.grow()  # 2 -> 2.5 -> 2.9
-    assert not window.allows(3)
+    assert window.free(0) == 2
     for _ in range(40):
         window.grow()
-    assert window.allows(7) and not window.allows(8)
+    assert (window.free(7), window.free(8), window.free(9)) == (1, 0, 0)
 
 
 def test_a_retry_after_shrinks_how_many_batches_fly_at_once(path):
@@ -257,7 +258,7 @@ def test_the_flusher_thread_restarts_after_an_unexpected_error(path, monkeypatch
     import segmentry.flusher as flusher_module
 
     monkeypatch.setattr(flusher_module, "RESTART_S", 0.01)
-    real_claim = SQLiteQueue.claim
+    real_claim = SQLiteQueue.claim_batches
     failures = []
 
     def claim_failing_once(self, *args):
@@ -266,7 +267,7 @@ def test_the_flusher_thread_restarts_after_an_unexpected_error(path, monkeypatch
             raise RuntimeError("an unexpected bug")
         return real_claim(self, *args)
 
-    monkeypatch.setattr(SQLiteQueue, "claim", claim_failing_once)
+    monkeypatch.setattr(SQLiteQueue, "claim_batches", claim_failing_once)
     stub = Stub()
     with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
                           batch_every_ms=10) as client:
@@ -287,3 +288,40 @@ def test_a_2xx_after_an_outage_resumes_rows_waiting_out_a_backoff(path):
     flusher.run_once()  # the other ten: 200, the receiver is back
     assert waiting(queue) == 0 and flusher.pause_until <= time.time()
     assert flusher.run_once() == 10 and queue.stats(time.time()).depth == 0
+
+
+def test_a_batch_delivered_while_the_loop_waits_is_deleted_at_once(path):
+    """A flat-out loop leaves deletes to its next claim; one that waits between cycles
+    must not, or flush() would wait batch_every_ms for rows already delivered."""
+    enqueue(path, 3)
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    stop, wake = threading.Event(), threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, wake))
+    loop.start()
+    try:
+        assert wait_until(lambda: queue.stats(time.time()).depth == 0, timeout=20)
+        assert flusher.outcome.sent == 3 and len(stub.events) == 3
+    finally:
+        stop.set()
+        wake.set()
+        loop.join(10)
+
+
+def test_what_was_delivered_when_the_loop_stops_is_deleted_not_sent_again(path):
+    enqueue(path, 1000)
+    stop = threading.Event()
+
+    def answer(request):
+        if len(stub.batches) >= 3:
+            stop.set()
+        return 200
+
+    flusher, stub, queue = make(path, answer, max_batch_size=10)
+    flusher.run(stop, threading.Event(), drain=True)
+    flusher.finish(grace=10)
+    received = {e["messageId"] for e in stub.events}
+    left = {json.loads(b)["messageId"] for (b,) in queue._run(
+        lambda c: c.execute("SELECT body FROM events").fetchall())}
+    assert 30 <= len(received) < 1000
+    assert not received & left and len(left) == 1000 - len(received)
+    assert flusher.outcome.sent == len(received)

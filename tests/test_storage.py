@@ -85,6 +85,38 @@ def test_release_counts_the_attempt_and_delays_the_rows(queue):
     assert [r.attempts for r in again.rows] == [1, 1]
 
 
+def test_claim_batches_cuts_several_batches_under_one_token(queue):
+    ids = fill(queue, 7, size=0)
+    size = len('{"i":0,"pad":""}') + 1
+    claims = queue.claim_batches(3, 2, BIG, NOW, 60)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4], ids[4:6]]
+    assert len({c.token for c in claims.batches}) == 1 and claims.deleted == 0
+    # bytes cut a batch as claim() does; the rows after the last batch stay ready
+    by_bytes = SQLiteQueue(queue.path).claim_batches(2, 10, size, NOW, 60)
+    assert [[r.id for r in c.rows] for c in by_bytes.batches] == [ids[6:7]]
+
+
+def test_claim_batches_deletes_what_was_delivered_first_and_only_that(queue):
+    ids = fill(queue, 6)
+    a, b = queue.claim_batches(2, 2, BIG, NOW, 60).batches
+    delivered = [(a.token, [r.id for r in a.rows]), (b.token, [b.rows[0].id]),
+                 (999, [b.rows[1].id])]  # a token that does not hold the row: no effect
+    claims = queue.claim_batches(1, 10, BIG, NOW, 60, delivered)
+    assert claims.deleted == 3
+    assert [r.id for r in claims.batches[0].rows] == ids[4:]
+    assert queue.delete(b.token, [b.rows[1].id]) == 1  # still b's
+    assert queue.stats(NOW).depth == 2
+
+
+def test_delete_many_deletes_several_leases_in_one_call(queue):
+    fill(queue, 4)
+    a = queue.claim(2, BIG, NOW, 60)
+    b = queue.claim(2, BIG, NOW, 60)
+    pairs = [(c.token, [r.id for r in c.rows]) for c in (a, b)]
+    assert queue.delete_many(pairs) == 4 and queue.delete_many(pairs) == 0
+    assert queue.delete_many([]) == 0 and queue.stats(NOW).depth == 0
+
+
 def test_reset_leases_makes_a_dead_flushers_rows_ready(queue):
     fill(queue, 3)
     queue.claim(3, BIG, NOW, 600)
@@ -203,6 +235,39 @@ def test_a_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(StorageError, match="newer than this segmentry"):
         SQLiteQueue(q.path).put("{}", NOW)
+
+
+_SCHEMA_1 = """
+CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT NOT NULL, size INTEGER NOT NULL,
+    created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0, lease INTEGER NOT NULL DEFAULT 0,
+    lease_until REAL NOT NULL DEFAULT 0);
+CREATE TABLE dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id INTEGER NOT NULL,
+    body TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL,
+    attempts INTEGER NOT NULL, buried_at REAL NOT NULL, status INTEGER,
+    response TEXT NOT NULL);
+"""
+
+
+def test_a_schema_1_file_is_upgraded_in_place_and_keeps_every_event(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA_1 + f"PRAGMA application_id={APPLICATION_ID}; "
+                       "PRAGMA user_version=1;")
+    conn.executemany("INSERT INTO events (body, size, created, attempts, lease, lease_until) "
+                     "VALUES (?, 2, ?, ?, ?, ?)",
+                     [("{}", NOW, 0, 0, 0), ("[]", NOW, 2, 77, NOW + 600)])  # one leased
+    conn.commit()
+    conn.close()
+    queue = SQLiteQueue(path)
+    claim = queue.claim(10, BIG, NOW, 60)  # the old lease is a dead flusher's: dropped
+    assert [(r.body, r.attempts) for r in claim.rows] == [("{}", 0), ("[]", 2)]
+    assert queue.delete(claim.token, [r.id for r in claim.rows]) == 2
+    assert queue._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+    assert queue.integrity_check() == "ok"
+    queue.close()
+    assert SQLiteQueue(path).stats(NOW).depth == 0  # reopening an upgraded file is a no-op
 
 
 def test_an_unwritable_directory_is_a_storage_error(tmp_path):

@@ -118,6 +118,37 @@ class QueueModel(RuleBasedStateMachine):
         assert [r.attempts for r in claim.rows] == [self.rows[i].attempts for i in expected]
         self._lease(claim, expected, self.now + lease_s)
 
+    @rule(data=st.data(), count=st.integers(1, 3), limit=st.integers(1, 4),
+          max_bytes=st.sampled_from([1, 50, 130, 10**6]), lease_s=st.sampled_from([5.0, 600.0]))
+    def claim_batches(self, data: st.DataObject, count: int, limit: int, max_bytes: int,
+                      lease_s: float) -> None:
+        """The flusher's hot path: delete what was delivered, then lease several batches."""
+        pairs = [self._slice(data) for _ in range(data.draw(st.integers(0, 2)))] \
+            if self.leases else []
+        hit = list(dict.fromkeys(i for lease, ids in pairs for i in self._by_token(lease, ids)))
+        claims = self.queue.claim_batches(count, limit, max_bytes, self.now, lease_s,
+                                          [(lease.token, ids) for lease, ids in pairs])
+        assert claims.deleted == len(hit)
+        for row_id in hit:
+            self.deleted.add(self.rows.pop(row_id).label)
+        expected = self._expected_batches(count, limit, max_bytes)
+        assert [[r.id for r in c.rows] for c in claims.batches] == expected
+        assert len({c.token for c in claims.batches}) <= 1, "one token for the batches"
+        if expected:
+            self._lease(claims.batches[0], [i for batch in expected for i in batch],
+                        self.now + lease_s)
+
+    def _expected_batches(self, count: int, limit: int, max_bytes: int) -> list[list[int]]:
+        batches: list[list[int]] = []
+        for row_id in self._expected_claim(count * limit, count * max_bytes):
+            size = len(self.rows[row_id].body) + 1
+            last = batches[-1] if batches else None
+            if last is None or len(last) == limit or \
+                    sum(len(self.rows[i].body) + 1 for i in last) + size > max_bytes:
+                batches.append([])
+            batches[-1].append(row_id)
+        return batches
+
     def _expected_claim(self, limit: int, max_bytes: int) -> list[int]:
         taken: list[int] = []
         total = 0
@@ -254,10 +285,16 @@ class QueueModel(RuleBasedStateMachine):
     def file_holds_exactly_the_model(self) -> None:
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
             events = conn.execute(
-                "SELECT id, body, attempts, not_before, lease, lease_until FROM events").fetchall()
+                "SELECT e.id, e.body, e.attempts, e.not_before, COALESCE(l.token, 0), "
+                "COALESCE(l.until, 0.0) FROM events e LEFT JOIN leases l ON l.id = e.id"
+            ).fetchall()
+            orphans = conn.execute(
+                "SELECT COUNT(*) FROM leases WHERE id NOT IN (SELECT id FROM events)"
+            ).fetchone()[0]
             letters = conn.execute(
                 "SELECT id, body, attempts, status, response FROM dead_letters").fetchall()
         conn.close()
+        assert orphans == 0, "a lease outlived its event"
         assert sorted(events) == sorted(
             (i, r.body, r.attempts, r.not_before, r.lease, r.lease_until)
             for i, r in self.rows.items())
