@@ -79,6 +79,7 @@ _HELD = "SELECT id FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
 _UNLEASE = "DELETE FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
 _READY = ("not_before <= :now AND NOT EXISTS "
           "(SELECT 1 FROM leases WHERE leases.id = events.id AND until > :now)")
+_READY_ROWS = f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} ORDER BY id"
 _LEASE = (f"INSERT OR REPLACE INTO leases (id, token, until) SELECT id, :token, :until "
           f"FROM events WHERE id BETWEEN :first AND :last AND {_READY}")
 
@@ -182,13 +183,15 @@ class SQLiteQueue:
         return claims.batches[0] if claims.batches else Claim(0, [])
 
     def claim_batches(self, count: int, limit: int, max_bytes: int, now: float,
-                      lease_s: float, delivered: Sequence[Delivered] = ()) -> Claims:
-        """Lease up to ``count`` batches at once, each as ``claim`` takes one (rarely,
-        when events are large, one more); they share a lease token, and each is deleted,
-        released or buried by its own ids. The ``delivered`` (token, ids) pairs are
-        deleted first, as ``delete`` does, in the same transaction: a flusher with several
-        batches in flight spent as long waiting for the GIL around each of its SQLite
-        statements as running them, and this takes a few where each batch took eight."""
+                      lease_s: float, delivered: Sequence[Delivered] = (),
+                      partial: bool = True) -> Claims:
+        """Lease up to ``count`` batches at once, each as ``claim`` takes one; they share
+        a lease token, and each is deleted, released or buried by its own ids. With
+        ``partial`` False, only full batches: ``limit`` rows, or cut by ``max_bytes``
+        (the rows after them stay ready). The ``delivered`` (token, ids) pairs are deleted
+        first, as ``delete`` does, in the same transaction: a flusher with several batches
+        in flight spent as long waiting for the GIL around each of its SQLite statements
+        as running them, and this takes a few where each batch took eight."""
         token = random.randint(1, 2**62)
         args = {"token": token, "until": now + lease_s, "now": now}
 
@@ -198,10 +201,14 @@ class SQLiteQueue:
             # with another event's body in hand, and that event deleted unsent.
             with _write(conn):
                 deleted = _delete_all(conn, delivered)
-                rows = _within(_ready_rows(conn, count * limit, now), count * max_bytes)
-                if rows:
-                    conn.execute(_LEASE, {**args, "first": rows[0].id, "last": rows[-1].id})
-            batches = _batches(rows, limit, max_bytes)
+                cur = conn.execute(_READY_ROWS, {"now": now})  # read as they are cut
+                try:
+                    batches = _batches(map(Row._make, cur), count, limit, max_bytes, partial)
+                finally:
+                    cur.close()
+                if batches:
+                    first, last = batches[0][0].id, batches[-1][-1].id
+                    conn.execute(_LEASE, {**args, "first": first, "last": last})
             return Claims([Claim(token, batch) for batch in batches], deleted)
 
         return self._run(take)
@@ -422,40 +429,23 @@ class SQLiteQueue:
             self._close()
 
 
-def _ready_rows(conn: sqlite3.Connection, limit: int, now: float) -> list[Row]:
-    cur = conn.execute(f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} "
-                       "ORDER BY id LIMIT :limit", {"now": now, "limit": limit})
-    try:
-        return list(map(Row._make, cur.fetchall()))
-    finally:
-        cur.close()
-
-
-def _within(rows: Iterable[Row], max_bytes: int) -> list[Row]:
-    """The leading rows whose sizes plus a comma each fit in max_bytes (at least one)."""
-    taken: list[Row] = []
-    total = 0
-    for row in rows:
-        total += row.size + 1
-        if taken and total > max_bytes:
-            break
-        taken.append(row)
-    return taken
-
-
-def _batches(rows: list[Row], limit: int, max_bytes: int) -> list[list[Row]]:
-    """Consecutive rows cut into batches of at most ``limit`` rows whose sizes plus a
-    comma each fit in max_bytes (at least one row each)."""
+def _batches(rows: Iterable[Row], count: int, limit: int, max_bytes: int,
+             partial: bool = True) -> list[list[Row]]:
+    """Up to ``count`` batches of consecutive rows, each of at most ``limit`` rows whose
+    sizes plus a comma each fit in max_bytes (at least one row). Without ``partial``, a
+    last batch that is not full is left out."""
     batches: list[list[Row]] = []
     batch: list[Row] = []
     total = 0
     for row in rows:
         if batch and (len(batch) == limit or total + row.size + 1 > max_bytes):
-            batches.append(batch)
+            batches.append(batch)  # full: the next row does not fit
+            if len(batches) == count:
+                return batches
             batch, total = [], 0
         batch.append(row)
         total += row.size + 1
-    if batch:
+    if batch and (partial or len(batch) == limit):
         batches.append(batch)
     return batches
 

@@ -325,3 +325,29 @@ def test_what_was_delivered_when_the_loop_stops_is_deleted_not_sent_again(path):
     assert 30 <= len(received) < 1000
     assert not received & left and len(left) == 1000 - len(received)
     assert flusher.outcome.sent == len(received)
+
+
+def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path):
+    claimed = []
+    telemetry.attach("claims", [("segmentry", "claim", "stop")],
+                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    stop, wake = threading.Event(), threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, wake))
+    try:
+        loop.start()
+        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
+        enqueue(path, 150)
+        wake.set()  # what a producer does at every max_batch_size events
+        assert wait_until(lambda: sum(claimed) >= 100)
+        assert [n for n in claimed if n] == [100]  # the other 50 wait
+        flusher.hurry.set()  # what flush() does
+        wake.set()
+        assert wait_until(lambda: queue.stats(time.time()).depth == 0)
+        assert [n for n in claimed if n] == [100, 50]
+        assert [len(b) for b in stub.batches] == [100, 50]
+    finally:
+        telemetry.detach("claims")
+        stop.set()
+        wake.set()
+        loop.join(10)

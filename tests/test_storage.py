@@ -369,3 +369,10 @@ def test_a_failed_commit_leaves_no_transaction_open(tmp_path):
             conn.execute("INSERT INTO child VALUES (42)")  # checked only at COMMIT
     assert not conn.in_transaction
     assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 0
+
+
+def test_claim_batches_without_partial_leaves_a_batch_that_is_not_full(queue):
+    ids = fill(queue, 5)
+    claims = queue.claim_batches(3, 2, BIG, NOW, 60, partial=False)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4]]
+    assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == ids[4:]

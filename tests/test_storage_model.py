@@ -119,35 +119,42 @@ class QueueModel(RuleBasedStateMachine):
         self._lease(claim, expected, self.now + lease_s)
 
     @rule(data=st.data(), count=st.integers(1, 3), limit=st.integers(1, 4),
-          max_bytes=st.sampled_from([1, 50, 130, 10**6]), lease_s=st.sampled_from([5.0, 600.0]))
+          max_bytes=st.sampled_from([1, 50, 130, 10**6]), lease_s=st.sampled_from([5.0, 600.0]),
+          partial=st.booleans())
     def claim_batches(self, data: st.DataObject, count: int, limit: int, max_bytes: int,
-                      lease_s: float) -> None:
+                      lease_s: float, partial: bool) -> None:
         """The flusher's hot path: delete what was delivered, then lease several batches."""
         pairs = [self._slice(data) for _ in range(data.draw(st.integers(0, 2)))] \
             if self.leases else []
         hit = list(dict.fromkeys(i for lease, ids in pairs for i in self._by_token(lease, ids)))
         claims = self.queue.claim_batches(count, limit, max_bytes, self.now, lease_s,
-                                          [(lease.token, ids) for lease, ids in pairs])
+                                          [(lease.token, ids) for lease, ids in pairs], partial)
         assert claims.deleted == len(hit)
         for row_id in hit:
             self.deleted.add(self.rows.pop(row_id).label)
-        expected = self._expected_batches(count, limit, max_bytes)
+        expected = self._expected_batches(count, limit, max_bytes, partial)
         assert [[r.id for r in c.rows] for c in claims.batches] == expected
         assert len({c.token for c in claims.batches}) <= 1, "one token for the batches"
         if expected:
             self._lease(claims.batches[0], [i for batch in expected for i in batch],
                         self.now + lease_s)
 
-    def _expected_batches(self, count: int, limit: int, max_bytes: int) -> list[list[int]]:
-        batches: list[list[int]] = []
-        for row_id in self._expected_claim(count * limit, count * max_bytes):
-            size = len(self.rows[row_id].body) + 1
-            last = batches[-1] if batches else None
-            if last is None or len(last) == limit or \
-                    sum(len(self.rows[i].body) + 1 for i in last) + size > max_bytes:
-                batches.append([])
-            batches[-1].append(row_id)
-        return batches
+    def _expected_batches(self, count: int, limit: int, max_bytes: int,
+                          partial: bool) -> list[list[int]]:
+        """Greedy: a batch closes when the next ready row would pass limit or max_bytes."""
+        closed: list[list[int]] = []
+        batch: list[int] = []
+        for row_id, row in self._ready():
+            size = sum(len(self.rows[i].body) + 1 for i in batch) + len(row.body) + 1
+            if batch and (len(batch) == limit or size > max_bytes):
+                closed.append(batch)
+                batch = []
+                if len(closed) == count:
+                    return closed
+            batch.append(row_id)
+        if batch and (partial or len(batch) == limit):
+            closed.append(batch)
+        return closed
 
     def _expected_claim(self, limit: int, max_bytes: int) -> list[int]:
         taken: list[int] = []
