@@ -76,20 +76,17 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segmentry` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import WRITE_KEY, log, spread  # noqa: E402
+from benchmarks.common import WRITE_KEY, log, med, paired, spread, values  # noqa: E402
 
 MODULE = "benchmarks.bench_delivery"
 FAKE_SEGMENT = common.ROOT / "tools" / "fake_segment.py"
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "segmentry-bench-cache")
 EVENT_NAME = "Signed Up"
-INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
 BATCH = 100  # events per request, for every contender
 CLAIM_BYTES = 499_000  # the claim limit the brief fixes (just under 500 KB minus the envelope)
 LEASE_S = 600.0
@@ -215,48 +212,8 @@ def event_body(i: int, created: float) -> str:
 
 
 def build_backlog(rows: int) -> str:
-    """A segmentry queue file holding ``rows`` events, built once and cached under /tmp.
-    The schema comes from ``SQLiteQueue.put``; the rest go in one executemany."""
-    from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
-    from segmentry.version import __version__
-
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    path = os.path.join(CACHE_DIR, f"delivery-{__version__}-schema{SCHEMA_VERSION}-{rows}.db")
-    if os.path.exists(path):
-        return path
-    log(f"  building a {rows:,}-event backlog in {path} (cached)")
-    tmp = path + ".building"
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(tmp + suffix):
-            os.unlink(tmp + suffix)
-    start = time.time() - rows / 1000.0  # as if 1000 events/s had come in
-    queue = SQLiteQueue(tmp)
-    queue.put(event_body(0, start), start)
-    queue.close()
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    conn.execute("PRAGMA synchronous=OFF")  # a fixture: rebuilt if anything goes wrong
-    conn.execute("BEGIN")
-    conn.executemany(INSERT, _rows(1, rows, start))
-    conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    conn.close()
-    queue = SQLiteQueue(tmp)
-    depth = queue.stats(time.time()).depth
-    queue.close()
-    if depth != rows:
-        raise RuntimeError(f"backlog fixture holds {depth} rows, not {rows}")
-    for suffix in ("-wal", "-shm"):
-        if os.path.exists(tmp + suffix):
-            os.unlink(tmp + suffix)
-    os.replace(tmp, path)
-    return path
-
-
-def _rows(first: int, end: int, start: float) -> Iterator[tuple[str, int, float]]:
-    for i in range(first, end):
-        created = start + i / 1000.0
-        body = event_body(i, created)
-        yield body, len(body), created
+    """A queue file of ``rows`` track events, cached (see ``common.queue_file``)."""
+    return common.queue_file("delivery", rows, event_body)
 
 
 def copy_queue(source: str | None, target: str) -> str:
@@ -937,18 +894,6 @@ def _frame_name(frame: str) -> str:
 # =============================================================================================
 
 
-def rates(runs: list[dict[str, Any]], key: str = "rate") -> list[float]:
-    return [float(r[key]) for r in runs if r.get(key) is not None]
-
-
-def median(runs: list[dict[str, Any]], key: str = "rate") -> float:
-    return spread(rates(runs, key))["median"]
-
-
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "rate") -> list[float]:
-    return [common.ratio(x[key], y[key]) for x, y in zip(a, b)]
-
-
 def per_event_us(runs: list[dict[str, Any]], key: str) -> float:
     return spread([1e6 * r[key] / max(1, r.get("unique") or r["events"]) for r in runs])["median"]
 
@@ -968,33 +913,33 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         seg, ap = e2e["runs"]["segmentry"], e2e["runs"]["analytics-python"]
         add("end-to-end: segmentry / analytics-python", spread(paired(seg, ap))["median"], 2.0,
             "end-to-end >= 2x analytics-python",
-            f"segmentry {median(seg):,.0f} ev/s (enqueue loop {median(seg, 'enqueue_s'):.2f} s, "
-            f"then flush {median(seg, 'flush_s'):.2f} s; CPU "
+            f"segmentry {med(seg):,.0f} ev/s (enqueue loop {med(seg, 'enqueue_s'):.2f} s, "
+            f"then flush {med(seg, 'flush_s'):.2f} s; CPU "
             f"{per_event_us(seg, 'cpu_s'):.0f} us/event in the client process) vs "
-            f"analytics-python {median(ap):,.0f} ev/s (enqueue {median(ap, 'enqueue_s'):.2f} s, "
-            f"flush {median(ap, 'flush_s'):.2f} s; CPU {per_event_us(ap, 'cpu_s'):.0f} us/event);"
+            f"analytics-python {med(ap):,.0f} ev/s (enqueue {med(ap, 'enqueue_s'):.2f} s, "
+            f"flush {med(ap, 'flush_s'):.2f} s; CPU {per_event_us(ap, 'cpu_s'):.0f} us/event);"
             f" drops {sum(int(r['drops']) for r in seg)} vs {sum(int(r['drops']) for r in ap)}"
             + (f"; with flusher=None and a flusher process instead of the thread: "
-               f"{median(e2e['runs'][FLUSHER_PROCESS]):,.0f} ev/s "
+               f"{med(e2e['runs'][FLUSHER_PROCESS]):,.0f} ev/s "
                f"({spread(paired(e2e['runs'][FLUSHER_PROCESS], ap))['median']:.2f}x)"
                if FLUSHER_PROCESS in e2e["runs"] else ""))
     replay = results.get("replay")
     if replay:
         runs = replay["runs"]
         flusher = runs["flusher"]
-        best = max(("raw-8", "raw-1"), key=lambda k: median(runs[k]))
+        best = max(("raw-8", "raw-1"), key=lambda k: med(runs[k]))
         ratio = spread(paired(flusher, runs[best]))["median"]
-        why = (f"flusher {median(flusher):,.0f} ev/s (wall {median(flusher, 'rate_wall'):,.0f}), "
-               f"limit ({best}) {median(runs[best]):,.0f} ev/s; CPU per event: flusher "
+        why = (f"flusher {med(flusher):,.0f} ev/s (wall {med(flusher, 'rate_wall'):,.0f}), "
+               f"limit ({best}) {med(runs[best]):,.0f} ev/s; CPU per event: flusher "
                f"{per_event_us(flusher, 'cpu_net_s'):.1f} us (start-up excluded), raw loop "
                f"{per_event_us(runs[best], 'cpu_s'):.1f} us, receiver "
                f"{per_event_us(flusher, 'rx_cpu_s'):.1f} us (2 cores shared by both processes)")
         add("replay: flusher / raw requests limit", ratio, 0.75, "issue 5 (>= 0.75x)", why)
         add("replay: flusher / raw requests limit (issue 3)", ratio, 0.6, "issue 3 (>= 0.6x)",
             why)
-        peaks = {replay["rows"]: max(rates(flusher, "max_rss_mb"))}
+        peaks = {replay["rows"]: max(values(flusher, "max_rss_mb"))}
         for rows, drains in replay["memory"].items():
-            peaks[int(rows)] = max(rates(drains, "max_rss_mb"))
+            peaks[int(rows)] = max(values(drains, "max_rss_mb"))
         sizes = sorted(peaks)
         add("replay: flusher peak RSS, MB", peaks[sizes[-1]], 50.0, "< 50 MB",
             "max RSS per backlog: " + ", ".join(f"{n:,}: {peaks[n]:.1f} MB" for n in sizes),
@@ -1008,22 +953,22 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         runs = rtt["runs"]
         mif8, mif1, ap = runs["segmentry-mif8"], runs["segmentry-mif1"], runs["analytics-python"]
         ideal = 8 * BATCH / (rtt["delay_ms"] / 1000)
-        add(f"{rtt['delay_ms']:g} ms RTT: replay ev/s, max_in_flight=8", median(mif8), 10_000.0,
+        add(f"{rtt['delay_ms']:g} ms RTT: replay ev/s, max_in_flight=8", med(mif8), 10_000.0,
             ">= 10 k events/s",
             f"ideal {ideal:,.0f} ev/s (8 x {BATCH} events per {rtt['delay_ms']:g} ms); "
-            f"max_in_flight=1 {median(mif1):,.0f} ev/s ({spread(paired(mif8, mif1))['median']:.1f}x"
-            f"), analytics-python {median(ap):,.0f} ev/s ({spread(paired(mif8, ap))['median']:.1f}"
-            f"x); start-up ({median(mif8, 'startup_s'):.2f} s) subtracted, wall rate "
-            f"{median(mif8, 'rate_wall'):,.0f} ev/s")
+            f"max_in_flight=1 {med(mif1):,.0f} ev/s ({spread(paired(mif8, mif1))['median']:.1f}x"
+            f"), analytics-python {med(ap):,.0f} ev/s ({spread(paired(mif8, ap))['median']:.1f}"
+            f"x); start-up ({med(mif8, 'startup_s'):.2f} s) subtracted, wall rate "
+            f"{med(mif8, 'rate_wall'):,.0f} ev/s")
     kill = results.get("sigkill")
     if kill:
         seg, ap = kill["runs"]["segmentry"], kill["runs"]["analytics-python"]
-        add("SIGKILL: segmentry events lost, %", max(rates(seg, "lost_pct")), 1e-9,
+        add("SIGKILL: segmentry events lost, %", max(values(seg, "lost_pct")), 1e-9,
             "the promise: 0 lost (worst run)",
             f"segmentry lost {sum(int(r['lost']) for r in seg)} of "
             f"{sum(int(r['returned']) for r in seg):,} returned events over {len(seg)} kills "
             f"(duplicates {sum(int(r['duplicates']) for r in seg)}); analytics-python lost "
-            f"{median(ap, 'lost_pct'):.1f} % (median) of what track() had accepted", "<")
+            f"{med(ap, 'lost_pct'):.1f} % (median) of what track() had accepted", "<")
     growth = results.get("growth")
     if growth:
         sizes = [str(n) for n in growth["sizes"]]
@@ -1032,7 +977,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             ratio = spread(paired(runs[sizes[-1]], runs[sizes[0]], key))["median"]
             add(f"growth: {what} rate at {int(sizes[-1]):,} / at {int(sizes[0]):,}", ratio, 0.9,
                 "flat (taken as >= 0.9x)",
-                ", ".join(f"{int(s):,}: {median(runs[s], key):,.0f} ev/s" for s in sizes))
+                ", ".join(f"{int(s):,}: {med(runs[s], key):,.0f} ev/s" for s in sizes))
     return out
 
 

@@ -88,12 +88,18 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import WRITE_KEY, fmt_spread, log, ratio, spread, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    WRITE_KEY,
+    fmt_spread,
+    log,
+    paired,
+    spread,
+    table,
+    values,
+)
 
 MODULE = "benchmarks.bench_enqueue"
 EVENT_NAME = "Signed Up"
-RAW_INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "segmentry-bench-cache")
 FLUSH_TIMEOUT_S = 120.0
 PROC_COUNTS = (1, 2, 4, 8)
 FLUSHER_POLL_MS = 100
@@ -244,7 +250,7 @@ def setup_sqlite(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, Any
     size, execute, now = len(body), conn.execute, time.time
 
     def call(i: int) -> object:
-        return execute(RAW_INSERT, (body, size, now())).lastrowid
+        return execute(common.INSERT, (body, size, now())).lastrowid
 
     def finish() -> dict[str, Any]:
         conn.close()
@@ -379,8 +385,8 @@ def profile_components(spec: dict[str, Any]) -> dict[str, float]:
         "new_message_id": lambda i: messages.new_message_id(),
         "time + format_timestamp": lambda i: messages.format_timestamp(now()),
         "SQLiteQueue.put (connection stubbed)": lambda i: queue.put(body, now()),
-        "stub execute call": lambda i: null.execute(RAW_INSERT, (body, len(body), now())),
-        "raw INSERT commit": lambda i: raw.execute(RAW_INSERT, (body, len(body), now())),
+        "stub execute call": lambda i: null.execute(common.INSERT, (body, len(body), now())),
+        "raw INSERT commit": lambda i: raw.execute(common.INSERT, (body, len(body), now())),
     }
     for fn in pieces.values():  # open files, fill caches
         per_call_ns(fn, 200)
@@ -720,47 +726,14 @@ def stop_flusher_process(proc: subprocess.Popen[bytes] | None, receiver: common.
 
 
 def build_backlog(rows: int) -> str:
-    """A segmentry queue file holding ``rows`` queued events, built once and cached.
-    The schema comes from SQLiteQueue itself; the rows go in one executemany."""
+    """A queue file of ``rows`` queued events, cached (see ``common.queue_file``)."""
     from segmentry import messages
-    from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
-    from segmentry.version import __version__
 
-    os.makedirs(CACHE_DIR, exist_ok=True)
-    path = os.path.join(CACHE_DIR, f"backlog-{__version__}-schema{SCHEMA_VERSION}-{rows}.db")
-    if os.path.exists(path):
-        return path
-    log(f"backlog: building {rows:,} rows into {path} (once)")
-    tmp = path + ".building"
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(tmp + suffix):
-            os.unlink(tmp + suffix)
-    start = time.time() - rows / 1000.0  # created times as if 1000 events/s came in
-    queue = SQLiteQueue(tmp)
-    queue.put(sample_body(), start)
-    queue.close()
+    def body(i: int, created: float) -> str:
+        fields = {"event": EVENT_NAME, "properties": event_properties(i)}
+        return messages.encode("track", f"user-{i}", fields, created).body
 
-    def events() -> Any:
-        for i in range(1, rows):
-            created = start + i / 1000.0
-            fields = {"event": EVENT_NAME, "properties": event_properties(i)}
-            body = messages.encode("track", f"user-{i}", fields, created).body
-            yield body, len(body), created
-
-    conn = sqlite3.connect(tmp, isolation_level=None)
-    conn.execute("PRAGMA synchronous=OFF")  # a fixture: it is rebuilt if anything goes wrong
-    conn.execute("BEGIN")
-    conn.executemany(RAW_INSERT, events())
-    conn.execute("COMMIT")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    conn.close()
-    queue = SQLiteQueue(tmp)
-    depth = queue.stats(time.time()).depth
-    queue.close()
-    if depth != rows:
-        raise RuntimeError(f"backlog fixture holds {depth} rows, not {rows}")
-    os.replace(tmp, path)
-    return path
+    return common.queue_file("backlog", rows, body)
 
 
 def segmentry_flusher_mode() -> str | None:
@@ -778,15 +751,6 @@ def runs_of(section: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return runs
 
 
-def values(runs: list[dict[str, Any]], key: str) -> list[float]:
-    return [r[key] for r in runs if r.get(key) is not None]
-
-
-def paired_ratios(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[float]:
-    """Rate ratio of a to b within each round (the runs that ran back to back)."""
-    return [ratio(x["rate"], y["rate"]) for x, y in zip(a, b)]
-
-
 def enqueue_table(section: dict[str, Any]) -> str:
     base = runs_of(section, BASELINE)
     rows = []
@@ -795,7 +759,7 @@ def enqueue_table(section: dict[str, Any]) -> str:
         delivered = values(runs, "delivered")
         rows.append([
             section[name]["label"], fmt_spread(values(runs, "rate")),
-            fmt_spread(paired_ratios(runs, base), "{:.2f}x"),
+            fmt_spread(paired(runs, base), "{:.2f}x"),
             fmt_spread(values(runs, "p50_us"), "{:.1f}"),
             fmt_spread(values(runs, "p99_us"), "{:.0f}"),
             f"{max(values(runs, 'max_us')) / 1e3:.1f}",
@@ -815,7 +779,7 @@ def backlog_table(section: dict[str, Any]) -> str:
                         ("backlog", f"{section['rows']:,}-row backlog")):
         r = runs[name]
         rows.append([f"segmentry, flusher=None, {title}", fmt_spread(values(r, "rate")),
-                     fmt_spread(paired_ratios(r, empty), "{:.2f}x"),
+                     fmt_spread(paired(r, empty), "{:.2f}x"),
                      fmt_spread(values(r, "p50_us"), "{:.1f}"),
                      fmt_spread(values(r, "p99_us"), "{:.0f}"),
                      f"{max(values(r, 'max_us')) / 1e3:.1f}"])
@@ -877,16 +841,16 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     enq = results.get("enqueue")
     if enq:
         add("segmentry / analytics-python enqueue rate",
-            spread(paired_ratios(runs_of(enq, "segmentry"), runs_of(enq, BASELINE)))["median"],
+            spread(paired(runs_of(enq, "segmentry"), runs_of(enq, BASELINE)))["median"],
             1.3, 2.0)
         for name, note in (("segmentry-full", ""), ("segmentry-full-noflusher", ", flusher=None")):
             add(f"segmentry full{note} / raw sqlite FULL commit rate",
-                spread(paired_ratios(runs_of(enq, name), runs_of(enq, "sqlite-full")))["median"],
+                spread(paired(runs_of(enq, name), runs_of(enq, "sqlite-full")))["median"],
                 0.7)
     backlog = results.get("backlog")
     if backlog:
         add("backlog / empty enqueue rate",
-            spread(paired_ratios(backlog["runs"]["backlog"], backlog["runs"]["empty"]))["median"],
+            spread(paired(backlog["runs"]["backlog"], backlog["runs"]["empty"]))["median"],
             0.9)
     for r in results.get("contention") or []:
         if r["procs"] == PROC_COUNTS[-1] and not r["flusher_process"]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from benchmarks.common import spread
+from benchmarks.common import spread, values
 
 Panel = Callable[[Any, dict[str, Any]], None]
 
@@ -41,28 +41,24 @@ def _bars(ax: Any, title: str, items: list[tuple[str, list[float], str]], unit: 
 SEGMENTRY, PEER, FLOOR = "#2b7bb9", "#d9822b", "#8a8a8a"
 
 
-def _rates(runs: list[dict[str, Any]], key: str = "rate") -> list[float]:
-    return [float(r[key]) for r in runs if r.get(key) is not None]
-
-
 def enqueue_panel(ax: Any, results: dict[str, Any]) -> None:
     section = results["enqueue"]["enqueue"]
     items = []
     for name, data in section.items():
         color = SEGMENTRY if name.startswith("segmentry") else \
             PEER if name == "analytics-python" else FLOOR
-        items.append((name, _rates(data["runs"]), color))
+        items.append((name, values(data["runs"]), color))
     _bars(ax, "enqueue: track() calls/s (bench_enqueue)", items, "events/s")
 
 
 def e2e_panel(ax: Any, results: dict[str, Any]) -> None:
     runs = results["delivery"]["e2e"]["runs"]
-    ap = spread(_rates(runs["analytics-python"]))["median"]
-    items = [("segmentry", _rates(runs["segmentry"]), SEGMENTRY),
-             ("analytics-python", _rates(runs["analytics-python"]), PEER)]
+    ap = spread(values(runs["analytics-python"]))["median"]
+    items = [("segmentry", values(runs["segmentry"]), SEGMENTRY),
+             ("analytics-python", values(runs["analytics-python"]), PEER)]
     if runs.get("segmentry-flusher-process"):
         items.append(("segmentry flusher=None\n+ flusher process",
-                      _rates(runs["segmentry-flusher-process"]), SEGMENTRY))
+                      values(runs["segmentry-flusher-process"]), SEGMENTRY))
     _bars(ax, f"end to end: {results['delivery']['e2e']['events']:,} events enqueued -> received",
           items, "events/s", (2 * ap, "target 2x analytics-python"))
 
@@ -70,12 +66,12 @@ def e2e_panel(ax: Any, results: dict[str, Any]) -> None:
 def replay_panel(ax: Any, results: dict[str, Any]) -> None:
     replay = results["delivery"]["replay"]
     runs = replay["runs"]
-    limit = max(spread(_rates(runs[k]))["median"] for k in ("raw-8", "raw-1"))
+    limit = max(spread(values(runs[k]))["median"] for k in ("raw-8", "raw-1"))
     _bars(ax, f"replay of a {replay['rows']:,}-event backlog vs the raw POST limit",
-          [("flusher --drain", _rates(runs["flusher"]), SEGMENTRY),
-           ("flusher (incl. start-up)", _rates(runs["flusher"], "rate_wall"), SEGMENTRY),
-           ("raw requests x8 threads", _rates(runs["raw-8"]), FLOOR),
-           ("raw requests x1 thread", _rates(runs["raw-1"]), FLOOR)], "events/s",
+          [("flusher --drain", values(runs["flusher"]), SEGMENTRY),
+           ("flusher (incl. start-up)", values(runs["flusher"], "rate_wall"), SEGMENTRY),
+           ("raw requests x8 threads", values(runs["raw-8"]), FLOOR),
+           ("raw requests x1 thread", values(runs["raw-1"]), FLOOR)], "events/s",
           (0.75 * limit, "target 0.75x limit"))
 
 
@@ -83,9 +79,9 @@ def rtt_panel(ax: Any, results: dict[str, Any]) -> None:
     rtt = results["delivery"]["rtt"]
     runs = rtt["runs"]
     _bars(ax, f"replay with a {rtt['delay_ms']:g} ms round trip ({rtt['rows']:,} events)",
-          [("segmentry max_in_flight=8", _rates(runs["segmentry-mif8"]), SEGMENTRY),
-           ("segmentry max_in_flight=1", _rates(runs["segmentry-mif1"]), SEGMENTRY),
-           ("analytics-python", _rates(runs["analytics-python"]), PEER)], "events/s",
+          [("segmentry max_in_flight=8", values(runs["segmentry-mif8"]), SEGMENTRY),
+           ("segmentry max_in_flight=1", values(runs["segmentry-mif1"]), SEGMENTRY),
+           ("analytics-python", values(runs["analytics-python"]), PEER)], "events/s",
           (10_000, "target 10 k/s"))
 
 
@@ -93,8 +89,8 @@ def sigkill_panel(ax: Any, results: dict[str, Any]) -> None:
     kill = results["delivery"]["sigkill"]
     runs = kill["runs"]
     _bars(ax, f"SIGKILL after {kill['k']:,} returned events: share lost",
-          [("segmentry", _rates(runs["segmentry"], "lost_pct"), SEGMENTRY),
-           ("analytics-python", _rates(runs["analytics-python"], "lost_pct"), PEER)],
+          [("segmentry", values(runs["segmentry"], "lost_pct"), SEGMENTRY),
+           ("analytics-python", values(runs["analytics-python"], "lost_pct"), PEER)],
           "% of returned events never delivered")
 
 

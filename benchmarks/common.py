@@ -49,6 +49,21 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def values(runs: Sequence[dict[str, Any]], key: str = "rate") -> list[float]:
+    """One measurement of every run that has it."""
+    return [float(r[key]) for r in runs if r.get(key) is not None]
+
+
+def med(runs: Sequence[dict[str, Any]], key: str = "rate") -> float:
+    return spread(values(runs, key))["median"]
+
+
+def paired(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
+           key: str = "rate") -> list[float]:
+    """a / b within each round (the runs that ran back to back)."""
+    return [ratio(x[key], y[key]) for x, y in zip(a, b)]
+
+
 def latency_summary(latencies_ns: list[int]) -> dict[str, float]:
     """p50, p99 and max of per-call latencies, in microseconds (sorts the list in place)."""
     latencies_ns.sort()
@@ -255,6 +270,58 @@ def serve(ready_file: str) -> None:
 
 
 # -- output -------------------------------------------------------------------------------------
+
+
+CACHE_DIR = os.path.join(tempfile.gettempdir(), "segmentry-bench-cache")
+INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
+
+
+def queue_file(name: str, rows: int, body: Callable[[int, float], str]) -> str:
+    """A segmentry queue file holding ``rows`` events, ``body(i, created)`` each, built
+    once and cached under the temp directory. The schema comes from ``SQLiteQueue``
+    itself (its first put); the other rows go in one executemany."""
+    import sqlite3
+
+    from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
+    from segmentry.version import __version__
+
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    path = os.path.join(CACHE_DIR, f"{name}-{__version__}-schema{SCHEMA_VERSION}-{rows}.db")
+    if os.path.exists(path):
+        return path
+    log(f"  building a {rows:,}-event queue file in {path} (cached)")
+    tmp = path + ".building"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(tmp + suffix):
+            os.unlink(tmp + suffix)
+    start = time.time() - rows / 1000.0  # created times as if 1000 events/s came in
+    queue = SQLiteQueue(tmp)
+    queue.put(body(0, start), start)
+    queue.close()
+
+    def events() -> Any:
+        for i in range(1, rows):
+            created = start + i / 1000.0
+            text = body(i, created)
+            yield text, len(text), created
+
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")  # a fixture: rebuilt if anything goes wrong
+    conn.execute("BEGIN")
+    conn.executemany(INSERT, events())
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    queue = SQLiteQueue(tmp)
+    depth = queue.stats(time.time()).depth
+    queue.close()
+    if depth != rows:
+        raise RuntimeError(f"queue file fixture holds {depth} rows, not {rows}")
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(tmp + suffix):
+            os.unlink(tmp + suffix)
+    os.replace(tmp, path)
+    return path
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

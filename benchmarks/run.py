@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
 
 from benchmarks import chart, common  # noqa: E402
 from benchmarks.bench_fleet import longest_stall  # noqa: E402
-from benchmarks.common import fmt_spread, log, spread  # noqa: E402
+from benchmarks.common import fmt_spread, log, med, paired, values  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "out")
@@ -135,18 +135,6 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str =
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def values(runs: list[dict[str, Any]], key: str = "rate") -> list[float]:
-    return [float(r[key]) for r in runs if r.get(key) is not None]
-
-
-def med(runs: list[dict[str, Any]], key: str = "rate") -> float:
-    return spread(values(runs, key))["median"]
-
-
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "rate") -> list[float]:
-    return [common.ratio(x[key], y[key]) for x, y in zip(a, b)]
 
 
 def sp(runs: list[dict[str, Any]], key: str = "rate", fmt: str = "{:,.0f}") -> str:
