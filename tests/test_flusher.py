@@ -351,3 +351,14 @@ def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path)
         stop.set()
         wake.set()
         loop.join(10)
+
+
+def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(path):
+    stub = Stub()
+    with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
+                          batch_every_ms=600_000) as client:
+        first = client.track("u", "E")  # the loop's first cycle may take anything ready
+        assert client.flush(timeout=10)
+        ids = [client.track("u", "E", {"i": i}) for i in range(150)]
+        assert client.flush(timeout=10)  # 50 of them are not a full batch
+    assert sorted(e["messageId"] for e in stub.events) == sorted([first, *ids])
