@@ -77,9 +77,11 @@ CREATE TABLE dead_letters (
 _INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
 _HELD = "SELECT id FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
 _UNLEASE = "DELETE FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
-_READY = ("not_before <= :now AND NOT EXISTS "
-          "(SELECT 1 FROM leases WHERE leases.id = events.id AND until > :now)")
-_READY_ROWS = f"SELECT id, body, size, attempts, created FROM events WHERE {_READY} ORDER BY id"
+# :hi is the highest id under a live lease (see _leased_prefix): no row past it is leased.
+_READY = ("not_before <= :now AND (id > :hi OR NOT EXISTS "
+          "(SELECT 1 FROM leases WHERE leases.id = events.id AND until > :now))")
+_READY_ROWS = (f"SELECT id, body, size, attempts, created FROM events "
+               f"WHERE id > :start AND {_READY} ORDER BY id")
 _LEASE = (f"INSERT OR REPLACE INTO leases (id, token, until) SELECT id, :token, :until "
           f"FROM events WHERE id BETWEEN :first AND :last AND {_READY}")
 
@@ -193,7 +195,6 @@ class SQLiteQueue:
         in flight spent as long waiting for the GIL around each of its SQLite statements
         as running them, and this takes a few where each batch took eight."""
         token = random.randint(1, 2**62)
-        args = {"token": token, "until": now + lease_s, "now": now}
 
         def take(conn: sqlite3.Connection) -> Claims:
             # One write transaction: rows read and leased together. Reading outside it
@@ -201,7 +202,9 @@ class SQLiteQueue:
             # with another event's body in hand, and that event deleted unsent.
             with _write(conn):
                 deleted = _delete_all(conn, delivered)
-                cur = conn.execute(_READY_ROWS, {"now": now})  # read as they are cut
+                start, hi = _leased_prefix(conn, now)
+                args = {"token": token, "until": now + lease_s, "now": now, "hi": hi}
+                cur = conn.execute(_READY_ROWS, {**args, "start": start})  # read as cut
                 try:
                     batches = _batches(map(Row._make, cur), count, limit, max_bytes, partial)
                 finally:
@@ -448,6 +451,19 @@ def _batches(rows: Iterable[Row], count: int, limit: int, max_bytes: int,
     if batch and (partial or len(batch) == limit):
         batches.append(batch)
     return batches
+
+
+def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+    """(start, hi): ``hi`` is the highest id under a live lease, so rows past it need no
+    lease check. When every row up to ``hi`` is leased (the batches in flight at the head
+    of the queue: the common case), the scan starts past them too (``start``); looking up
+    800 of them in the leases table took as long as reading the rows a claim takes."""
+    hi, leased = conn.execute("SELECT COALESCE(MAX(id), 0), COUNT(*) FROM leases "
+                              "WHERE until > ?", (now,)).fetchone()
+    if not leased:
+        return 0, 0
+    rows = conn.execute("SELECT COUNT(*) FROM events WHERE id <= ?", (hi,)).fetchone()[0]
+    return (hi if rows == leased else 0), hi
 
 
 def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int:
