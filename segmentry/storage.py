@@ -191,9 +191,9 @@ class SQLiteQueue:
         a lease token, and each is deleted, released or buried by its own ids. With
         ``partial`` False, only full batches: ``limit`` rows, or cut by ``max_bytes``
         (the rows after them stay ready). The ``delivered`` (token, ids) pairs are deleted
-        first, as ``delete`` does, in the same transaction: a flusher with several batches
-        in flight spent as long waiting for the GIL around each of its SQLite statements
-        as running them, and this takes a few where each batch took eight."""
+        first, as ``delete`` does, in the same transaction. One transaction per batch for
+        the claim and one for the delete, each taking the connection's lock while eight
+        sender threads held the GIL, made claims take 2 ms and deletes 4 ms."""
         token = random.randint(1, 2**62)
 
         def take(conn: sqlite3.Connection) -> Claims:
