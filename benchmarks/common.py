@@ -1,6 +1,7 @@
 """Shared helpers for segmentry's benchmarks: statistics, contenders alternated run by run
 in fresh interpreters, a Segment receiver on 127.0.0.1, and plain-text tables.
-Standard library only; nothing here talks to any host but 127.0.0.1.
+Standard library only (``queue_file`` imports segmentry); nothing here talks to
+any host but 127.0.0.1.
 
 ``python -m benchmarks.common --ready-file F`` serves the minimal built-in receiver,
 used when ``tools/fake_segment.py`` is missing or does not start.

@@ -600,19 +600,22 @@ class Background:
     def _main(self) -> None:
         """Stand by for the lock, then deliver; an unexpected error restarts the flusher
         (a dead thread would leave flush() waiting and the queue growing)."""
-        while not self._stop.is_set():
-            if not self.lock.acquire(timeout=LOCK_POLL_S):
-                continue
-            try:
-                self._deliver()
-            except Exception:
-                logger.exception("segmentry flusher failed; restarting in %.0f s", RESTART_S)
-                self.flusher = self._new_flusher()
-                self._stop.wait(RESTART_S)
-        # Stopped by Client.close(), which closes the queue too; a thread that outlived
-        # its join timeout (a hung request) must not leave a reopened connection behind.
-        self._checkpoints.close()
-        self.queue.close()
+        try:
+            while not self._stop.is_set():
+                if not self.lock.acquire(timeout=LOCK_POLL_S):
+                    continue
+                try:
+                    self._deliver()
+                except Exception:
+                    logger.exception("segmentry flusher failed; restarting in %.0f s",
+                                     RESTART_S)
+                    self.flusher = self._new_flusher()
+                    self._stop.wait(RESTART_S)
+        finally:
+            # Stopped by Client.close(), which closes the queue too; a thread that outlived
+            # its join timeout (a hung request) must not leave a reopened connection.
+            self._checkpoints.close()
+            self.queue.close()
 
     def _new_flusher(self) -> Flusher:
         return Flusher(self.queue, make_http(self._key, self.options), self.options,

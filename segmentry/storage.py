@@ -77,9 +77,9 @@ CREATE TABLE dead_letters (
 _INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
 _HELD = "SELECT id FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
 _UNLEASE = "DELETE FROM leases WHERE token = ? AND id BETWEEN ? AND ?"
+_LEASED = "EXISTS (SELECT 1 FROM leases WHERE leases.id = events.id AND until > :now)"
 # :hi is the highest id under a live lease (see _leased_prefix): no row past it is leased.
-_READY = ("not_before <= :now AND (id > :hi OR NOT EXISTS "
-          "(SELECT 1 FROM leases WHERE leases.id = events.id AND until > :now))")
+_READY = f"not_before <= :now AND (id > :hi OR NOT {_LEASED})"
 _READY_ROWS = (f"SELECT id, body, size, attempts, created FROM events "
                f"WHERE id > :start AND {_READY} ORDER BY id")
 _LEASE = (f"INSERT OR REPLACE INTO leases (id, token, until) SELECT id, :token, :until "
@@ -270,10 +270,9 @@ class SQLiteQueue:
 
     def next_ready_at(self, now: float) -> float | None:
         """When the oldest unclaimed row is ready (None if there is none)."""
-        sql = ("SELECT MIN(not_before) FROM (SELECT not_before FROM events WHERE NOT EXISTS "
-               "(SELECT 1 FROM leases WHERE leases.id = events.id AND until > ?) "
-               "ORDER BY id LIMIT 1000)")
-        value = self._run(lambda c: c.execute(sql, (now,)).fetchone()[0])
+        sql = (f"SELECT MIN(not_before) FROM (SELECT not_before FROM events "
+               f"WHERE NOT {_LEASED} ORDER BY id LIMIT 1000)")
+        value = self._run(lambda c: c.execute(sql, {"now": now}).fetchone()[0])
         return None if value is None else float(value)
 
     def maintain(self, empty: bool) -> None:
