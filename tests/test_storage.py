@@ -108,6 +108,34 @@ def test_claim_batches_deletes_what_was_delivered_first_and_only_that(queue):
     assert queue.stats(NOW).depth == 2
 
 
+def test_a_row_that_cannot_go_ends_the_batch_before_it(queue):
+    """A batch's lease is its id range, so a batch never spans a row it does not take."""
+    ids = fill(queue, 4)
+    a = queue.claim(1, BIG, NOW, 60)
+    queue.claim(1, BIG, NOW, 60)  # ids[1] stays leased, in the middle
+    queue.release(a.token, [ids[0]], NOW)
+    claims = queue.claim_batches(3, 10, BIG, NOW, 60)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [[ids[0]], ids[2:]]
+    assert queue.stats(NOW).in_flight == 4
+
+
+def test_an_id_reused_where_a_lease_was_settled_is_not_held_by_it(queue):
+    """Ids restart at max(id) + 1: what is left of a lease after a partial settle must
+    shrink to its own rows, or a new event could fall inside it and be held there."""
+    ids = fill(queue, 3)
+    a = queue.claim(1, BIG, NOW, 60)
+    b = queue.claim(1, BIG, NOW, 60)
+    queue.delete(b.token, [ids[1]])  # a hole: ids[0], ids[2] are left
+    queue.release(a.token, [ids[0]], NOW)
+    c = queue.claim(10, BIG, NOW, 60)
+    assert [r.id for r in c.rows] == [ids[0], ids[2]]
+    assert queue.delete(c.token, [ids[2]]) == 1  # the right half, as a bisection does
+    new = queue.put('{"new":1}', NOW)
+    assert new == ids[1]  # reused: inside the old range ids[0]..ids[2]
+    assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == [new]
+    assert queue.delete(c.token, [ids[0], new]) == 1  # c still holds ids[0], not new
+
+
 def test_delete_many_deletes_several_leases_in_one_call(queue):
     fill(queue, 4)
     a = queue.claim(2, BIG, NOW, 60)
@@ -268,6 +296,27 @@ def test_a_schema_1_file_is_upgraded_in_place_and_keeps_every_event(tmp_path):
     assert queue.integrity_check() == "ok"
     queue.close()
     assert SQLiteQueue(path).stats(NOW).depth == 0  # reopening an upgraded file is a no-op
+
+
+def test_a_schema_2_file_is_upgraded_in_place_and_its_leases_dropped(tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA_1 + "CREATE TABLE leases (id INTEGER PRIMARY KEY, "
+                       "token INTEGER NOT NULL, until REAL NOT NULL); "
+                       f"PRAGMA application_id={APPLICATION_ID}; PRAGMA user_version=2;")
+    conn.executemany("INSERT INTO events (body, size, created, attempts) VALUES (?, 2, ?, ?)",
+                     [("{}", NOW, 0), ("[]", NOW, 2)])
+    conn.execute("INSERT INTO leases VALUES (2, 77, ?)", (NOW + 600,))  # a dead flusher's
+    conn.commit()
+    conn.close()
+    queue = SQLiteQueue(path)
+    claim = queue.claim(10, BIG, NOW, 60)
+    assert [(r.body, r.attempts) for r in claim.rows] == [("{}", 0), ("[]", 2)]
+    assert queue.stats(NOW).in_flight == 2
+    assert queue.delete(claim.token, [r.id for r in claim.rows]) == 2
+    assert queue._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+    assert queue.integrity_check() == "ok"
 
 
 def test_an_unwritable_directory_is_a_storage_error(tmp_path):

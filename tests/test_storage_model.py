@@ -80,10 +80,17 @@ class QueueModel(RuleBasedStateMachine):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _ready(self) -> list[tuple[int, Row]]:
-        ready = [(i, r) for i, r in self.rows.items()
-                 if r.lease_until <= self.now and r.not_before <= self.now]
-        return sorted(ready, key=lambda item: item[1].seq)
+    def _scan(self) -> list[tuple[int, Row, bool]]:
+        """Every row in enqueue order, and whether a claim may take it."""
+        rows = sorted(self.rows.items(), key=lambda item: item[1].seq)
+        return [(i, r, r.lease_until <= self.now and r.not_before <= self.now)
+                for i, r in rows]
+
+    def _expire(self) -> None:
+        """A claim ends the expired leases first: their tokens hold nothing any more."""
+        for row in self.rows.values():
+            if row.lease and row.lease_until <= self.now:
+                row.lease, row.lease_until = 0, 0.0
 
     def _by_token(self, lease: Lease, ids: list[int]) -> list[int]:
         """The ids a by-token statement must touch: this token's rows in min..max."""
@@ -112,6 +119,7 @@ class QueueModel(RuleBasedStateMachine):
           lease_s=st.sampled_from([5.0, 30.0, 600.0]))
     def claim(self, limit: int, max_bytes: int, lease_s: float) -> None:
         claim = self.queue.claim(limit, max_bytes, self.now, lease_s)
+        self._expire()
         expected = self._expected_claim(limit, max_bytes)
         assert [(r.id, r.body) for r in claim.rows] == \
             [(i, self.rows[i].body) for i in expected], "claim is not the oldest ready rows"
@@ -132,6 +140,7 @@ class QueueModel(RuleBasedStateMachine):
         assert claims.deleted == len(hit)
         for row_id in hit:
             self.deleted.add(self.rows.pop(row_id).label)
+        self._expire()
         expected = self._expected_batches(count, limit, max_bytes, partial)
         assert [[r.id for r in c.rows] for c in claims.batches] == expected
         assert len({c.token for c in claims.batches}) <= 1, "one token for the batches"
@@ -141,30 +150,26 @@ class QueueModel(RuleBasedStateMachine):
 
     def _expected_batches(self, count: int, limit: int, max_bytes: int,
                           partial: bool) -> list[list[int]]:
-        """Greedy: a batch closes when the next ready row would pass limit or max_bytes."""
+        """Greedy: a batch closes when the next row cannot go (leased, or in a backoff), or
+        when it would pass limit or max_bytes."""
         closed: list[list[int]] = []
         batch: list[int] = []
-        for row_id, row in self._ready():
+        for row_id, row, ready in self._scan():
             size = sum(len(self.rows[i].body) + 1 for i in batch) + len(row.body) + 1
-            if batch and (len(batch) == limit or size > max_bytes):
+            if batch and (not ready or len(batch) == limit or size > max_bytes):
                 closed.append(batch)
                 batch = []
                 if len(closed) == count:
                     return closed
-            batch.append(row_id)
+            if ready:
+                batch.append(row_id)
         if batch and (partial or len(batch) == limit):
             closed.append(batch)
         return closed
 
     def _expected_claim(self, limit: int, max_bytes: int) -> list[int]:
-        taken: list[int] = []
-        total = 0
-        for row_id, row in self._ready()[:limit]:
-            total += len(row.body) + 1
-            if taken and total > max_bytes:
-                break
-            taken.append(row_id)
-        return taken
+        batches = self._expected_batches(1, limit, max_bytes, True)
+        return batches[0] if batches else []
 
     def _lease(self, claim: Claim, ids: list[int], until: float) -> None:
         assert all(lease.token != claim.token for lease in self.leases)
@@ -291,17 +296,18 @@ class QueueModel(RuleBasedStateMachine):
     @invariant()
     def file_holds_exactly_the_model(self) -> None:
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
-            events = conn.execute(
+            events = conn.execute(  # a row under two leases would be listed twice
                 "SELECT e.id, e.body, e.attempts, e.not_before, COALESCE(l.token, 0), "
-                "COALESCE(l.until, 0.0) FROM events e LEFT JOIN leases l ON l.id = e.id"
-            ).fetchall()
-            orphans = conn.execute(
-                "SELECT COUNT(*) FROM leases WHERE id NOT IN (SELECT id FROM events)"
-            ).fetchone()[0]
+                "COALESCE(l.until, 0.0) FROM events e "
+                "LEFT JOIN leases l ON e.id BETWEEN l.lo AND l.hi").fetchall()
+            orphans = conn.execute(  # a lease's ends are events (so ids are never reused
+                # inside it), and it is not empty
+                "SELECT COUNT(*) FROM leases WHERE lo NOT IN (SELECT id FROM events) "
+                "OR hi NOT IN (SELECT id FROM events) OR hi < lo").fetchone()[0]
             letters = conn.execute(
                 "SELECT id, body, attempts, status, response FROM dead_letters").fetchall()
         conn.close()
-        assert orphans == 0, "a lease outlived its event"
+        assert orphans == 0, "a lease's range does not start and end at its own events"
         assert sorted(events) == sorted(
             (i, r.body, r.attempts, r.not_before, r.lease, r.lease_until)
             for i, r in self.rows.items())
