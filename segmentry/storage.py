@@ -107,7 +107,6 @@ _LEASED_COUNT = f"SELECT {_COVERED_COUNT} FROM leases"
 class Row(NamedTuple):
     id: int
     body: str
-    size: int
     attempts: int
 
 
@@ -227,8 +226,8 @@ class SQLiteQueue:
                 if batches is None:  # the window could not tell: read row by row, as cut
                     cur = conn.execute(_SCAN, args)
                     try:
-                        batches = [[Row._make(r) for r in batch] for batch in
-                                   _batches(cur, count, limit, max_bytes, partial)]
+                        batches = [[Row(i, body, tries) for i, body, _, tries in batch]
+                                   for batch in _batches(cur, count, limit, max_bytes, partial)]
                     finally:
                         cur.close()
                 if batches:  # one statement: executemany steps (and gives the GIL) per row
@@ -495,7 +494,7 @@ def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit:
     if any(part is None for part in parts):
         return None
     bodies = iter([body for part in parts for body in part or ()])
-    return [[Row(i, next(bodies), size, tries) for i, _, size, tries in batch]
+    return [[Row(i, next(bodies), tries) for i, _, _, tries in batch]
             for batch in cut]
 
 
