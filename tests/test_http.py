@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import socket
+import ssl
 import threading
 import uuid
 from email.utils import format_datetime
@@ -807,6 +808,56 @@ def test_a_real_server_gets_every_request_over_one_kept_alive_connection(server,
     _, _, headers, body = server.seen[0]
     assert headers["Authorization"] == "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
     assert [e["event"] for e in body["batch"]] == ["A", "B"]
+
+
+def test_a_pool_the_adapter_let_go_is_replaced_not_reused(server):
+    # The Transport keeps the pool per URL. Once the pool manager lets it go and it is
+    # closed (urllib3 1.x closes the pools it evicts), the next request must open a new
+    # one, not fail on the closed one.
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+        manager = http.session.get_adapter(http.api_url).poolmanager
+        pools = [manager.pools[key] for key in manager.pools.keys()]
+        manager.clear()
+        for pool in pools:
+            pool.close()
+        assert sh.batch(http, [track("B")]).status_code == 200
+    assert [body["batch"][0]["event"] for _, _, _, body in server.seen] == ["A", "B"]
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    import trustme  # the test extra installs it
+    ca = trustme.CA()
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    receiver.socket = context.wrap_socket(receiver.socket, server_side=True)
+    receiver.seen, receiver.gate = [], threading.Event()  # type: ignore[attr-defined]
+    receiver.gate.set()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=receiver.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    yield receiver, str(ca_file)
+    receiver.shutdown()
+    receiver.server_close()
+    thread.join(10)
+
+
+def test_https_checks_the_receivers_certificate_on_every_client(tls_server, monkeypatch):
+    receiver, ca_file = tls_server
+    url = f"https://127.0.0.1:{receiver.server_address[1]}/v1/"
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    with sh.client(KEY, url, verify=ca_file, retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+        assert sh.batch(http, [track("B")]).status_code == 200  # the pool kept, still TLS
+    with sh.client(KEY, url, retry_attempts=0) as http:  # the default CA bundle: refused
+        with pytest.raises(NetworkError) as excinfo:
+            sh.batch(http, [track("C")])
+    assert isinstance(excinfo.value.__cause__, requests.exceptions.SSLError)
+    assert [body["batch"][0]["event"] for _, _, _, body in receiver.seen] == ["A", "B"]
 
 
 def test_a_real_server_too_slow_for_the_timeout_is_a_network_error(server):
