@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(one_run(args.events, args.flusher, *args.child.split(" ", 1))))
         return 0
-    with tempfile.TemporaryDirectory() as workdir, Receiver(workdir).start() as rx:
+    with tempfile.TemporaryDirectory() as workdir, Receiver(workdir) as rx:
         runs = []
         for run in range(args.runs):
             rundir = tempfile.mkdtemp(dir=workdir)
