@@ -860,6 +860,28 @@ def test_https_checks_the_receivers_certificate_on_every_client(tls_server, monk
     assert [body["batch"][0]["event"] for _, _, _, body in receiver.seen] == ["A", "B"]
 
 
+class Moved(Receiver):
+    """Answers 307 to every POST outside /v1/moved/, pointing there; records the rest."""
+
+    def do_POST(self) -> None:
+        if self.path.startswith("/v1/moved/"):
+            return super().do_POST()
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(307)
+        self.send_header("Location", "/v1/moved" + self.path[len("/v1"):])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_307_is_followed_with_the_same_body_as_requests_follows_it(server):
+    server.RequestHandlerClass = Moved
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        response = sh.batch(http, [track("A")])
+    assert response.status_code == 200 and len(response.history) == 1
+    assert [(path, body["batch"][0]["event"]) for _, path, _, body in server.seen] == [
+        ("/v1/moved/batch", "A")]
+
+
 def test_a_real_server_too_slow_for_the_timeout_is_a_network_error(server):
     server.gate.clear()  # the receiver holds its answer until the test ends
     with sh.client(KEY, url_of(server), timeout=0.2, retry_attempts=0) as http:
