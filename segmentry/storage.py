@@ -221,8 +221,7 @@ class SQLiteQueue:
             # with another event's body in hand, and that event deleted unsent.
             with _write(conn):
                 deleted = _delete_all(conn, delivered)
-                conn.execute("DELETE FROM leases WHERE until <= ?", (now,))
-                start, hi = _leased_prefix(conn)
+                start, hi = _leased_prefix(conn, now)
                 args = {"now": now, "hi": hi, "start": start}
                 batches = _window(conn, args, count, limit, max_bytes, partial)
                 if batches is None:  # the window could not tell: read row by row, as cut
@@ -499,7 +498,9 @@ def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit:
     if any(part is None for part in parts):
         return None
     tries = attempts.split(",")
-    return [list(map(Row, id_list[s:e], part or (), map(int, tries[s:e])))
+    # tuple.__new__ makes each Row in C; Row(...) runs a Python __new__ (140 vs 350 ns).
+    return [list(map(tuple.__new__, itertools.repeat(Row),
+                     zip(id_list[s:e], part or (), map(int, tries[s:e]))))
             for (s, e), part in zip(cuts, parts)]
 
 
@@ -537,15 +538,18 @@ def _bodies(conn: sqlite3.Connection, ids: list[int]) -> list[str] | None:
     return parts if len(parts) == len(ids) else None
 
 
-def _leased_prefix(conn: sqlite3.Connection) -> tuple[int, int]:
-    """(start, hi): ``hi`` is the highest id under a lease (all live: claims delete the
-    expired ones first), so rows past it need no lease check. When every row up to
-    ``hi`` is leased (the batches in flight at the head of the queue: the common case),
-    the scan starts past them too (``start``); looking up 800 of them took as long as
-    reading the rows a claim takes."""
+def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
+    """Delete the expired leases, then (start, hi): ``hi`` is the highest id under a
+    lease, so rows past it need no lease check. When every row up to ``hi`` is leased
+    (the batches in flight at the head of the queue: the common case), the scan starts
+    past them too (``start``); looking up 800 of them took as long as reading the rows a
+    claim takes. The DELETE runs only when a lease has expired: a statement less a claim."""
     sql = (f"SELECT {_COVERED_COUNT}, COALESCE(MAX(hi), 0), (SELECT COUNT(*) FROM events "
-           f"WHERE id <= (SELECT MAX(hi) FROM leases)) FROM leases")
-    leased, hi, rows = conn.execute(sql).fetchone()
+           f"WHERE id <= (SELECT MAX(hi) FROM leases)), MIN(until) <= ? FROM leases")
+    leased, hi, rows, expired = conn.execute(sql, (now,)).fetchone()
+    if expired:
+        conn.execute("DELETE FROM leases WHERE until <= ?", (now,))
+        leased, hi, rows, _ = conn.execute(sql, (now,)).fetchone()
     if not leased:
         return 0, 0
     return (hi if rows == leased else 0), hi
