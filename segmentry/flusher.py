@@ -30,6 +30,9 @@ MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
+# How long a delivered batch may wait for the next claim to delete it (a claim comes
+# with every full batch while producers are busy: half the write transactions).
+DELETE_LAG_S = 0.05
 FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
 # The stored bodies (plus a comma each) a claim may take: the request stays under 500 KB.
 CLAIM_BYTES = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD
@@ -122,6 +125,8 @@ class Flusher:
             self._give_back(delivered)  # still delivered: deleted by a later claim
             raise
         self.outcome.add("sent", claims.deleted)
+        if delivered:
+            self._notify_settled()  # flush() waits for those deletes
         return claims.batches
 
     def run_once(self) -> int:
@@ -206,6 +211,11 @@ class Flusher:
         delivered = self._take_delivered()
         if delivered:
             self.outcome.add("sent", self.queue.delete_many(delivered))
+            self._notify_settled()
+
+    def _notify_settled(self) -> None:
+        with self._settled:
+            self._settled.notify_all()
 
     def _release(self, token: int, rows: list[Row], error: Exception,
                  retry_after: float | None) -> None:
@@ -373,10 +383,23 @@ class Flusher:
                     return
             stop.wait(0.05)  # only rows in backoff are left: look again shortly
             return
-        self._batch_deletes(False)  # flush() must not wait batch_every_ms for a delete
-        self._due = not wake.wait(self.options.batch_every_ms / 1000.0)
+        end = time.monotonic() + self.options.batch_every_ms / 1000.0
+        woken = False
+        while not woken and not stop.is_set() and (left := end - time.monotonic()) > 0:
+            if not self._unsettled():
+                woken = wake.wait(left)
+            elif not (woken := wake.wait(min(left, DELETE_LAG_S))):
+                self._delete_delivered()  # a lull: no claim is coming to take them
+        self._due = not woken
         wake.clear()
-        self._batch_deletes(True)
+
+    def _unsettled(self) -> bool:
+        """Whether a batch is in flight or delivered but not yet deleted."""
+        with self._settled:
+            if self._in_flight:
+                return True
+        with self._delivered_lock:
+            return bool(self._delivered)
 
     def _maintain(self, empty: bool) -> None:
         now = self.clock()

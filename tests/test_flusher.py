@@ -12,6 +12,7 @@ import requests
 from helpers import wait_until
 
 import segmentry
+from segmentry import flusher as flusher_module
 from segmentry import telemetry
 from segmentry.config import Options
 from segmentry.flusher import Flusher, Lock, make_http
@@ -291,8 +292,9 @@ def test_a_2xx_after_an_outage_resumes_rows_waiting_out_a_backoff(path):
 
 
 def test_a_batch_delivered_while_the_loop_waits_is_deleted_at_once(path):
-    """A flat-out loop leaves deletes to its next claim; one that waits between cycles
-    must not, or flush() would wait batch_every_ms for rows already delivered."""
+    """Deletes wait for the next claim, but a loop that waits between cycles deletes
+    them itself within DELETE_LAG_S, or flush() would wait batch_every_ms for rows
+    already delivered."""
     enqueue(path, 3)
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     stop, wake = threading.Event(), threading.Event()
@@ -301,6 +303,35 @@ def test_a_batch_delivered_while_the_loop_waits_is_deleted_at_once(path):
     try:
         assert wait_until(lambda: queue.stats(time.time()).depth == 0, timeout=20)
         assert flusher.outcome.sent == 3 and len(stub.events) == 3
+    finally:
+        stop.set()
+        wake.set()
+        loop.join(10)
+
+
+def test_while_producers_keep_waking_the_loop_deletes_ride_on_the_next_claim(
+        path, monkeypatch):
+    # Half the write transactions (each one holds the producers up): a delivered batch
+    # is deleted inside the claim of the next one, not in a transaction of its own.
+    monkeypatch.setattr(flusher_module, "DELETE_LAG_S", 600.0)  # no lull in this test
+    first = enqueue(path, 100)
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    own_deletes = []
+    for name in ("delete", "delete_many"):
+        method = getattr(queue, name)
+        monkeypatch.setattr(queue, name, lambda *a, m=method: own_deletes.append(a) or m(*a))
+    stop, wake = threading.Event(), threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, wake))
+    loop.start()
+    try:
+        assert wait_until(lambda: len(stub.events) == 100)
+        enqueue(path, 100)
+        wake.set()  # a producer filled the next batch
+        assert wait_until(lambda: len(stub.events) == 200)
+        assert [e["messageId"] for e in stub.events[:100]] == first
+        assert wait_until(lambda: flusher.outcome.sent == 100)
+        assert queue.stats(time.time()).depth == 100  # the second batch's rows
+        assert own_deletes == []
     finally:
         stop.set()
         wake.set()
