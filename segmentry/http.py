@@ -550,6 +550,14 @@ class Transport(HTTPAdapter):
             target = self._targets[str(request.url)] = super().request_url(request, proxies)
         return target
 
+    def close(self) -> None:
+        pools = list(self._pools.values())
+        self._pools.clear()
+        self._verified.clear()
+        super().close()
+        for pool in pools:  # urllib3 2 no longer closes the pools it forgets
+            pool.close()
+
     def exchange(self, session: requests.Session, request: requests.PreparedRequest,
                  options: Mapping[str, Any]) -> requests.Response:
         """``session.send(request, **options)`` less its upkeep for requests that carry

@@ -825,6 +825,15 @@ def test_a_pool_the_adapter_let_go_is_replaced_not_reused(server):
     assert [body["batch"][0]["event"] for _, _, _, body in server.seen] == ["A", "B"]
 
 
+def test_closing_the_client_closes_its_connections(server):
+    http = sh.client(KEY, url_of(server), retry_attempts=0)
+    assert sh.batch(http, [track("A")]).status_code == 200
+    manager = http.session.get_adapter(http.api_url).poolmanager
+    pools = [manager.pools[key] for key in manager.pools.keys()]
+    http.close()
+    assert pools and all(pool.pool is None for pool in pools)  # closed, sockets with them
+
+
 @pytest.fixture
 def tls_server(tmp_path):
     import trustme  # the test extra installs it
