@@ -74,7 +74,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from typing import Any, Callable
 
@@ -82,109 +81,31 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import WRITE_KEY, log, med, paired, spread, values  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    WRITE_KEY,
+    Receiver,
+    http_json,
+    log,
+    med,
+    paired,
+    spread,
+    values,
+)
 
 MODULE = "benchmarks.bench_delivery"
-FAKE_SEGMENT = common.ROOT / "tools" / "fake_segment.py"
 EVENT_NAME = "Signed Up"
 BATCH = 100  # events per request, for every contender
 CLAIM_BYTES = 499_000  # the claim limit the brief fixes (just under 500 KB minus the envelope)
 LEASE_S = 600.0
 FLUSHER_AUTOCHECKPOINT = 1000  # pages, as segmentry.flusher sets on its connection
-RECEIVER_START_S = 15.0
+FLUSHER_START_S = 15.0  # until a flusher process holds its queue's lock
 FLUSHER_PROCESS = "segmentry-flusher-process"  # e2e: flusher=None, a flusher process delivers
 SECTIONS = ("e2e", "replay", "rtt", "sigkill", "growth", "profile")
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 
 
 # =============================================================================================
-# The receiver: tools/fake_segment.py in its own process, driven over its control endpoints.
+# The receiver (common.Receiver), as a worker sees it: only its host URL.
 # =============================================================================================
-
-
-def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 30) -> Any:
-    """One request to 127.0.0.1 (no proxy), JSON in and out."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with _DIRECT.open(request, timeout=timeout) as reply:
-        return json.load(reply)
-
-
-class Receiver:
-    """``tools/fake_segment.py --port 0`` on 127.0.0.1 in its own process (so it never shares
-    a GIL with what it measures); counts, faults and records over HTTP."""
-
-    def __init__(self, workdir: str, record: bool = False) -> None:
-        self.workdir = workdir
-        self.record = record
-        self.url = ""  # the api_url: http://127.0.0.1:PORT/v1/
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        """The base URL (analytics-python's ``host``, and the control endpoints')."""
-        return self.url[: -len("/v1/")]
-
-    def start(self) -> Receiver:
-        ready = os.path.join(self.workdir, f"receiver-{os.getpid()}-{id(self)}.ready")
-        command = [sys.executable, str(FAKE_SEGMENT), "--port", "0", "--ready-file", ready]
-        self.proc = subprocess.Popen(command + (["--record"] if self.record else []),
-                                     cwd=common.ROOT, env=common.child_env(),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + RECEIVER_START_S
-        while not os.path.exists(ready):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("tools/fake_segment.py did not start")
-            time.sleep(0.02)
-        with open(ready) as f:
-            self.url = f.read().strip()
-        if not self.url.startswith(f"http://{common.HOST}:") or not self.url.endswith("/v1/"):
-            self.close()
-            raise RuntimeError(f"unexpected receiver URL {self.url!r}")
-        return self
-
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = http_json(self.host + "/__stats")
-        return stats
-
-    def reset(self) -> None:
-        """Counts, records and faults forgotten: as just started."""
-        http_json(self.host + "/__reset", "POST", {})
-
-    def faults(self, spec: dict[str, Any]) -> None:
-        """Arm the fault kinds ``spec`` names (replacing those kinds only)."""
-        http_json(self.host + "/__faults", "POST", spec)
-
-    def message_ids(self) -> list[str]:
-        """The messageId of every recorded arrival (needs record=True)."""
-        reply = http_json(self.host + "/__events?since=0", timeout=120)
-        return [str(event.get("messageId")) for event in reply["events"]]
-
-    def cpu_s(self) -> float:
-        """CPU seconds the receiver process has used so far."""
-        import psutil
-
-        assert self.proc is not None
-        times = psutil.Process(self.proc.pid).cpu_times()
-        return float(times.user + times.system)
-
-    def close(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.proc = None
-
-    def __enter__(self) -> Receiver:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def wait_unique(host: str, count: int, timeout: float) -> dict[str, Any]:
@@ -634,7 +555,7 @@ class Bench:
             proc = subprocess.Popen(command, cwd=common.ROOT, env=flusher_env(),
                                     stdout=subprocess.DEVNULL, stderr=err)
         try:
-            deadline = time.monotonic() + RECEIVER_START_S
+            deadline = time.monotonic() + FLUSHER_START_S
             while not os.path.exists(queue + ".flusher"):  # its pid file: it holds the lock
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the flusher process did not start")

@@ -52,8 +52,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_delivery import Receiver, flusher_command, flusher_env  # noqa: E402
-from benchmarks.common import WRITE_KEY, log  # noqa: E402
+from benchmarks.bench_delivery import flusher_command, flusher_env  # noqa: E402
+from benchmarks.common import WRITE_KEY, Receiver, log  # noqa: E402
 
 MODULE = "benchmarks.bench_fleet"
 EVENT_NAME = "Page Viewed"

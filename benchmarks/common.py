@@ -1,15 +1,11 @@
 """Shared helpers for segmentry's benchmarks: statistics, contenders alternated run by run
-in fresh interpreters, a Segment receiver on 127.0.0.1, and plain-text tables.
-Standard library only (``queue_file`` imports segmentry); nothing here talks to
-any host but 127.0.0.1.
-
-``python -m benchmarks.common --ready-file F`` serves the minimal built-in receiver,
-used when ``tools/fake_segment.py`` is missing or does not start.
+in fresh interpreters, the Segment receiver (``tools/fake_segment.py`` on 127.0.0.1), and
+plain-text tables. Standard library only (``queue_file`` imports segmentry,
+``Receiver.cpu_s`` psutil); nothing here talks to any host but 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -17,17 +13,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 WRITE_KEY = "BENCH_WRITE_KEY"
+FAKE_SEGMENT = ROOT / "tools" / "fake_segment.py"
 RECEIVER_START_S = 15.0
 # urllib honours *_proxy variables: the receiver must be reached directly, never via a proxy.
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -143,131 +138,96 @@ def alternate(names: Sequence[str], runs: int, run_one: Callable[[str, int], dic
 # -- the receiver -----------------------------------------------------------------------------
 
 
-class Receiver:
-    """A Segment receiver in its own process on 127.0.0.1: tools/fake_segment.py when it
-    is there and starts, else the built-in one below. Both answer GET /__stats."""
+def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 30) -> Any:
+    """One request to 127.0.0.1 (no proxy), JSON in and out."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with _DIRECT.open(request, timeout=timeout) as reply:
+        return json.load(reply)
 
-    def __init__(self, workdir: str) -> None:
+
+class Receiver:
+    """``tools/fake_segment.py --port 0`` on 127.0.0.1 in its own process (so it never shares
+    a GIL with what it measures); counts, faults and records over HTTP.
+    ``with Receiver(workdir) as rx:`` starts it; do not call start() as well."""
+
+    kind = "tools/fake_segment.py"  # what the reports name as the receiver
+
+    def __init__(self, workdir: str, record: bool = False) -> None:
         self.workdir = workdir
-        self.kind = ""
+        self.record = record  # --record: keeps every arrival, for message_ids()
         self.url = ""  # the api_url: http://127.0.0.1:PORT/v1/
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
-        """The base URL analytics-python takes as ``host``."""
-        return self.url[: -len("v1/")].rstrip("/")
+        """The base URL (analytics-python's ``host``, and the control endpoints')."""
+        return self.url[: -len("/v1/")]
 
     def start(self) -> Receiver:
-        fake = ROOT / "tools" / "fake_segment.py"
-        if fake.exists():
-            if self._spawn([sys.executable, str(fake), "--port", "0"], "tools/fake_segment.py"):
-                return self
-        if not self._spawn([sys.executable, "-m", "benchmarks.common"], "built-in"):
-            raise RuntimeError("could not start a local receiver")
+        ready = os.path.join(self.workdir, f"receiver-{os.getpid()}-{id(self)}.ready")
+        command = [sys.executable, str(FAKE_SEGMENT), "--port", "0", "--ready-file", ready]
+        self.proc = subprocess.Popen(command + (["--record"] if self.record else []),
+                                     cwd=ROOT, env=child_env(),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + RECEIVER_START_S
+        while not os.path.exists(ready):  # written atomically once it listens
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("tools/fake_segment.py did not start")
+            time.sleep(0.02)
+        with open(ready) as f:
+            self.url = f.read().strip()
+        if not self.url.startswith(f"http://{HOST}:") or not self.url.endswith("/v1/"):
+            self.close()
+            raise RuntimeError(f"unexpected receiver URL {self.url!r}")
         return self
 
-    def _spawn(self, command: list[str], kind: str) -> bool:
-        ready = os.path.join(self.workdir, f"receiver-{kind.replace('/', '_')}.ready")
-        proc = subprocess.Popen([*command, "--ready-file", ready], cwd=ROOT, env=child_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + RECEIVER_START_S
-        while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(ready):
-                with open(ready) as f:
-                    url = f.read().strip()
-                if url.startswith(f"http://{HOST}:"):
-                    self._proc, self.kind, self.url = proc, kind, url.rstrip("/") + "/"
-                    if not self.url.endswith("/v1/"):
-                        self.url += "v1/"
-                    try:
-                        self.events()
-                        return True
-                    except OSError:
-                        break
-            time.sleep(0.02)
-        proc.kill()
-        proc.wait()
-        self._proc = None
-        return False
-
     def stats(self) -> dict[str, Any]:
-        with _DIRECT.open(self.host + "/__stats", timeout=10) as reply:
-            stats: dict[str, Any] = json.load(reply)
+        stats: dict[str, Any] = http_json(self.host + "/__stats")
         return stats
 
     def events(self) -> int:
+        """Events received so far (duplicates included)."""
         return int(self.stats()["events"])
 
+    def reset(self) -> None:
+        """Counts, records and faults forgotten: as just started."""
+        http_json(self.host + "/__reset", "POST", {})
+
+    def faults(self, spec: dict[str, Any]) -> None:
+        """Arm the fault kinds ``spec`` names (replacing those kinds only)."""
+        http_json(self.host + "/__faults", "POST", spec)
+
+    def message_ids(self) -> list[str]:
+        """The messageId of every recorded arrival (needs record=True)."""
+        reply = http_json(self.host + "/__events?since=0", timeout=120)
+        return [str(event.get("messageId")) for event in reply["events"]]
+
+    def cpu_s(self) -> float:
+        """CPU seconds the receiver process has used so far."""
+        import psutil
+
+        assert self.proc is not None
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
     def close(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
+        if self.proc is not None:
+            self.proc.terminate()
             try:
-                self._proc.wait(10)
+                self.proc.wait(10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
 
     def __enter__(self) -> Receiver:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """200 to every POST under /v1/, HTTP/1.1 keep-alive; counts events without decoding
-    them (each one carries exactly one "messageId" key)."""
-
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if not self.path.startswith("/v1/"):
-            return self._reply(404, b'{"success": false}')
-        with self.server.lock:
-            self.server.requests += 1
-            self.server.events += body.count(b'"messageId"')
-        self._reply(200, b'{"success": true}')
-
-    def do_GET(self) -> None:
-        if self.path != "/__stats":
-            return self._reply(404, b"{}")
-        with self.server.lock:
-            stats = {"events": self.server.events, "requests": self.server.requests}
-        self._reply(200, json.dumps(stats).encode())
-
-    def _reply(self, status: int, payload: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__((HOST, 0), _Handler)
-        self.lock = threading.Lock()
-        self.events = 0
-        self.requests = 0
-
-
-def serve(ready_file: str) -> None:
-    """Serve the built-in receiver until killed; write its api_url to ``ready_file``."""
-    server = _Server()
-    tmp = ready_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"http://{HOST}:{server.server_address[1]}/v1/\n")
-    os.replace(tmp, ready_file)  # the parent never reads a half-written file
-    server.serve_forever()
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -344,17 +304,6 @@ def fmt_spread(values: Sequence[float], fmt: str = "{:,.0f}") -> str:
     if math.isnan(s["median"]):
         return "n/a"
     return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="the built-in local receiver")
-    parser.add_argument("--ready-file", required=True)
-    serve(parser.parse_args(argv).ready_file)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def finish(results: dict[str, Any], started: float,

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segment
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_delivery import Receiver  # noqa: E402
+from benchmarks.common import Receiver  # noqa: E402
 
 
 def thread_cpu() -> collections.Counter[str]:
