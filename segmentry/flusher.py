@@ -88,7 +88,7 @@ class Flusher:
         # for the GIL behind the other senders: claims and deletes took 2-4 ms each.
         self._delivered: list[Delivered] = []
         self._delivered_lock = threading.Lock()
-        self._batching = False  # True while the loop claims; False when it blocks or stops
+        self._batching = False  # True while the loop runs; False once it stops
         # A batch that is not full waits for batch_every_ms to pass since the last wait
         # (``_due``) or for flush() (``hurry``); full ones go at once. In a producer's
         # process the loop is woken at every max_batch_size events, and claiming the
@@ -199,9 +199,9 @@ class Flusher:
             self._delivered[:0] = delivered
 
     def _batch_deletes(self, on: bool) -> None:
-        """Switch between deletes left for the next claim (on) and deletes by the
-        senders themselves (off: the loop is about to block or stop, so nothing it
-        holds may wait for a claim). Switching off deletes what is left at once."""
+        """Switch between deletes left for the next claim (on: while the loop runs; its
+        waits delete them too, see _sleep) and deletes by the senders themselves (off:
+        the loop has stopped). Switching off deletes what is left at once."""
         with self._delivered_lock:
             self._batching = on
         if not on:
@@ -331,9 +331,7 @@ class Flusher:
             self.window.shrink()
         pause = max(self.pause_until - self.clock(), gate - time.monotonic())
         if pause > 0:
-            self._batch_deletes(False)
-            stop.wait(min(pause, 1.0))
-            self._batch_deletes(True)
+            self._sleep(stop, stop, min(pause, 1.0))
         return pause > 0
 
     def _free_slots(self) -> int:
@@ -383,15 +381,21 @@ class Flusher:
                     return
             stop.wait(0.05)  # only rows in backoff are left: look again shortly
             return
-        end = time.monotonic() + self.options.batch_every_ms / 1000.0
-        woken = False
-        while not woken and not stop.is_set() and (left := end - time.monotonic()) > 0:
-            if not self._unsettled():
-                woken = wake.wait(left)
-            elif not (woken := wake.wait(min(left, DELETE_LAG_S))):
-                self._delete_delivered()  # a lull: no claim is coming to take them
-        self._due = not woken
+        self._due = not self._sleep(stop, wake, self.options.batch_every_ms / 1000.0)
         wake.clear()
+
+    def _sleep(self, stop: threading.Event, event: threading.Event, seconds: float) -> bool:
+        """Wait up to ``seconds`` for ``event`` (or ``stop``); return whether it was set.
+        No claim comes meanwhile to delete what is delivered, so while batches are in
+        flight or delivered, delete them every DELETE_LAG_S."""
+        end = time.monotonic() + seconds
+        while not stop.is_set() and (left := end - time.monotonic()) > 0:
+            if not self._unsettled():
+                return event.wait(left)
+            if event.wait(min(left, DELETE_LAG_S)):
+                return True
+            self._delete_delivered()
+        return event.is_set()
 
     def _unsettled(self) -> bool:
         """Whether a batch is in flight or delivered but not yet deleted."""
