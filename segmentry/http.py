@@ -554,6 +554,7 @@ class Transport(HTTPAdapter):
         pools = list(self._pools.values())
         self._pools.clear()
         self._verified.clear()
+        self._targets.clear()
         super().close()
         for pool in pools:  # urllib3 2 no longer closes the pools it forgets
             pool.close()
