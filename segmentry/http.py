@@ -46,7 +46,10 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_RETRY_START_MS = 100
 DEFAULT_RETRY_EXPIRY_MS = 10_000
 RETRY_AFTER_CAP_S = 300.0  # the receiver's word wins over retry_expiry, up to this
-POOL_MAXSIZE = 32  # keep-alive connections per host: above any sane max_in_flight
+POOL_MAXSIZE = 64  # keep-alive connections per host: max_in_flight's upper bound
+# Redirects that keep the method and the body. requests follows the others (301, 302,
+# 303) as a GET without the body, whose 2xx would count the batch as delivered.
+_KEEP_BODY = frozenset({307, 308})
 
 # classify() verdicts.
 OK = "ok"
@@ -80,12 +83,13 @@ MessageLike = Union[messages.Message, Mapping[str, Any], messages.Encoded]
 
 
 def classify(status: int) -> str:
-    """What a status means for delivery: "ok", "retry", "misconfigured" or "reject"."""
+    """What a status means for delivery: "ok", "retry", "misconfigured" or "reject".
+    A redirect left unfollowed (any but 307/308) says the api_url is wrong, as a 404 does."""
     if 200 <= status < 300:
         return OK
     if status in _RETRY_4XX or (500 <= status < 600 and status not in _NO_RETRY_5XX):
         return RETRY
-    if status in _MISCONFIGURED:
+    if status in _MISCONFIGURED or 300 <= status < 400:
         return MISCONFIGURED
     return REJECT
 
@@ -173,15 +177,22 @@ class HTTPClient:
     ) -> None:
         if not isinstance(write_key, str) or not write_key:
             raise ConfigurationError("write_key must be a non-empty string")
+        try:
+            write_key.encode("latin-1")  # what HTTP Basic auth can carry
+        except UnicodeEncodeError:
+            raise ConfigurationError("write_key must be latin-1 text: check it was copied "
+                                     "whole, without typographic quotes") from None
         _check_options(requests_options)
         self.write_key = write_key
         self.api_url = _normalize_url(api_url)
         self.retry = RetryPolicy(retry_attempts, retry_start, retry_expiry)
         self.gzip = bool(gzip)
         self.send_to_http = bool(send_to_http)
-        self.session, self._owns_session = _session(requests_options, self.send_to_http)
+        self.session, self._owns_session, self._adapter = _session(
+            requests_options, self.send_to_http)
         adapter = self.session.get_adapter(self.api_url)
-        self._transport = adapter if isinstance(adapter, Transport) else None
+        self._transport = adapter if self._owns_session and isinstance(adapter, Transport) \
+            else None
         self.headers = {
             "Content-Type": "application/json",
             "User-Agent": f"segmentry/{__version__}",
@@ -190,8 +201,7 @@ class HTTPClient:
         self.request_options: dict[str, Any] = {"timeout": DEFAULT_TIMEOUT_S}
         self.request_options.update(
             (k, v) for k, v in requests_options.items() if k in _REQUEST_OPTIONS)
-        if self._owns_session:
-            self._settle_environment()
+        self._settle_environment()
         self.auth = HTTPBasicAuth(write_key, "")  # also keeps ~/.netrc from replacing it
         self.closing = threading.Event()
         self._templates: dict[str, requests.PreparedRequest] = {}
@@ -202,12 +212,16 @@ class HTTPClient:
         self.pacer = Pacer(clock)
 
     def _settle_environment(self) -> None:
-        """Read the proxy and CA-bundle environment once, not per request: requests scans
-        os.environ on every call (0.35 ms a request, measured here: a fifth of a batch)."""
+        """Merge the session's and the environment's proxy and CA-bundle settings into the
+        request options, as ``Session.request`` does, but once: it scans os.environ on
+        every call (0.35 ms a request, measured here: a fifth of a batch). ``Session.send``,
+        which we call, never reads them: without this, a caller's session would ignore
+        REQUESTS_CA_BUNDLE."""
         opts = self.request_options
         merged = self.session.merge_environment_settings(
             self.api_url, opts.get("proxies") or {}, None, opts.get("verify"), opts.get("cert"))
-        self.session.trust_env = False  # our explicit auth already ignores ~/.netrc
+        if self._owns_session:
+            self.session.trust_env = False  # our explicit auth already ignores ~/.netrc
         opts.update(proxies=merged["proxies"], verify=merged["verify"], cert=merged["cert"])
 
     def __repr__(self) -> str:  # never show the write key
@@ -260,10 +274,14 @@ class HTTPClient:
             data = gzip_module.compress(data, compresslevel=6, mtime=0)
             request.headers["Content-Encoding"] = "gzip"
         request.prepare_body(data, None)
+        options = self.request_options
         try:
             if self._transport is not None:
-                return self._transport.exchange(self.session, request, self.request_options)
-            return self.session.send(request, **self.request_options)
+                return self._transport.exchange(self.session, request, options)
+            if self._adapter is not None:  # see _session: no redirect is followed here
+                return _read(self._adapter.send(request, **options))
+            response = self.session.send(request, allow_redirects=False, **options)
+            return follow_redirects(self.session, response, request, options)
         except _TRANSPORT_ERRORS as exc:
             raise _network_error(exc) from exc
 
@@ -481,8 +499,16 @@ def _check_options(options: Mapping[str, Any]) -> None:
         raise ConfigurationError("session must be a requests.Session")
     if "adapter" in options and not isinstance(options["adapter"], BaseAdapter):
         raise ConfigurationError("adapter must be a requests.adapters.BaseAdapter")
-    if not isinstance(options.get("headers", {}), Mapping):
+    headers = options.get("headers", {})
+    if not isinstance(headers, Mapping):
         raise ConfigurationError("headers must be a dict")
+    for name, value in headers.items():
+        try:  # the check requests makes at every send, made once here
+            requests.utils.check_header_validity((name, value))
+        except requests.exceptions.InvalidHeader:
+            raise ConfigurationError(  # never the value: it may be a secret
+                f"header {name!r}: its name and value must be strings (or bytes) without "
+                f"line breaks or leading spaces") from None
     if "timeout" in options:
         _check_timeout(options["timeout"])
 
@@ -497,17 +523,18 @@ def _check_timeout(timeout: object) -> None:
             f"timeout must be seconds > 0 or a (connect, read) pair of them, not {timeout!r}")
 
 
-def _session(options: Mapping[str, Any], send_to_http: bool) -> tuple[requests.Session, bool]:
-    """The session to use, and whether it is ours to close."""
-    session = options.get("session")
-    owned = session is None
-    if session is None:
-        session = requests.Session()
-        _mount(session, Transport())
+def _session(options: Mapping[str, Any], send_to_http: bool
+             ) -> tuple[requests.Session, bool, BaseAdapter | None]:
+    """The session to use, whether it is ours (to close, and to mount adapters on), and
+    the adapter to call directly instead of the session's own. A caller's session is
+    never changed: the application may send its own requests through it too."""
     adapter = options.get("adapter") if send_to_http else NoopAdapter()
-    if adapter is not None:
-        _mount(session, adapter)
-    return session, owned
+    session = options.get("session")
+    if session is not None:
+        return session, False, adapter
+    session = requests.Session()
+    _mount(session, adapter or Transport())
+    return session, True, None
 
 
 def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
@@ -563,15 +590,11 @@ class Transport(HTTPAdapter):
                  options: Mapping[str, Any]) -> requests.Response:
         """``session.send(request, **options)`` less its upkeep for requests that carry
         no hooks or cookies (timing, hooks, the cookie jar, the redirect generator): 85
-        of a batch POST's 495 us of CPU here. A redirect is followed as session.send
-        follows it."""
+        of a batch POST's 495 us of CPU here. Redirects: see follow_redirects."""
+        start = time.perf_counter()
         response = self.send(request, **options)
-        if response.is_redirect:
-            history = [response, *session.resolve_redirects(response, request, **options)]
-            response = history.pop()
-            response.history = history
-        _ = response.content  # read it whole: the connection goes back to the pool
-        return response
+        response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
+        return follow_redirects(session, response, request, options)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = requests.Response()
@@ -581,6 +604,33 @@ class Transport(HTTPAdapter):
         response.raw, response.reason, response.url = resp, resp.reason, str(req.url)
         response.request, response.connection = req, self
         return response
+
+
+def follow_redirects(session: requests.Session, response: requests.Response,
+                     request: requests.PreparedRequest, options: Mapping[str, Any]
+                     ) -> requests.Response:
+    """Follow 307 and 308 as requests does (same method and body, no Authorization to
+    another host), and stop at any other redirect: requests would follow 301, 302 and 303
+    as a GET without the body, and a 2xx to that GET would count the batch as delivered.
+    The redirect left is final; classify() calls it a misconfiguration."""
+    if response.status_code in _KEEP_BODY and response.is_redirect:
+        history = []
+        hops = session.resolve_redirects(response, request, **options)
+        try:
+            for hop in hops:  # each is sent only when asked for
+                history.append(response)
+                response = hop
+                if response.status_code not in _KEEP_BODY:
+                    break
+        finally:
+            hops.close()
+        response.history = history
+    return _read(response)
+
+
+def _read(response: requests.Response) -> requests.Response:
+    _ = response.content  # read it whole: the connection goes back to the pool
+    return response
 
 
 class LocalAdapter(BaseAdapter):

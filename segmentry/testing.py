@@ -52,8 +52,9 @@ def sequence(*answers: Answer | BaseException | type[BaseException]) -> Handler:
     def handler(request: requests.PreparedRequest) -> Answer:
         with lock:
             answer = pending.pop(0) if len(pending) > 1 else pending[0]
-        if isinstance(answer, BaseException) or (
-                isinstance(answer, type) and issubclass(answer, BaseException)):
+        if isinstance(answer, BaseException):  # the same instance each time: without this
+            raise answer.with_traceback(None)  # its traceback would grow at every raise
+        if isinstance(answer, type) and issubclass(answer, BaseException):
             raise answer
         return answer
 
@@ -96,6 +97,9 @@ def _unpack(answer: Answer) -> tuple[int, bytes, dict[str, str]]:
             f"not {answer!r}")
     headers = dict(answer[2]) if len(answer) == 3 else {}  # type: ignore[misc]
     body = answer[1]
+    if not isinstance(body, (str, bytes, Mapping, list)):
+        raise TypeError(f"a stub handler's body must be str, bytes, a dict or a list, not "
+                        f"{type(body).__name__}")
     if isinstance(body, (Mapping, list)):
         headers.setdefault("Content-Type", "application/json")
         body = json.dumps(body)

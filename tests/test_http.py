@@ -223,6 +223,19 @@ def test_gzip_bodies_round_trip(make):
     assert stub.events[0]["event"] == "Zipped"
 
 
+@pytest.mark.parametrize("headers", [{"X-Tenant": 42}, {"X-Env": "prod\n"}, {"X-Lead": " v"}])
+def test_a_header_requests_cannot_send_is_refused_when_the_client_is_built(headers):
+    with pytest.raises(ConfigurationError, match="header 'X-"):
+        sh.client(KEY, API, headers=headers)
+
+
+def test_a_write_key_basic_auth_cannot_carry_is_refused_without_showing_it():
+    key = "WRITE\u2019KEY"  # a typographic quote pasted with it
+    with pytest.raises(ConfigurationError, match="write_key must be latin-1") as excinfo:
+        sh.client(key, API)
+    assert key not in str(excinfo.value)
+
+
 def test_headers_option_merges_over_ours(make):
     http, stub = make(headers={"User-Agent": "mine/1", "X-Tenant": "t1"})
     sh.batch(http, [track()])
@@ -231,13 +244,24 @@ def test_headers_option_merges_over_ours(make):
     assert headers["Content-Type"] == "application/json"
 
 
-def test_session_option_is_used_and_left_open(make):
+def test_session_option_is_used_and_left_untouched(make):
     session = requests.Session()
+    mounted = dict(session.adapters)
     http, stub = make(session=session)
     sh.batch(http, [track()])
     assert http.session is session and len(stub.requests) == 1
     http.close()
-    assert session.get_adapter(API) is stub  # the session is the caller's: still usable
+    # Nothing mounted on it: the application's own requests through it still go out.
+    assert session.adapters == mounted and session.get_adapter(API) is mounted["https://"]
+
+
+def test_send_to_http_false_wins_over_a_callers_session_and_its_mounts():
+    session = requests.Session()
+    theirs = Stub()
+    session.mount(API, theirs)  # more specific than any http(s):// mount
+    http = sh.client(KEY, API, send_to_http=False, session=session)
+    assert sh.batch(http, [track()]).status_code == 200
+    assert theirs.requests == [] and session.get_adapter(API) is theirs
 
 
 def test_send_and_batch_accept_dicts_and_encoded_events(make):
@@ -326,8 +350,9 @@ def test_an_empty_batch_is_refused(make):
     *((s, "ok") for s in (200, 201, 202, 204, 299)),
     *((s, "retry") for s in (408, 410, 429, 460, 500, 502, 503, 504, 507, 599)),
     *((s, "misconfigured") for s in (401, 403, 404)),
+    *((s, "misconfigured") for s in (300, 301, 302, 303, 304, 307, 308, 399)),
     *((s, "reject") for s in (400, 402, 405, 409, 413, 415, 422, 499, 501, 505)),
-    *((s, "reject") for s in (100, 301, 302, 304, 600, 0, -1)),
+    *((s, "reject") for s in (100, 600, 0, -1)),
 ])
 def test_classify(status, verdict):
     assert sh.classify(status) == verdict
@@ -869,26 +894,71 @@ def test_https_checks_the_receivers_certificate_on_every_client(tls_server, monk
     assert [body["batch"][0]["event"] for _, _, _, body in receiver.seen] == ["A", "B"]
 
 
-class Moved(Receiver):
-    """Answers 307 to every POST outside /v1/moved/, pointing there; records the rest."""
+def moved(status: int, then: int | None = None) -> type[Receiver]:
+    """A receiver that answers ``status`` to POST /v1/batch, pointing to /v1/moved/batch,
+    which answers ``then`` pointing to /v1/moved2/batch (or takes the batch when ``then`` is
+    None). It records the batches it takes, and answers 200 to any GET, as a login page
+    or a load balancer would."""
+    hops = {"/v1/batch": (status, "/v1/moved/batch"), "/v1/moved/batch": (then, "/v1/moved2/batch")}
 
-    def do_POST(self) -> None:
-        if self.path.startswith("/v1/moved/"):
-            return super().do_POST()
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(307)
-        self.send_header("Location", "/v1/moved" + self.path[len("/v1"):])
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+    class Moved(Receiver):
+        def do_POST(self) -> None:
+            code, location = hops.get(self.path, (None, ""))
+            if code is None:
+                return super().do_POST()
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.server.seen.append(("GET", self.path, None, None))  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    return Moved
 
 
-def test_a_307_is_followed_with_the_same_body_as_requests_follows_it(server):
-    server.RequestHandlerClass = Moved
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_307_or_308_is_followed_with_the_same_body_as_requests_follows_it(server, status):
+    server.RequestHandlerClass = moved(status)
     with sh.client(KEY, url_of(server), retry_attempts=0) as http:
         response = sh.batch(http, [track("A")])
     assert response.status_code == 200 and len(response.history) == 1
     assert [(path, body["batch"][0]["event"]) for _, path, _, body in server.seen] == [
         ("/v1/moved/batch", "A")]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+@pytest.mark.parametrize("own_session", [True, False])
+def test_a_redirect_that_would_drop_the_body_is_not_followed(server, status, own_session):
+    # requests follows these as a GET without the body: its 200 would count as delivered.
+    server.RequestHandlerClass = moved(status)
+    options = {} if own_session else {"session": requests.Session()}
+    with sh.client(KEY, url_of(server), retry_attempts=0, **options) as http:
+        response = sh.batch(http, [track("A")])
+    assert response.status_code == status and sh.classify(status) == sh.MISCONFIGURED
+    assert server.seen == []
+
+
+def test_a_307_then_a_302_stops_at_the_302(server):
+    server.RequestHandlerClass = moved(307, then=302)
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        response = sh.batch(http, [track("A")])
+    assert response.status_code == 302 and [r.status_code for r in response.history] == [307]
+    assert server.seen == []
+
+
+def test_a_callers_session_gets_the_ca_bundle_from_the_environment(tls_server, monkeypatch):
+    receiver, ca_file = tls_server
+    url = f"https://127.0.0.1:{receiver.server_address[1]}/v1/"
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", ca_file)  # as plain requests.post honours it
+    with sh.client(KEY, url, session=requests.Session(), retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+    assert [body["batch"][0]["event"] for _, _, _, body in receiver.seen] == ["A"]
 
 
 def test_a_real_server_too_slow_for_the_timeout_is_a_network_error(server):

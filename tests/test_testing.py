@@ -166,6 +166,24 @@ def test_sequence_raises_exception_classes_and_instances():
     assert handler(None) == 200  # type: ignore[arg-type]
 
 
+def test_an_exception_repeated_by_sequence_keeps_a_short_traceback():
+    handler = sequence(requests.Timeout("slow"))
+    for _ in range(50):
+        with pytest.raises(requests.Timeout) as excinfo:
+            handler(None)  # type: ignore[arg-type]
+    depth = 0
+    tb = excinfo.value.__traceback__
+    while tb is not None:
+        depth, tb = depth + 1, tb.tb_next
+    assert depth <= 3  # this test and the handler, not every earlier raise
+
+
+@pytest.mark.parametrize("body", [None, 3, object()])
+def test_a_body_a_stub_cannot_send_is_a_clear_type_error(body):
+    with pytest.raises(TypeError, match="stub handler's body must be"):
+        post(StubAdapter(lambda request: (503, body)))
+
+
 def test_sequence_needs_an_answer():
     with pytest.raises(ValueError):
         sequence()
