@@ -165,9 +165,9 @@ class Client:
                                            **common), now)
 
     def _store(self, event: messages.Encoded, now: float) -> str | None:
-        if self._closed:
-            raise StorageError("this client is closed")
         try:
+            if self._closed:  # e.g. a daemon thread's call after the exit hook closed it
+                raise StorageError("this client is closed")
             self._check_cap(len(event.body))
             row_id = self.queue.put(event.body, now)
         except (QueueFull, StorageError) as exc:

@@ -18,7 +18,7 @@ import filelock
 
 from . import http, messages, telemetry
 from .config import Options
-from .exceptions import HTTPStatusError, NetworkError, SegmentryError
+from .exceptions import HTTPStatusError, NetworkError, SegmentryError, StorageError
 from .storage import Claim, Delivered, Row, SQLiteQueue
 
 logger = logging.getLogger(__name__)
@@ -150,17 +150,11 @@ class Flusher:
 
     def _post(self, bodies: list[str]) -> Any:
         self.outcome.add("requests", 1)
-        try:
-            return http.post_batch(self.http, bodies)
-        except NetworkError as exc:
-            return exc
+        return _answer(lambda: http.post_batch(self.http, bodies))
 
     def _post_event(self, row: Row) -> Any:
         self.outcome.add("requests", 1)
-        try:
-            return http.post_event(self.http, messages.type_of(row.body), row.body)
-        except NetworkError as exc:
-            return exc
+        return _answer(lambda: http.post_event(self.http, messages.type_of(row.body), row.body))
 
     def _settle(self, token: int, rows: list[Row], answer: Any) -> None:
         ids = [r.id for r in rows]
@@ -486,6 +480,19 @@ class Senders:
                 self._done()
 
 
+def _answer(post: Callable[[], Any]) -> Any:
+    """The response, or the NetworkError that stands for it: no answer at all, or an
+    unexpected failure below us (a custom adapter's bug), whose rows are then released
+    and retried like a network failure's, not left leased until the lease runs out."""
+    try:
+        return post()
+    except NetworkError as exc:
+        return exc
+    except Exception as exc:
+        logger.exception("sending a batch failed unexpectedly; its events are kept")
+        return NetworkError(f"sending failed: {type(exc).__name__}")
+
+
 def _text(answer: Any) -> str:
     try:
         return str(answer.text)[:2000]
@@ -515,14 +522,21 @@ class Lock:
             self._lock.acquire(timeout=timeout)
         except filelock.Timeout:
             return False
-        _write_pid(self.pid_path)
+        except OSError as exc:
+            raise StorageError(f"cannot open the flusher lock file {self.path}: "
+                               f"{exc.strerror}") from exc
+        try:  # best effort: a pid file we cannot write must not cost us the lock
+            _write_pid(self.pid_path)
+        except OSError as exc:  # e.g. a dead flusher's, left by another user
+            logger.warning("cannot write %s (%s): `segmentry status` will not name this "
+                           "flusher", self.pid_path, exc.strerror)
         return True
 
     def release(self) -> None:
         if self._lock.is_locked:
             try:
                 os.unlink(self.pid_path)
-            except FileNotFoundError:
+            except OSError:  # gone, or one we could not write either (see acquire)
                 pass
             self._lock.release()
 
@@ -629,10 +643,9 @@ class Background:
         (a dead thread would leave flush() waiting and the queue growing)."""
         try:
             while not self._stop.is_set():
-                if not self.lock.acquire(timeout=LOCK_POLL_S):
-                    continue
                 try:
-                    self._deliver()
+                    if self.lock.acquire(timeout=LOCK_POLL_S):
+                        self._deliver()
                 except Exception:
                     logger.exception("segmentry flusher failed; restarting in %.0f s",
                                      RESTART_S)

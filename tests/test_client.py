@@ -17,6 +17,7 @@ import pytest
 import segmentry
 from segmentry import telemetry
 from segmentry.exceptions import ConfigurationError, InvalidMessage, QueueFull, StorageError
+from segmentry.storage import SQLiteQueue
 
 NOW = time.time()
 
@@ -168,10 +169,20 @@ def test_module_level_default_client(tmp_path, monkeypatch):
 
 
 def test_client_is_a_context_manager(tmp_path):
-    with segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None) as c:
+    with segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
+                          on_full="raise") as c:
         c.track("u", "E")
     with pytest.raises(StorageError, match="closed"):
         c.track("u", "E")
+
+
+def test_a_call_after_close_follows_on_full_drop_and_never_raises(tmp_path):
+    # As a daemon thread's call after the exit hook closed every client.
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    c.track("u", "E")
+    c.close()
+    assert c.track("u", "late") is None and c.dropped == 1
+    assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1
 
 
 # -- several processes, fork, SIGKILL ----------------------------------------------------

@@ -4,6 +4,7 @@ does to the stored rows, batch limits, bisection of a rejected batch, telemetry.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -227,6 +228,33 @@ def test_only_one_flusher_lock_per_queue(path):
     a.release()
     assert b.acquire(timeout=0)
     b.release()
+
+
+def test_a_pid_file_that_cannot_be_written_costs_neither_the_lock_nor_delivery(path, caplog):
+    os.mkdir(path + ".flusher")  # unwritable, even for root: as another user's stale one
+    lock = Lock(path)
+    assert lock.acquire(timeout=0) and not Lock(path).acquire(timeout=0)
+    lock.release()
+    assert "cannot write" in caplog.text
+    stub = Stub()
+    with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
+                          batch_every_ms=10) as client:
+        mid = client.track("u", "E")
+        assert client.flush(timeout=30)
+    assert [e["messageId"] for e in stub.events] == [mid]
+
+
+def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
+    enqueue(path, 4)
+
+    def buggy(request):
+        raise RuntimeError("a custom adapter's bug")
+
+    flusher, stub, queue = make(path, buggy)
+    flusher.run_once()  # no exception: the rows are released as after a network failure
+    stats = queue.stats(time.time())
+    assert (stats.depth, stats.in_flight, flusher.outcome.released) == (4, 0, 4)
+    assert flusher.pause_until > time.time()
 
 
 def test_the_window_halves_on_a_pause_and_grows_back_one_per_window():
