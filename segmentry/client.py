@@ -39,6 +39,7 @@ class Client:
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
         self.queue = SQLiteQueue(self.queue_path, self.options.durability)
+        self._check_destination()
         self.dropped = 0
         self._first_id = 0  # the range of ids this client stored: what flush() waits for
         self._last_id = 0
@@ -186,6 +187,27 @@ class Client:
         except Exception:  # stored already: a flusher problem must not fail the call
             logger.exception("segmentry could not start its flusher thread")
         return event.message_id
+
+    def _destination(self) -> tuple[Any, ...] | None:
+        """Where this client's flusher thread sends: the key, the URL and whether it sends
+        at all; None without a flusher thread."""
+        if self.options.flusher != "thread":
+            return None
+        return (self.write_key, self.options.api_url, self.options.send_to_http)
+
+    def _check_destination(self) -> None:
+        """Refuse a second flusher thread in this process for the same queue file with
+        another destination: whichever held the file would send every event its own way
+        (one source's events under another's write key, or to a no-op transport)."""
+        mine = self._destination()
+        for other in list(_clients):
+            if (mine is not None and not other._closed and other.queue.path == self.queue.path
+                    and other._destination() not in (None, mine)):
+                raise ConfigurationError(
+                    f"queue file {self.queue_path} is already delivered by another Client of "
+                    "this process with another write key, api_url or send_to_http: one "
+                    "flusher would send both clients' events its own way. Give each its own "
+                    "queue_path")
 
     def _check_cap(self, size: int) -> None:
         self._puts_since_stat += 1

@@ -18,8 +18,10 @@ arguments, plus keyword-only ``queue_path`` and any other segmentry option.
 
 How analytics-python's settings map (see ``Client._segmentry_options``):
 
-- ``host`` -> ``api_url`` host + "/v1/"; ``send=False`` -> ``send_to_http=False`` (events
-  are still stored, then "delivered" to a no-op transport); ``gzip``, ``on_error`` as is;
+- ``host`` -> ``api_url`` host + "/v1/"; ``send=False``: as in analytics-python, an event
+  is validated and returned, never stored nor sent (so a dry run never touches a queue
+  file that other processes share); ``gzip``, ``on_error`` as is (it is also called when
+  a cycle's retries run out, though the events stay queued and go later);
   ``max_retries`` -> ``retry_attempts``; ``timeout``, ``proxies`` -> ``requests_options``;
   ``upload_size`` -> ``max_batch_size``; ``upload_interval`` -> ``batch_every_ms``;
   ``thread`` -> ``max_in_flight`` (0: no flusher thread here, ``python -m segmentry.flusher``
@@ -38,7 +40,10 @@ Differences from analytics-python, on purpose:
   analytics-python raises ``AssertionError``; an event over 32 KB raises ``MessageTooLarge``
   (also an ``InvalidMessage``) instead of ``RuntimeError``; a missing write key raises
   ``ConfigurationError`` (a ``ValueError``), and only when this client would send. Ids are
-  strings, ints or UUIDs: floats and bools are refused, not stringified.
+  strings, ints or UUIDs: floats and bools are refused, not stringified. A value that
+  cannot become JSON (bytes, a model object, a timedelta) is refused, naming its path,
+  where analytics-python drops it (or decodes bytes) and sends the rest: decode or convert
+  it first.
 - ``success`` means the event is in the queue file. ``(False, msg)`` means it was dropped:
   the queue file is over ``max_queue_bytes`` or unusable (``on_full="drop"``).
 - ``sync_mode``: the event is stored, then the call waits up to ``timeout`` seconds for its
@@ -51,7 +56,8 @@ Differences from analytics-python, on purpose:
 - The returned ``msg`` holds ``messageId`` and ``timestamp`` exactly as stored (ISO-8601 UTC
   with milliseconds, "Z"), ``context.library`` is segmentry's, and the caller's ``context``
   dict is not modified. Naive datetimes are read as analytics-python reads them (local time
-  when within 5 s of now, else UTC), where segmentry's own API refuses them.
+  when within 5 s of now, else UTC), where segmentry's own API refuses them; an ISO-8601
+  string (which analytics-python refuses) must carry its offset.
 """
 
 from __future__ import annotations
@@ -278,6 +284,9 @@ class Client:
     # -- plumbing -------------------------------------------------------------------------
 
     def _record(self, message: Message, fields: dict[str, Any]) -> Result:
+        if not self.send:  # validated, never stored nor sent
+            encoded = messages.encode_message(message, time.time())
+            return True, _returned(message, fields, encoded.message_id)
         stored = self.segmentry_client.send(message)
         success = stored is not None and (not self.sync_mode or self._deliver_now())
         return success, _returned(message, fields, stored)
@@ -295,11 +304,11 @@ def _common(context: Any, timestamp: Any, anonymous_id: Any, integrations: Any,
     """The fields every type shares; the timestamp and messageId are fixed here so the
     returned message carries exactly what segmentry stores."""
     return {
-        "context": context,
-        "timestamp": _epoch(timestamp, time.time()),
+        "context": context or None,  # analytics-python: context or {}
+        "timestamp": _when(timestamp, time.time()),
         "anonymous_id": anonymous_id,
-        "integrations": integrations,
-        "message_id": messages.new_message_id() if message_id is None else message_id,
+        "integrations": integrations or None,
+        "message_id": message_id if message_id not in (None, "") else messages.new_message_id(),
     }
 
 
@@ -307,18 +316,14 @@ def _page_fields(category: Any, name: Any, properties: dict[str, Any]) -> dict[s
     return {"category": category, "name": name, "properties": properties}
 
 
-def _epoch(timestamp: Any, now: float) -> Any:
-    """The event time as epoch seconds, read as analytics-python reads it. Anything else
-    goes to segmentry unchanged, whose InvalidMessage then names the field."""
+def _when(timestamp: Any, now: float) -> Any:
+    """The event time: now (epoch seconds) when absent, a naive datetime made aware as
+    analytics-python makes it; anything else goes to segmentry unchanged, whose
+    InvalidMessage then names the field."""
     if timestamp is None:
         return now
-    if isinstance(timestamp, str):
-        try:
-            timestamp = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-        except ValueError:
-            return timestamp
     if isinstance(timestamp, dt.datetime):
-        return _aware(timestamp).timestamp()
+        return _aware(timestamp)
     return timestamp
 
 
@@ -347,9 +352,9 @@ def _returned(message: Message, fields: dict[str, Any], stored: str | None) -> d
     }
 
 
-def _timestamp_text(epoch: Any) -> str:
-    """As segmentry stores it; by then _epoch() made it epoch seconds and it was valid."""
-    return messages.format_timestamp(float(epoch))
+def _timestamp_text(when: Any) -> str:
+    """As segmentry stores it (by then encoding has validated it)."""
+    return messages.timestamp_text(when)
 
 
 def _context(context: Any) -> dict[str, Any]:

@@ -195,7 +195,7 @@ def encode(
         if not isinstance(integrations, Mapping):
             raise InvalidMessage("integrations must be a dict", "integrations")
         msg["integrations"] = dict(integrations)
-    msg["timestamp"] = format_timestamp(now) if timestamp is None else _timestamp(timestamp)
+    msg["timestamp"] = format_timestamp(now) if timestamp is None else timestamp_text(timestamp)
     msg["messageId"] = _message_id(message_id)
     body = dumps(msg)
     if len(body) > MAX_EVENT_BYTES:
@@ -217,23 +217,38 @@ def dumps(value: Any) -> str:
         raise InvalidMessage(f"{path}: cannot be encoded as JSON ({exc})", path) from None
 
 
-_last_second: list[Any] = [None, ""]  # strftime costs 3 µs: format each second once
+# strftime costs 3 µs: format each second once. One tuple, read once and replaced whole,
+# so that a thread never pairs one second with another's text.
+_last_second: tuple[Any, str] = (None, "")
 
 
 def format_timestamp(epoch: float) -> str:
     """ISO-8601 UTC with milliseconds, e.g. 2026-11-26T22:42:27.123Z."""
+    global _last_second
     whole, ms = divmod(round(epoch * 1000), 1000)  # nearest ms: no float truncation
-    cached = _last_second
-    if cached[0] != whole:
+    second, prefix = _last_second
+    if second != whole:
         prefix = dt.datetime.fromtimestamp(whole, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        cached[:] = [whole, prefix]  # one assignment: safe for concurrent readers
-    return f"{cached[1]}.{ms:03d}Z"
+        _last_second = (whole, prefix)
+    return f"{prefix}.{ms:03d}Z"
 
 
 def new_message_id() -> str:
     """A random (version 4) UUID string, three times cheaper than str(uuid.uuid4())."""
     h = os.urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def timestamp_text(value: Timestamp) -> str:
+    """A given event time as stored: ISO-8601 UTC with milliseconds; InvalidMessage
+    names the field when it is not an aware time in years 1-9999."""
+    try:
+        return _timestamp(value)
+    except (ValueError, OverflowError, OSError) as exc:  # out of datetime's range
+        if isinstance(exc, InvalidMessage):
+            raise
+        raise InvalidMessage(f"timestamp {value!r} is out of range ({exc})",
+                             "timestamp") from None
 
 
 def _timestamp(value: Timestamp) -> str:
@@ -260,7 +275,7 @@ def _timestamp(value: Timestamp) -> str:
 
 
 def _message_id(value: Any) -> str:
-    if value is None:
+    if value is None or value == "":  # "" as for the ids: absent, not one id for all
         return new_message_id()
     text = _id(value, "message_id")
     if len(text) >= MAX_MESSAGE_ID_CHARS:

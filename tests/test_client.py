@@ -185,6 +185,21 @@ def test_a_call_after_close_follows_on_full_drop_and_never_raises(tmp_path):
     assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1
 
 
+def test_a_second_flusher_thread_for_the_same_file_must_send_the_same_way(tmp_path):
+    path = str(tmp_path / "q.db")
+    with segmentry.Client("KEY-A", queue_path=path, api_url="http://127.0.0.1:9/v1/"):
+        for other in ({"write_key": "KEY-B"}, {"write_key": "KEY-A", "send_to_http": False},
+                      {"write_key": "KEY-A", "api_url": "http://127.0.0.1:8/v1/"}):
+            key = other.pop("write_key")
+            options = {"api_url": "http://127.0.0.1:9/v1/", **other}
+            with pytest.raises(ConfigurationError, match="own queue_path"):
+                segmentry.Client(key, queue_path=path, **options)
+        # The same destination, or no flusher thread at all, may share it.
+        segmentry.Client("KEY-A", queue_path=path, api_url="http://127.0.0.1:9/v1/").close()
+        segmentry.Client(queue_path=path, flusher=None).close()
+    segmentry.Client("KEY-B", queue_path=path, api_url="http://127.0.0.1:9/v1/").close()
+
+
 # -- several processes, fork, SIGKILL ----------------------------------------------------
 
 PRODUCER = textwrap.dedent("""

@@ -290,6 +290,35 @@ def test_a_recent_naive_datetime_is_read_as_local_time_like_analytics_python() -
     assert parse(msg["timestamp"]) == now.astimezone()
 
 
+def test_an_iso_string_timestamp_needs_its_offset() -> None:
+    with pytest.raises(InvalidMessage, match="naive"):
+        analytics.track("u", "E", timestamp="2024-05-01T12:00:00")  # whose noon?
+    _, msg = analytics.track("u", "E", timestamp="2024-05-01T12:00:00-04:00")
+    assert msg["timestamp"] == "2024-05-01T16:00:00.000Z"
+
+
+def test_an_aware_datetime_before_1970_is_kept() -> None:
+    moon = dt.datetime(1969, 7, 20, 20, 17, tzinfo=dt.timezone.utc)
+    assert analytics.track("u", "E", timestamp=moon)[1]["timestamp"] == \
+        "1969-07-20T20:17:00.000Z"
+
+
+def test_falsy_context_and_integrations_are_empty_as_in_analytics_python() -> None:
+    assert analytics.track("u", "E", context=[], integrations=0)[0]
+
+
+def test_send_false_validates_but_never_touches_a_queue_file(tmp_path: Any,
+                                                              make_client: Any) -> None:
+    path = tmp_path / "shared.db"
+    client = make_client(KEY, send=False, queue_path=str(path))
+    success, msg = client.track("u", "E", {"plan": "pro"})
+    assert success and msg["properties"] == {"plan": "pro"} and msg["messageId"]
+    with pytest.raises(InvalidMessage):
+        client.track(None, "E")  # no user: refused as when sending
+    client.flush()
+    assert not path.exists()  # nothing stored, no flusher that could take a shared file
+
+
 def test_the_callers_context_is_not_modified() -> None:
     context = {"ip": "10.0.0.1"}
     _, msg = analytics.track("u", "E", context=context)

@@ -136,6 +136,22 @@ def test_a_given_timestamp_is_normalised_to_utc_with_milliseconds():
         "2026-01-01T12:00:00.000Z"
 
 
+@pytest.mark.parametrize("when", [
+    1e20,  # past time_t
+    1_700_000_000_000_000,  # microseconds taken for seconds: year 50 million
+    dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-1))),  # year 10000 in UTC
+])
+def test_a_timestamp_out_of_range_is_an_invalid_message_naming_it(when):
+    with pytest.raises(InvalidMessage, match="timestamp") as excinfo:
+        track(timestamp=when)
+    assert excinfo.value.field == "timestamp"
+
+
+def test_an_empty_message_id_gets_a_fresh_one_not_one_shared_by_all():
+    ids = {json.loads(track(message_id="").body)["messageId"] for _ in range(3)}
+    assert len(ids) == 3 and all(uuid.UUID(i).version == 4 for i in ids)
+
+
 def test_a_container_that_contains_itself_is_refused():
     loop: dict = {}
     loop["self"] = loop
