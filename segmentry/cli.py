@@ -33,11 +33,7 @@ FLAG_HINTS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one ``segmentry: ...`` line (exit 2), not usage + error."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"segmentry: {message} (see `{self.prog} --help`)\n")
+_Parser = service.Parser
 
 
 # -- argument types -------------------------------------------------------------------------
@@ -48,7 +44,7 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}") from None
-    if value < 1:
+    if not 1 <= value < 2**63:  # SQLite's integers
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return value
 

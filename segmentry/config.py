@@ -105,7 +105,7 @@ def from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for name in ENV_OPTIONS:
         key = "SEGMENTRY_QUEUE" if name == "queue_path" else f"SEGMENTRY_{name.upper()}"
-        if environ.get(key) is not None:
+        if environ.get(key):  # set but empty (`SEGMENTRY_QUEUE=` in a unit file): unset
             found[name] = parse_env_value(name, environ[key])
     return found
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from . import telemetry
 from .config import DEFAULT_API_URL, Options, resolve
@@ -28,8 +29,26 @@ EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
 GRACE_S = 10.0  # SIGTERM: time for the batches in flight to settle (systemd TimeoutStopSec > this)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``segmentry: ...`` line (exit 2), not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"segmentry: {message} (see `{self.prog} --help`)\n")
+
+
+def seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m segmentry.flusher",
         description="Deliver a segmentry queue file to Segment (or any /v1/batch receiver).")
     p.add_argument("--queue", help="queue file (default: $SEGMENTRY_QUEUE or the per-user one)")
@@ -39,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="one claim/send cycle, then exit")
     mode.add_argument("--drain", action="store_true", help="send until the queue is empty")
-    p.add_argument("--drain-timeout", type=float, help="with --drain: give up after S seconds")
+    p.add_argument("--drain-timeout", type=seconds,
+                   help="with --drain: give up after S seconds")
     p.add_argument("--wait", action="store_true",
                    help="if another flusher holds the queue, stand by instead of exiting 1")
     for name, kind in (("max-batch-size", int), ("batch-every-ms", int),
@@ -48,15 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--sender", choices=("batcher", "immediate"))
     p.add_argument("--durability", choices=("normal", "full"))
-    p.add_argument("--timeout", type=float, help="HTTP request timeout, seconds (default 15)")
-    p.add_argument("--gzip", action="store_true", default=None, help="gzip request bodies")
+    p.add_argument("--timeout", type=seconds, help="HTTP request timeout, seconds (default 15)")
+    p.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=None,
+                   help="gzip request bodies (--no-gzip overrides SEGMENTRY_GZIP)")
     p.add_argument("--no-send", action="store_true",
                    help="do not send: log at DEBUG and treat every batch as delivered")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="with --drain: a progress bar on a terminal, log lines otherwise")
-    p.add_argument("--summary-every", type=float, default=60.0, metavar="S",
+    p.add_argument("--summary-every", type=seconds, default=60.0, metavar="S",
                    help="running as a service: one summary log line every S seconds")
     return p
 
@@ -69,7 +90,7 @@ def options_from_args(args: Any, environ: Any) -> Options:
         "retry_start": args.retry_start, "retry_expiry": args.retry_expiry,
         "max_queue_bytes": args.max_queue_bytes, "durability": args.durability,
         "gzip": args.gzip, "send_to_http": False if args.no_send else None,
-        "requests_options": {"timeout": args.timeout} if args.timeout else None,
+        "requests_options": None if args.timeout is None else {"timeout": args.timeout},
     }
     return resolve({k: v for k, v in given.items() if v is not None}, environ)
 
@@ -82,6 +103,9 @@ def read_write_key(args: Any, environ: Any) -> str | None:
         except OSError as exc:
             raise ConfigurationError(
                 f"cannot read --write-key-file {args.write_key_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigurationError(
+                f"--write-key-file {args.write_key_file} is not UTF-8 text") from None
     if args.write_key:
         logger.warning("--write-key is visible to every user in ps; "
                        "prefer SEGMENT_WRITE_KEY or --write-key-file")
@@ -126,6 +150,9 @@ def setup_logging(level: str) -> None:
 
 
 def run(args: Any, options: Options, write_key: str) -> int:
+    # Built first: a setting requests refuses fails now, not when a standby takes over,
+    # and before a mistyped --queue creates a file.
+    http_client = make_http(write_key, options)
     path = options.queue_path or default_queue_path()
     queue = SQLiteQueue(path, options.durability)
     queue.stats(time.time())  # open now: a bad file is refused before we take the lock
@@ -133,12 +160,16 @@ def run(args: Any, options: Options, write_key: str) -> int:
     stop = _stop_on_signals()
     if not _acquire(lock, args.wait, stop, path):
         return EXIT_OK if stop.is_set() else EXIT_UNDELIVERED  # a standby told to stop
-    flusher = Flusher(queue, make_http(write_key, options), options)
+    flusher = Flusher(queue, http_client, options)
+    deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
     try:
         flusher.take_over()
-        return _work(args, flusher, stop)
+        return _work(args, flusher, stop, deadline)
     finally:
-        flusher.finish(GRACE_S)
+        # --drain-timeout bounds the whole run: past it, no grace for batches in flight
+        # (their rows stay leased, and the next flusher sends them).
+        grace = GRACE_S if deadline is None else min(GRACE_S, deadline - time.monotonic())
+        flusher.finish(max(0.0, grace))
         lock.release()
         queue.close()
         logger.info("stopped: %d sent, %d dead-lettered", flusher.outcome.sent,
@@ -159,7 +190,7 @@ def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
     return False
 
 
-def _work(args: Any, flusher: Flusher, stop: threading.Event) -> int:
+def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | None) -> int:
     if args.once:
         flusher.run_once()
         failed = flusher.outcome.misconfigured or flusher.outcome.released
@@ -168,17 +199,16 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event) -> int:
         with Progress(flusher, "log", every=args.summary_every):  # one line per interval
             flusher.run(stop, threading.Event())
         return EXIT_OK
-    deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
     with Progress(flusher, args.progress):
         drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
     if flusher.outcome.misconfigured:
         print(f"segmentry: receiver answered HTTP {flusher.outcome.misconfigured}: check the "
               "write key and --api-url; nothing was dropped", file=sys.stderr)
         return EXIT_UNDELIVERED
-    if not drained and not stop.is_set():
+    if not drained:  # a drain that stops short did not deliver: scripts must not go on
         left = flusher.queue.stats(time.time()).depth
-        print(f"segmentry: --drain-timeout reached with {left} events left in the queue",
-              file=sys.stderr)
+        why = "stopped by a signal" if stop.is_set() else "--drain-timeout reached"
+        print(f"segmentry: {why} with {left} events left in the queue", file=sys.stderr)
         return EXIT_UNDELIVERED
     return EXIT_OK
 

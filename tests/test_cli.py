@@ -223,6 +223,7 @@ def test_a_bad_segmentry_setting_in_the_environment_exits_2(env, queue_path):
     (["dead-letters", "list", "--limit", "many"], ["--limit", "many"]),
     (["dead-letters", "list", "--limit", "0"], ["--limit"]),
     (["dead-letters", "purge", "x"], ["ID"]),
+    (["dead-letters", "purge", str(2**63)], ["positive integer"]),
     (["track", "--user-id", "u"], ["--event"]),
     (["track", "--user-id", "u", "--event", "E", "--property", "novalue"], ["KEY=VALUE"]),
 ])
@@ -303,6 +304,51 @@ def test_the_flusher_refuses_such_a_file_with_exit_1_and_leaves_it_untouched(
 def test_the_flusher_without_a_write_key_exits_2_in_one_line(env, queue_path):
     proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
     assert_one_line_error(proc, 2, "SEGMENT_WRITE_KEY")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-batch-size", "abc"], ["--max-batch-size"]),
+    (["--summary-every", "-1"], ["--summary-every"]),
+    (["--drain-timeout", "nan"], ["--drain-timeout"]),
+    (["--drain-timeout", "-3"], ["--drain-timeout"]),
+    (["--timeout", "0"], ["--timeout"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+])
+def test_a_bad_flusher_flag_exits_2_in_one_line_and_creates_nothing(env, queue_path, args,
+                                                                     words):
+    proc = run(env, "--queue", queue_path, "--drain", *args, module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY})
+    assert_one_line_error(proc, 2, *words)
+    assert not os.path.exists(queue_path)
+
+
+@pytest.mark.parametrize("key_file, words", [
+    (b"\xff\xfebinary", ["not UTF-8"]),
+    ("k\u2019ey".encode(), ["write_key", "latin-1"]),  # requests could never send it
+])
+def test_a_write_key_that_cannot_be_sent_exits_2_before_touching_the_queue(
+        env, queue_path, tmp_path, key_file, words):
+    path = tmp_path / "key"
+    path.write_bytes(key_file)
+    proc = run(env, "--queue", queue_path, "--wait", "--write-key-file", str(path),
+               module="segmentry.flusher")  # --wait: never standing by with a bad setting
+    assert_one_line_error(proc, 2, *words)
+    assert not os.path.exists(queue_path)
+
+
+def test_an_empty_segmentry_queue_is_unset_not_the_working_directory(env, tmp_path):
+    code = "import segmentry; print(segmentry.Client(flusher=None).queue_path)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "SEGMENTRY_QUEUE": ""},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == str(tmp_path / "state" / "segmentry" / "queue.db"), proc
+
+
+def test_no_gzip_overrides_segmentry_gzip():
+    from segmentry.service import build_parser, options_from_args
+
+    args = build_parser().parse_args(["--no-gzip"])
+    assert options_from_args(args, {"SEGMENTRY_GZIP": "true"}).gzip is False
+    assert options_from_args(build_parser().parse_args([]), {"SEGMENTRY_GZIP": "true"}).gzip
 
 
 # -- flush ----------------------------------------------------------------------------------

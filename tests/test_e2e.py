@@ -194,6 +194,26 @@ def test_drain_timeout_exits_1_when_events_remain(receiver, queue_path):
     assert depth(queue_path).depth == 10
 
 
+def test_drain_timeout_bounds_the_run_even_with_a_batch_in_flight(receiver, queue_path):
+    enqueue(queue_path, 10)
+    receiver.delay(ms=30_000)  # the request outlives the timeout and the 10 s grace
+    started = time.monotonic()
+    code, err = drain(queue_path, receiver.url, "--drain-timeout", "1")
+    assert code == 1 and "10 events left" in err
+    assert time.monotonic() - started < 8  # start-up, the timeout, no grace
+
+
+def test_a_drain_stopped_by_a_signal_exits_1_with_what_is_left(receiver, queue_path):
+    enqueue(queue_path, 10)
+    receiver.fail(503)
+    proc = flusher(queue_path, receiver.url, "--drain")
+    assert wait_until(lambda: receiver.stats()["requests"] > 0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "stopped by a signal with 10 events left" in err
+    assert "Traceback" not in err
+
+
 def test_in_process_thread_delivers_and_flush_waits_for_it(receiver, queue_path):
     with segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
                           batch_every_ms=50) as client:
