@@ -180,10 +180,11 @@ def format_status(report: dict[str, Any]) -> str:
     absent = "" if report["exists"] else "  (no file yet: empty)"
     age = report["oldest_age_s"]
     pid = report["flusher_pid"]
+    flying = f"{report['in_flight']} in flight" if pid is not None or not report["in_flight"] \
+        else f"{report['in_flight']} leased by a flusher that stopped: the next one resends them"
     return "\n".join([
         f"queue:        {report['queue_path']}{absent}",
-        f"depth:        {report['depth']} events, {report['bytes']} bytes "
-        f"({report['in_flight']} in flight)",
+        f"depth:        {report['depth']} events, {report['bytes']} bytes ({flying})",
         f"oldest event: {'-' if age is None else f'{age:.1f} s ago'}",
         f"dead letters: {report['dead_letters']}",
         f"flusher:      {'none running' if pid is None else f'pid {pid}'}",

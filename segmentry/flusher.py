@@ -418,6 +418,8 @@ class Flusher:
         """Let the batches in flight settle for up to ``grace`` seconds, then abort
         their retries; unsettled rows stay leased until the next flusher resets them."""
         end = time.monotonic() + grace
+        if self.http.paused_until() >= end:  # a Retry-After outlasts the grace: the
+            self.http.close()  # senders waiting it out give their rows back now
         with self._settled:
             while self._in_flight and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())

@@ -118,6 +118,13 @@ def test_status_reads_the_queue_from_segmentry_queue_then_the_state_dir(env, tmp
     assert json.loads(proc.stdout)["queue_path"] == str(default) and not default.exists()
 
 
+def test_status_says_when_leases_are_a_stopped_flushers(env, queue_path):
+    enqueue(queue_path, 3)
+    SQLiteQueue(queue_path).claim(3, 10**6, time.time(), 600)  # as a flusher killed mid-send
+    proc = run(env, "status", "--queue", queue_path)
+    assert "3 leased by a flusher that stopped" in proc.stdout, proc.stdout
+
+
 def test_status_shows_the_pid_of_the_running_flusher(env, queue_path):
     enqueue(queue_path, 5)
     with FakeSegment(write_key=KEY) as receiver:

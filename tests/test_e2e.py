@@ -14,6 +14,7 @@ from fake_segment import FakeSegment
 from helpers import FAST, enqueue, wait_until
 
 import segmentry
+from segmentry.service import GRACE_S
 from segmentry.storage import SQLiteQueue
 
 pytestmark = pytest.mark.slow
@@ -149,6 +150,21 @@ def test_sigterm_stops_the_service_with_exit_0_and_keeps_what_is_left(receiver, 
     assert proc.returncode == 0, err
     left = depth(queue_path)
     assert left.in_flight == 0 and left.depth + receiver.stats()["unique"] == 300
+
+
+def test_sigterm_does_not_wait_out_a_retry_after_longer_than_the_grace(receiver, queue_path):
+    enqueue(queue_path, 20)
+    receiver.fail(429, retry_after=120)
+    proc = flusher(queue_path, receiver.url, "--retry-attempts", "5")
+    assert receiver.wait_for(lambda s: s["requests"] >= 1, timeout=30)
+    assert wait_until(lambda: depth(queue_path).in_flight > 0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - started < GRACE_S / 2
+    left = depth(queue_path)
+    assert (left.depth, left.in_flight) == (20, 0)  # given back, not left leased
 
 
 def test_a_standby_flusher_takes_over_when_the_active_one_dies(receiver, queue_path,
