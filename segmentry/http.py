@@ -281,7 +281,7 @@ class HTTPClient:
             if self._adapter is not None:  # see _session: no redirect is followed here
                 return _read(self._adapter.send(request, **options))
             response = self.session.send(request, allow_redirects=False, **options)
-            return follow_redirects(self.session, response, request, options)
+            return _follow_redirects(self.session, response, request, options)
         except _TRANSPORT_ERRORS as exc:
             raise _network_error(exc) from exc
 
@@ -590,11 +590,11 @@ class Transport(HTTPAdapter):
                  options: Mapping[str, Any]) -> requests.Response:
         """``session.send(request, **options)`` less its upkeep for requests that carry
         no hooks or cookies (timing, hooks, the cookie jar, the redirect generator): 85
-        of a batch POST's 495 us of CPU here. Redirects: see follow_redirects."""
+        of a batch POST's 495 us of CPU here. Redirects: see _follow_redirects."""
         start = time.perf_counter()
         response = self.send(request, **options)
         response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
-        return follow_redirects(session, response, request, options)
+        return _follow_redirects(session, response, request, options)
 
     def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
         response = requests.Response()
@@ -606,7 +606,7 @@ class Transport(HTTPAdapter):
         return response
 
 
-def follow_redirects(session: requests.Session, response: requests.Response,
+def _follow_redirects(session: requests.Session, response: requests.Response,
                      request: requests.PreparedRequest, options: Mapping[str, Any]
                      ) -> requests.Response:
     """Follow 307 and 308 as requests does (same method and body, no Authorization to
