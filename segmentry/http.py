@@ -246,17 +246,19 @@ class HTTPClient:
     def wait_open(self) -> bool:
         """Wait until the pause is over, then for this request's slot when the receiver
         has rate-limited us (see pacing.py); return False at once when closing."""
+        paced = False
         while not self.closing.is_set():
             remaining = self.paused_until() - self.clock()
-            if remaining <= 0:
-                break
-            self.sleep(remaining)  # loop: another thread may have pushed the gate further
-        else:
-            return False
-        delay = self.pacer.delay()
-        if delay > 0:
-            self.sleep(delay)
-        return not self.closing.is_set()
+            if remaining > 0:  # again after the slot: a 429 may have paused us meanwhile
+                self.sleep(remaining)
+            elif paced:
+                return True
+            else:
+                paced = True
+                delay = self.pacer.delay()
+                if delay > 0:
+                    self.sleep(delay)
+        return False
 
     def close(self) -> None:
         """End every wait now, forbid further retries, close the session if it is ours."""
@@ -361,6 +363,7 @@ def _deliver(
         outcome = _attempt(http, kind, url, body, attempt, metadata)
         delay = _retry_delay(http, outcome, attempt, delays)
         if delay is None:
+            _honour_retry_after(http, outcome)
             return _result(outcome)
         attempt += 1
         _pause_for_retry(http, kind, outcome, attempt, delay)
@@ -394,6 +397,15 @@ def _retry_delay(
         return None
     after = retry_after_s(outcome)
     return next(delays) if after is None else after
+
+
+def _honour_retry_after(http: HTTPClient, outcome: Outcome) -> None:
+    """A final answer's Retry-After pauses every request of ``http`` too: the batches
+    in flight in other threads must not retry inside it."""
+    if isinstance(outcome, requests.Response) and classify(outcome.status_code) == RETRY:
+        after = retry_after_s(outcome)
+        if after:
+            http.pause(after)
 
 
 def _pause_for_retry(

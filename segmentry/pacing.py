@@ -9,7 +9,8 @@ additive increase and multiplicative decrease of a rate, as TCP does with its wi
   requests (over PACE_WINDOW_S); a later one multiplies the current rate by PACE_BACKOFF,
   at most once a second (the batches in flight are refused together);
 - each 2xx raises the rate by max(PACE_STEP, PACE_GROWTH x rate) per second's worth;
-- PACE_RELEASE_S after the last 429, requests are not paced any more.
+- after PACE_RELEASE_S of requests let through since the last 429 (a Retry-After's pause
+  does not count), requests are not paced any more.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Pacer:
         self._next = -math.inf  # the clock() time of the next free slot
         self._sent: deque[float] = deque()  # when recent requests were let through
         self._limited_at = self._decreased_at = -math.inf
+        self._resumed_at = -math.inf  # the first slot let through since the last 429
         self._lock = threading.Lock()
 
     def delay(self) -> float:
@@ -45,6 +47,8 @@ class Pacer:
             slot = now if self.rate is None else max(now, self._next)
             if self.rate is not None:
                 self._next = slot + 1.0 / self.rate
+            if self._resumed_at < self._limited_at:
+                self._resumed_at = slot
             self._sent.append(slot)
             while now - self._sent[0] > PACE_WINDOW_S:
                 self._sent.popleft()
@@ -55,7 +59,8 @@ class Pacer:
         now = self.clock()
         with self._lock:
             if 200 <= status < 300 and self.rate is not None:
-                if now - self._limited_at > PACE_RELEASE_S:
+                if self._resumed_at >= self._limited_at and \
+                        now - self._resumed_at > PACE_RELEASE_S:
                     self.rate = None
                 else:  # one 2xx is 1/rate of a second's worth of answers
                     self.rate += max(PACE_STEP, PACE_GROWTH * self.rate) / self.rate

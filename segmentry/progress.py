@@ -27,6 +27,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._start = time.monotonic()
+        self._last = (self._start, 0)  # (when, sent) at the previous report
 
     def __enter__(self) -> Progress:
         if self.mode != "none":
@@ -52,8 +53,12 @@ class Progress:
             remaining = self.flusher.queue.stats(time.time()).depth
         except Exception:  # a status line must never stop a drain
             return
-        elapsed = max(time.monotonic() - self._start, 1e-6)
-        rate = sent / elapsed
+        # The rate of the last interval (of the whole run in the final line): an average
+        # since the start would show a rate and an ETA through an outage.
+        now = time.monotonic()
+        since, sent_then = (self._start, 0) if final else self._last
+        self._last = (now, sent)
+        rate = (sent - sent_then) / max(now - since, 1e-6)
         eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "-"
         outcome = self.flusher.outcome
         line = f"sent {sent}  remaining {remaining}  {rate:,.0f} events/s  ETA {eta}"

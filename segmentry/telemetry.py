@@ -48,9 +48,13 @@ def execute(event: Event, measurements: dict[str, Any], metadata: dict[str, Any]
     for handler_id, handler in targets:
         try:
             handler(event, measurements, metadata)
-        except Exception:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # even CancelledError: a handler must not kill a sender
             logger.exception("telemetry handler %r raised; detaching it", handler_id)
-            detach(handler_id)
+            with _lock:  # this handler, not one attached since under the same id
+                if _handlers.get(handler_id, (None, None))[1] is handler:
+                    del _handlers[handler_id]
 
 
 def attached(event: Event) -> bool:

@@ -421,3 +421,24 @@ def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(pat
         ids = [client.track("u", "E", {"i": i}) for i in range(150)]
         assert client.flush(timeout=10)  # 50 of them are not a full batch
     assert sorted(e["messageId"] for e in stub.events) == sorted([first, *ids])
+
+
+def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkeypatch, caplog):
+    from segmentry import progress
+
+    class Fake:  # a flusher that sent 60,000 in its first minute, then nothing
+        outcome = flusher_module.Outcome()
+        queue = type("Q", (), {"stats": lambda self, now: type("S", (), {"depth": 120_000})})()
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    report = progress.Progress(Fake(), mode="log")
+    caplog.set_level("INFO", logger="segmentry.flusher")
+    Fake.outcome.sent, now[0] = 60_000, 1060.0
+    report.report()
+    now[0] = 1660.0  # ten minutes of outage
+    report.report()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "1,000 events/s" in lines[0]
+    assert "0 events/s  ETA -" in lines[1]
+

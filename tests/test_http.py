@@ -1008,3 +1008,26 @@ def test_after_a_429_requests_wait_for_their_pacing_slot(make, fake):
     assert rate is not None and rate < 10
     paced = [s for s in fake.sleeps if s > 0]
     assert len(paced) >= 2 and all(s == pytest.approx(1 / rate, rel=0.2) for s in paced[-2:])
+
+
+def test_a_request_paced_into_a_new_pause_waits_for_it(make, fake):
+    http, stub = make()
+    http.pacer.observe(429)  # pacing at the floor, one request a second
+    http.pacer.delay()  # a slot taken: the next request waits a second for its own
+    slept = []
+
+    def sleep(seconds):  # meanwhile a batch of another thread gets a Retry-After of 5 s
+        slept.append(round(seconds, 3))
+        if len(slept) == 1:
+            http.pause(5.0)
+        fake.sleep(seconds)
+
+    http.sleep = sleep
+    assert http.wait_open()
+    assert slept == [1.0, 4.0] and fake.clock() >= 1005.0  # the pause, then what is left
+
+
+def test_a_retry_after_on_the_last_attempt_still_pauses_the_other_senders(make, fake):
+    http, stub = make(retry_after("5"), retry_attempts=0)
+    assert sh.batch(http, [track()]).status_code == 429
+    assert http.paused_until() - fake.clock() == pytest.approx(5.0)

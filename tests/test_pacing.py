@@ -80,3 +80,17 @@ def test_the_rate_never_falls_below_the_floor():
         pacer.delay()
         pacer.observe(429)
     assert pacer.rate == PACE_FLOOR
+
+
+def test_a_retry_afters_pause_does_not_count_toward_the_release():
+    clock = Clock()
+    pacer = Pacer(clock)
+    send(pacer, clock, 40, 0.1)
+    pacer.observe(429)  # with a Retry-After of 60 s: nothing is sent meanwhile
+    clock.now += 60.0
+    send(pacer, clock, 1, 0.0)  # the first request after the pause
+    assert pacer.rate is not None  # still paced: the 8 senders do not go out as a burst
+    assert pacer.delay() > 0
+    clock.now += PACE_RELEASE_S + 1
+    pacer.observe(200)
+    assert pacer.rate is None

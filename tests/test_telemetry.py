@@ -137,3 +137,30 @@ def test_all_events_lists_the_spans_and_reports():
             assert ("segmentry", name, phase) in telemetry.ALL_EVENTS
     assert ("segmentry", "batch", "retry") in telemetry.ALL_EVENTS
     assert ("segmentry", "send", "retry") in telemetry.ALL_EVENTS
+
+
+def test_a_raising_handler_is_detached_not_the_one_attached_since_under_its_id(attach):
+    handler_id, seen = attach([START])
+    replacement = []
+
+    def flaky(*event):
+        telemetry.detach(handler_id)  # replaced while it runs, as another thread could
+        telemetry.attach(handler_id, [START], lambda *e: replacement.append(e))
+        raise RuntimeError("boom")
+
+    telemetry.detach(handler_id)
+    telemetry.attach(handler_id, [START], flaky)
+    telemetry.execute(START, {}, {})
+    telemetry.execute(START, {}, {})
+    assert len(replacement) == 1  # still attached after the old handler was detached
+
+
+def test_a_handler_raising_a_base_exception_is_detached_too(attach):
+    import asyncio
+
+    def cancelled(*event):
+        raise asyncio.CancelledError()
+
+    handler_id, _ = attach([START], cancelled)
+    telemetry.execute(START, {}, {})  # does not raise: the sender thread lives on
+    assert not telemetry.detach(handler_id)
