@@ -217,9 +217,13 @@ class Flusher:
         attempts = max(r.attempts for r in rows) + 1
         delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
         not_before = self.clock() + delay
-        self.outcome.add("released", self.queue.release(token, [r.id for r in rows], not_before))
+        released = self.queue.release(token, [r.id for r in rows], not_before)
+        self.outcome.add("released", released)
         self.pause_until = max(self.pause_until, not_before)
         self._failing = True
+        status = getattr(error, "status_code", None)
+        telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
+                          {"status_code": status, "queue_path": self.queue.path})
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
                        _describe(error), len(rows), delay)
         self._on_error(error, rows)

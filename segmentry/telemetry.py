@@ -133,6 +133,7 @@ ALL_EVENTS: tuple[Event, ...] = tuple(
     ("segmentry", "enqueue", "drop"),
     ("segmentry", "batch", "retry"),
     ("segmentry", "send", "retry"),
+    ("segmentry", "release"),
     ("segmentry", "dead_letter"),
     ("segmentry", "misconfigured"),
 )

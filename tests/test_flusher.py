@@ -244,6 +244,20 @@ def test_a_pid_file_that_cannot_be_written_costs_neither_the_lock_nor_delivery(p
     assert [e["messageId"] for e in stub.events] == [mid]
 
 
+def test_rows_kept_for_a_later_cycle_are_reported(path):
+    enqueue(path, 3)
+    seen = []
+    telemetry.attach("release", [("segmentry", "release")], lambda *e: seen.append(e))
+    try:
+        flusher, stub, queue = make(path, lambda r: 503)
+        flusher.run_once()
+    finally:
+        telemetry.detach("release")
+    [(_, measurements, metadata)] = seen
+    assert measurements["count"] == 3 and measurements["delay_s"] > 0
+    assert metadata == {"status_code": 503, "queue_path": queue.path}
+
+
 def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
     enqueue(path, 4)
 
