@@ -7,7 +7,6 @@ flusher (a thread here, or ``python -m segmentry.flusher``) delivers it in batch
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any
 
@@ -39,7 +38,7 @@ def start(write_key: str | None = None, **options: Any) -> Client:
     with _default_lock:
         if _default is not None:
             _default.close()
-        _default = Client(write_key or os.environ.get("SEGMENT_WRITE_KEY"), **options)
+        _default = Client(write_key, **options)  # Client falls back on SEGMENT_WRITE_KEY
         return _default
 
 

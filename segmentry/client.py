@@ -28,11 +28,13 @@ _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class Client:
-    """Durable Segment client. ``Client("KEY", queue_path=...)``; see DESIGN.md for options."""
+    """Durable Segment client. ``Client("KEY", queue_path=...)``; see DESIGN.md for options.
+    Without a key, SEGMENT_WRITE_KEY's; a client with ``flusher=None`` needs none."""
 
     def __init__(self, write_key: str | None = None, **options: Any) -> None:
         self.options = config.resolve(options)
-        self.write_key = write_key
+        self.write_key = write_key or os.environ.get("SEGMENT_WRITE_KEY") or None
+        write_key = self.write_key
         self.queue_path = self.options.queue_path or default_queue_path()
         if self.options.flusher == "thread" and not write_key and self.options.send_to_http:
             raise ConfigurationError(

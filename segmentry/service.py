@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sender", choices=("batcher", "immediate"))
     p.add_argument("--durability", choices=("normal", "full"))
     p.add_argument("--timeout", type=seconds, help="HTTP request timeout, seconds (default 15)")
+    p.add_argument("--proxy", metavar="URL", help="HTTP(S) proxy (default: $HTTPS_PROXY etc.)")
+    p.add_argument("--ca-bundle", metavar="PATH",
+                   help="CA certificates to verify the receiver with (default: "
+                        "$REQUESTS_CA_BUNDLE, else certifi's)")
+    p.add_argument("--cert", metavar="PATH", help="client certificate (PEM), for mutual TLS")
+    p.add_argument("--cert-key", metavar="PATH", help="its private key, if not in --cert")
+    p.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                   help="an extra request header (repeatable)")
     p.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=None,
                    help="gzip request bodies (--no-gzip overrides SEGMENTRY_GZIP)")
     p.add_argument("--no-send", action="store_true",
@@ -90,9 +98,33 @@ def options_from_args(args: Any, environ: Any) -> Options:
         "retry_start": args.retry_start, "retry_expiry": args.retry_expiry,
         "max_queue_bytes": args.max_queue_bytes, "durability": args.durability,
         "gzip": args.gzip, "send_to_http": False if args.no_send else None,
-        "requests_options": None if args.timeout is None else {"timeout": args.timeout},
+        "requests_options": _requests_options(args) or None,
     }
     return resolve({k: v for k, v in given.items() if v is not None}, environ)
+
+
+def _requests_options(args: Any) -> dict[str, Any]:
+    """The requests_options the transport flags give (http.client checks their values)."""
+    options: dict[str, Any] = {}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
+    if args.proxy:
+        options["proxies"] = {"http": args.proxy, "https": args.proxy}
+    if args.ca_bundle:
+        options["verify"] = args.ca_bundle
+    if args.cert_key and not args.cert:
+        raise ConfigurationError("--cert-key goes with --cert")
+    if args.cert:
+        options["cert"] = (args.cert, args.cert_key) if args.cert_key else args.cert
+    headers = {}
+    for header in args.header or ():
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            raise ConfigurationError(f"--header must be 'NAME: VALUE', not {header!r}")
+        headers[name.strip()] = value.strip()
+    if headers:
+        options["headers"] = headers
+    return options
 
 
 def read_write_key(args: Any, environ: Any) -> str | None:

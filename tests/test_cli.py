@@ -350,6 +350,31 @@ def test_an_empty_segmentry_queue_is_unset_not_the_working_directory(env, tmp_pa
     assert proc.stdout.strip() == str(tmp_path / "state" / "segmentry" / "queue.db"), proc
 
 
+def test_transport_flags_become_requests_options():
+    from segmentry.service import build_parser, options_from_args
+
+    args = build_parser().parse_args([
+        "--timeout", "3", "--proxy", "http://proxy:3128", "--ca-bundle", "/etc/ca.pem",
+        "--cert", "client.pem", "--cert-key", "client.key", "--header", "X-Tenant: t1",
+        "--header", "X-Env:prod"])
+    assert options_from_args(args, {}).requests_options == {
+        "timeout": 3.0, "proxies": {"http": "http://proxy:3128", "https": "http://proxy:3128"},
+        "verify": "/etc/ca.pem", "cert": ("client.pem", "client.key"),
+        "headers": {"X-Tenant": "t1", "X-Env": "prod"}}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--header", "no colon"], ["--header", "NAME: VALUE"]),
+    (["--header", "X-Bad: a\nb"], ["header 'X-Bad'"]),
+    (["--cert-key", "k.pem"], ["--cert-key goes with --cert"]),
+])
+def test_a_bad_transport_flag_exits_2_in_one_line(env, queue_path, args, words):
+    proc = run(env, "--queue", queue_path, "--drain", *args, module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY})
+    assert_one_line_error(proc, 2, *words)
+    assert not os.path.exists(queue_path)
+
+
 def test_no_gzip_overrides_segmentry_gzip():
     from segmentry.service import build_parser, options_from_args
 

@@ -168,6 +168,16 @@ def test_module_level_default_client(tmp_path, monkeypatch):
         segmentry.stop()
 
 
+def test_a_client_without_a_key_takes_segment_write_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGMENT_WRITE_KEY", "from-env")
+    with segmentry.Client(queue_path=str(tmp_path / "q.db"),
+                          api_url="http://127.0.0.1:9/v1/") as client:
+        assert client.write_key == "from-env"
+    with segmentry.Client("given", queue_path=str(tmp_path / "q.db"),
+                          api_url="http://127.0.0.1:9/v1/") as client:
+        assert client.write_key == "given"
+
+
 def test_client_is_a_context_manager(tmp_path):
     with segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
                           on_full="raise") as c:
