@@ -15,6 +15,7 @@ import operator
 import os
 import random
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -388,6 +389,8 @@ class SQLiteQueue:
             return StorageError(f"{p} is corrupt or not a SQLite database ({text}); stop every "
                                 f"process using it and move it aside to start a new queue: "
                                 f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
+        if "unable to open database file" in text:
+            return StorageError(f"cannot open queue file {self.path}: {_open_failure(self.path)}")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
@@ -704,6 +707,24 @@ def _after_fork_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
                         after_in_child=_after_fork_child)
+
+
+def _open_failure(path: str) -> str:
+    """Why SQLite could not open ``path``, as far as the file system tells (SQLite says
+    only "unable to open database file")."""
+    directory = os.path.dirname(path)
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.path.isdir(directory):
+        return f"{directory} is not a directory"
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        info = os.stat(path)
+        return (f"permission denied (owner uid {info.st_uid}, mode "
+                f"{stat.S_IMODE(info.st_mode):o}); run as its owner or a member of its group")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return (f"permission denied on {directory}, where SQLite creates the -wal and -shm "
+                "files beside the queue")
+    return "unable to open database file"
 
 
 def default_queue_path() -> str:

@@ -254,6 +254,15 @@ def test_another_applications_database_is_refused_and_left_untouched(tmp_path):
     assert _bytes(path) == before
 
 
+def test_a_file_that_cannot_be_opened_is_refused_saying_why(tmp_path):
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StorageError, match="dir.db: it is a directory"):
+        SQLiteQueue(str(tmp_path / "dir.db")).put("{}", NOW)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="file is not a directory"):
+        SQLiteQueue(str(tmp_path / "file" / "q.db")).put("{}", NOW)
+
+
 def test_a_newer_schema_is_refused(tmp_path):
     q = SQLiteQueue(str(tmp_path / "q.db"))
     q.put("{}", NOW)
