@@ -561,29 +561,47 @@ class Lock:
 
 
 def _write_pid(path: str) -> None:
+    """Our pid, and our start time where /proc tells it (see holder_pid)."""
+    pid = os.getpid()
+    start = _started(pid)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # a pid is no secret
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{pid}\n" if start is None else f"{pid} {start}\n")
 
 
 def holder_pid(queue_path: str) -> int | None:
     """The pid of the process holding the queue's flusher lock, or None. Read from the
     pid file, never by probing the lock: a probe could make a starting flusher think
-    another holds it. A pid file left by a SIGKILLed flusher names a dead process."""
+    another holds it. A pid file left by a SIGKILLed flusher names a dead process, or,
+    after a reboot or enough forks, another one: the start time tells them apart."""
     try:
         with open(queue_path + ".flusher") as f:
-            pid = int(f.read().strip() or 0)
+            fields = [int(v) for v in f.read().split()]
     except (OSError, ValueError):
         return None
-    if pid <= 0:
+    if not fields or fields[0] <= 0:
         return None
+    pid = fields[0]
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:
         pass  # alive, another user's process
+    if len(fields) > 1 and _started(pid) not in (None, fields[1]):
+        return None  # the pid was reused
     return pid
+
+
+def _started(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot: /proc/<pid>/stat's field 22), or None
+    where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat_line = f.read()
+        return int(stat_line[stat_line.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def make_http(write_key: str, options: Options) -> http.HTTPClient:

@@ -258,6 +258,23 @@ def test_rows_kept_for_a_later_cycle_are_reported(path):
     assert metadata == {"status_code": 503, "queue_path": queue.path}
 
 
+def test_the_pid_file_names_a_live_flusher_not_a_process_that_reused_its_pid(path):
+    from segmentry.flusher import holder_pid
+
+    lock = Lock(path)
+    assert lock.acquire(timeout=0)
+    assert holder_pid(path) == os.getpid()
+    with open(path + ".flusher") as f:
+        pid, start = f.read().split()
+    with open(path + ".flusher", "w") as f:  # the same pid, started at another time
+        f.write(f"{pid} {int(start) + 1}\n")
+    assert holder_pid(path) is None
+    with open(path + ".flusher", "w") as f:  # an older segmentry's file: the pid only
+        f.write(f"{pid}\n")
+    assert holder_pid(path) == os.getpid()
+    lock.release()
+
+
 def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
     enqueue(path, 4)
 
