@@ -78,7 +78,10 @@ def ratio(a: float, b: float) -> float:
 def child_env() -> dict[str, str]:
     """The environment of every child: the repository importable, and no proxy, so
     requests and urllib go straight to 127.0.0.1."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    # No SEGMENTRY_* from the caller's shell either: they would change "the defaults".
+    env = {k: v for k, v in os.environ.items()
+           if not k.lower().endswith("_proxy") and not k.startswith("SEGMENTRY_")
+           and k != "SEGMENT_WRITE_KEY"}
     env["NO_PROXY"] = env["no_proxy"] = f"{HOST},localhost"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env["PYTHONHASHSEED"] = "0"
@@ -124,11 +127,13 @@ def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
 
 def alternate(names: Sequence[str], runs: int, run_one: Callable[[str, int], dict[str, Any]],
               log: Callable[[str], None]) -> dict[str, list[dict[str, Any]]]:
-    """Run every contender once per round, A B C A B C ..., so drift on a noisy machine
-    hits all of them alike. Returns each contender's results in run order."""
+    """Run every contender once per round, A B C, B C A, C A B ..., so drift on a noisy
+    machine hits all of them alike, and none always runs right after the same other
+    (say, one that leaves the disk busy). Returns each contender's results in run order."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for run in range(runs):
-        for name in names:
+        shift = run % len(names) if names else 0
+        for name in [*names[shift:], *names[:shift]]:
             result = run_one(name, run)
             results[name].append(result)
             log(f"  run {run + 1}/{runs} {name:<22} {result.get('rate', math.nan):>10,.0f} ev/s")
