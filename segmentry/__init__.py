@@ -7,6 +7,7 @@ flusher (a thread here, or ``python -m segmentry.flusher``) delivers it in batch
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -29,6 +30,15 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _default: Client | None = None
 _default_lock = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:  # a thread inside start() did not come along
+    global _default_lock
+    _default_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def start(write_key: str | None = None, **options: Any) -> Client:

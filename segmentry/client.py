@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -121,6 +122,8 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         wait = 0.005
         while self.queue.pending(first, last):
+            if self._closed and background is not None and background is not self._flusher:
+                return False  # closed meanwhile: its flusher has stopped, nothing will come
             if background is not None:
                 background.wake()
             left = None if deadline is None else deadline - time.monotonic()
@@ -141,12 +144,14 @@ class Client:
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         """Stop this client's flusher thread after a bounded final flush. What is not
         delivered by then stays in the queue file for the next flusher."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._flusher is not None:
+        with self._flusher_lock:  # no call may start a flusher thread from now on
+            if self._closed:
+                return
+            self._closed = True
+            background = self._flusher
+        if background is not None:
             self.flush(timeout)
-            self._flusher.stop(timeout)
+            background.stop(timeout)
             self._flusher = None
         self.queue.close()
 
@@ -238,15 +243,19 @@ class Client:
         background = self._flusher
         if background is None:
             background = self._start_flusher()
-        background.enqueued()
+        if background is not None:
+            background.enqueued()
 
     def _start_flusher(self) -> Any:
+        """The flusher thread, started on the first event; None once closed (a call that
+        raced close() stored its event, which the next flusher delivers)."""
         from .flusher import Background  # flusher imports http and requests: load on demand
 
         with self._flusher_lock:
-            if self._flusher is None:
+            if self._flusher is None and not self._closed:
                 self._flusher = Background(self.write_key or "", self.queue, self.options)
                 self._flusher.start()
+                _close_in_multiprocessing_children()
             return self._flusher
 
     def _forget_flusher_after_fork(self) -> None:
@@ -270,12 +279,29 @@ if hasattr(os, "register_at_fork"):
 
 
 def _close_all_at_exit() -> None:
-    """The exit hook: a bounded final flush, never a hang; the rest stays on disk."""
+    """The exit hook: a bounded final flush, never a hang; the rest stays on disk. One
+    deadline for all clients, so that exit does not take longer with more of them."""
+    deadline = time.monotonic() + CLOSE_TIMEOUT_S
     for client in list(_clients):
         try:
-            client.close()
+            client.close(max(0.1, deadline - time.monotonic()))
         except Exception:  # never let analytics turn a clean exit into a traceback
             logger.exception("segmentry: closing a client at exit failed")
 
 
 atexit.register(_close_all_at_exit)
+_finalized_pid = 0  # the process whose multiprocessing finalizer is registered
+
+
+def _close_in_multiprocessing_children() -> None:
+    """multiprocessing's children end with os._exit: atexit hooks never run there, its own
+    finalizers do. Without this, a Pool worker left its events (and the deletes of those
+    it delivered) to the next flusher: delivered twice."""
+    global _finalized_pid
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or _finalized_pid == os.getpid() or mp.parent_process() is None:
+        return
+    from multiprocessing import util
+
+    _finalized_pid = os.getpid()
+    util.Finalize(None, _close_all_at_exit, exitpriority=100)

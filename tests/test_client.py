@@ -210,6 +210,92 @@ def test_a_second_flusher_thread_for_the_same_file_must_send_the_same_way(tmp_pa
     segmentry.Client("KEY-B", queue_path=path, api_url="http://127.0.0.1:9/v1/").close()
 
 
+def test_a_call_that_races_close_stores_its_event_but_starts_no_flusher(tmp_path):
+    client = segmentry.Client("K", queue_path=str(tmp_path / "q.db"),
+                              api_url="http://127.0.0.1:9/v1/")
+    real_put = client.queue.put
+
+    def put_then_closed(body, now):  # close() runs between the call's store and its wake-up
+        row = real_put(body, now)
+        client.close()
+        return row
+
+    client.queue.put = put_then_closed
+    assert client.track("u", "E") is not None
+    assert client._flusher is None  # no thread sending for a closed client
+    assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1
+
+
+def test_flush_without_timeout_returns_false_when_another_thread_closes_the_client(tmp_path):
+    import threading
+
+    from segmentry.testing import Stub
+
+    answer = threading.Event()
+
+    def hang(request):  # the receiver does not answer until the test ends
+        answer.wait(30)
+        return 200
+
+    stub = Stub(hang)
+    client = segmentry.Client("K", queue_path=str(tmp_path / "q.db"),
+                              requests_options={"adapter": stub}, batch_every_ms=10)
+    client.track("u", "E")
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(client.flush()))
+    waiter.start()
+    client.close(timeout=0.2)
+    waiter.join(30)
+    answer.set()
+    assert result == [False]
+
+
+def test_the_exit_hook_shares_one_deadline_between_clients(tmp_path, monkeypatch):
+    from segmentry import client as client_module
+
+    clock = [0.0]
+    given = []
+
+    def close(self, timeout=client_module.CLOSE_TIMEOUT_S):
+        given.append(timeout)
+        clock[0] += timeout  # as a close against a receiver that never answers
+
+    clients = [segmentry.Client(queue_path=str(tmp_path / f"{i}.db"), flusher=None)
+               for i in range(3)]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(client_module.Client, "close", close)
+    monkeypatch.setattr(client_module, "_clients", set(clients))
+    client_module._close_all_at_exit()
+    assert len(given) == 3 and clock[0] <= client_module.CLOSE_TIMEOUT_S + 0.3
+
+
+@pytest.mark.parametrize("lock_name", ["segmentry.telemetry._lock", "segmentry._default_lock"])
+def test_a_fork_while_another_thread_holds_a_module_lock_does_not_hang_the_child(
+        tmp_path, lock_name):
+    import importlib
+
+    import segmentry.telemetry
+
+    module_name, attr = lock_name.rsplit(".", 1)
+    lock = getattr(importlib.import_module(module_name), attr)
+    with lock:  # as a thread inside telemetry.execute or segmentry.start()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang dies of SIGALRM
+                signal.alarm(10)
+                segmentry.telemetry.attach("child", [("segmentry", "claim", "start")],
+                                           lambda *e: None)
+                segmentry.start(queue_path=str(tmp_path / "child.db"), flusher=None)
+                segmentry.stop()
+                code = 0
+            finally:
+                os._exit(code)  # never return into pytest in the forked copy
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 # -- several processes, fork, SIGKILL ----------------------------------------------------
 
 PRODUCER = textwrap.dedent("""
@@ -252,6 +338,41 @@ FORKER = textwrap.dedent("""
 def run_python(code, *args, **kw):
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+POOL = textwrap.dedent("""
+    import multiprocessing, sys, segmentry
+    path, url = sys.argv[1], sys.argv[2]
+    client = None
+
+    def init():
+        global client
+        client = segmentry.Client("K", queue_path=path, api_url=url, batch_every_ms=50)
+
+    def work(i):
+        client.track("user", "E", {"i": i})
+
+    if __name__ == "__main__":  # the parent itself never enqueues
+        pool = multiprocessing.get_context("fork").Pool(2, initializer=init)
+        pool.map(work, range(200))
+        pool.close()
+        pool.join()
+""")
+
+
+@pytest.mark.slow
+def test_multiprocessing_workers_deliver_before_they_exit(tmp_path):
+    from fake_segment import FakeSegment
+
+    path = str(tmp_path / "q.db")
+    with FakeSegment(write_key="K", record=True) as receiver:
+        proc = run_python(POOL, path, receiver.url)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        stats = receiver.stats()
+    # Not left on disk for the next flusher: sent, and deleted (else sent twice later).
+    assert SQLiteQueue(path).stats(time.time()).depth == 0
+    assert stats["unique"] == 200 and stats["duplicates"] == 0
 
 
 @pytest.mark.slow
