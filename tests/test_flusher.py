@@ -149,6 +149,15 @@ def test_a_401_keeps_everything_and_pauses_without_storing_a_backoff(path):
     assert seen == [401]
 
 
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_redirect_that_would_drop_the_body_keeps_every_event(path, status):
+    enqueue(path, 4)
+    flusher, stub, queue = make(path, lambda r: (status, "", {"Location": "/login"}))
+    flusher.run_once()
+    assert queue.stats(time.time()).depth == 4 and queue.dead_letters() == []
+    assert flusher.outcome.misconfigured == status and len(stub.requests) == 1
+
+
 def test_take_over_reclaims_a_dead_flushers_leases(path):
     enqueue(path, 5)
     SQLiteQueue(path).claim(5, 10**9, time.time(), 600)
