@@ -179,6 +179,7 @@ class Client:
             self._check_cap(len(event.body))
             row_id = self.queue.put(event.body, now)
         except (QueueFull, StorageError) as exc:
+            self._start_delivery()  # a queue found full must still drain
             if self.options.on_full == "raise":
                 raise
             self._drop(event, exc)
@@ -222,7 +223,7 @@ class Client:
         cap = self.options.max_queue_bytes
         if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= cap:
             self._puts_since_stat = 0
-            self._disk_bytes = self.queue.disk_bytes() + size
+            self._disk_bytes = self.queue.used_bytes() + size
         if self._disk_bytes > self.options.max_queue_bytes:
             raise QueueFull(f"queue file {self.queue_path} is over max_queue_bytes "
                             f"({self.options.max_queue_bytes}); is a flusher running?")
@@ -245,6 +246,15 @@ class Client:
             background = self._start_flusher()
         if background is not None:
             background.enqueued()
+
+    def _start_delivery(self) -> None:
+        """Start the flusher thread even though this event was not stored: it starts on
+        the first event, and a client whose queue was full from the start never sent it."""
+        if self.options.flusher == "thread" and self._flusher is None:
+            try:
+                self._start_flusher()
+            except Exception:
+                logger.exception("segmentry could not start its flusher thread")
 
     def _start_flusher(self) -> Any:
         """The flusher thread, started on the first event; None once closed (a call that

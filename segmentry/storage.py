@@ -184,6 +184,20 @@ class SQLiteQueue:
         sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? LIMIT 1"
         return self._run(lambda c: c.execute(sql, (first_id, last_id)).fetchone() is not None)
 
+    def used_bytes(self) -> int:
+        """What max_queue_bytes caps: the pages the data uses, plus a WAL beyond the
+        WAL_KEEP_BYTES it keeps once drained. The files' sizes would count free pages and
+        that kept WAL, and hold a small cap full forever with nothing queued (only a write
+        shrinks the WAL, and the cap refuses them)."""
+        sql = ("SELECT (SELECT page_count FROM pragma_page_count) - (SELECT freelist_count "
+               "FROM pragma_freelist_count), (SELECT page_size FROM pragma_page_size)")
+        pages, size = self._run(lambda c: c.execute(sql).fetchone())
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return int(pages) * int(size) + max(0, wal - WAL_KEEP_BYTES)
+
     def disk_bytes(self) -> int:
         """The file and its WAL on disk: what max_queue_bytes caps. stat() only,
         never open(): closing a descriptor of the file would drop SQLite's locks."""

@@ -125,6 +125,45 @@ def test_on_full_drop_returns_none_counts_and_reports(tmp_path):
     c.close()
 
 
+def test_a_client_whose_queue_is_full_from_the_start_still_delivers_it(tmp_path):
+    from helpers import wait_until
+
+    from segmentry.testing import Stub
+
+    path = str(tmp_path / "q.db")
+    with segmentry.Client(queue_path=path, flusher=None) as backlog:  # an outage filled it
+        for i in range(400):
+            backlog.track("u", "E", {"pad": "x" * 200, "i": i})
+    stub = Stub()
+    with segmentry.Client("K", queue_path=path, max_queue_bytes=64 * 1024,
+                          requests_options={"adapter": stub}, batch_every_ms=10) as client:
+        assert client.track("u", "first") is None  # refused: the queue is over the cap
+        assert wait_until(lambda: len(stub.events) == 400)  # but its flusher started
+        assert wait_until(lambda: client.track("u", "later") is not None)
+
+
+def test_a_drained_queue_takes_events_again_under_a_small_cap(tmp_path):
+    from segmentry.testing import Stub
+
+    path = str(tmp_path / "q.db")
+    producer = segmentry.Client(queue_path=path, flusher=None, max_queue_bytes=1 << 20,
+                                on_full="raise")
+    stored = 0
+    with pytest.raises(QueueFull):
+        while True:
+            producer.track("u", "E", {"pad": "x" * 200})
+            stored += 1
+    stub = Stub()
+    with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
+                          batch_every_ms=10) as flusher:
+        flusher.track("u", "wake")
+        assert flusher.flush(60)
+    assert len(stub.events) == stored + 1
+    # Empty again: the file keeps its free pages and the WAL its kept size, neither counts.
+    assert producer.track("u", "after the drain") is not None
+    producer.close()
+
+
 def test_a_storage_failure_follows_on_full(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"not a database at all" * 100)
