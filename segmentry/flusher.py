@@ -81,6 +81,7 @@ class Flusher:
         self._pool: Senders | None = None
         self._settled = threading.Condition()
         self._in_flight = 0
+        self._flying: dict[int, Claim] = {}  # the claims in the senders' hands, by id()
         self._last_maintain = 0.0
         # While the loop runs flat out, senders leave what they delivered here and the
         # next claim deletes it in its own transaction. A sender deleting it itself took
@@ -259,6 +260,9 @@ class Flusher:
 
     def _reject(self, token: int, rows: list[Row], answer: Any) -> None:
         """400/413/other 4xx: split the batch to isolate what the receiver refuses."""
+        if self.http.closing.is_set():  # stopping: no new requests; the rows go back
+            self.outcome.add("released", self.queue.release(token, [r.id for r in rows], 0.0))
+            return
         if len(rows) > 1:
             half = len(rows) // 2
             self._send_and_settle(token, rows[:half])
@@ -349,12 +353,14 @@ class Flusher:
     def _submit(self, claim: Claim) -> None:
         with self._settled:
             self._in_flight += 1
+            self._flying[id(claim)] = claim
         assert self._pool is not None
         self._pool.submit(claim)
 
-    def _done(self) -> None:
+    def _done(self, claim: Claim) -> None:
         with self._settled:
             self._in_flight -= 1
+            self._flying.pop(id(claim), None)
             self._settled.notify_all()
 
     def _idle(self, drain: bool) -> bool:
@@ -420,14 +426,21 @@ class Flusher:
 
     def finish(self, grace: float) -> None:
         """Let the batches in flight settle for up to ``grace`` seconds, then abort
-        their retries; unsettled rows stay leased until the next flusher resets them."""
+        their retries and give their rows back (a sender still busy with one can only
+        make it sent twice, never lost: its settle finds the lease gone)."""
         end = time.monotonic() + grace
         if self.http.paused_until() >= end:  # a Retry-After outlasts the grace: the
             self.http.close()  # senders waiting it out give their rows back now
         with self._settled:
             while self._in_flight and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
+            unsettled = list(self._flying.values())
         self.http.close()
+        for claim in unsettled:  # given back now, not left leased for LEASE_S
+            try:
+                self.queue.release(claim.token, [r.id for r in claim.rows], 0.0)
+            except SegmentryError as exc:  # leased still: the next flusher resets them
+                logger.warning("could not give back a batch in flight: %s", exc)
 
 
 class Window:
@@ -460,7 +473,7 @@ class Senders:
     leased in the file and the next flusher sends them again."""
 
     def __init__(self, size: int, deliver: Callable[[Claim], None],
-                 done: Callable[[], None]) -> None:
+                 done: Callable[[Claim], None]) -> None:
         self._work: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
         self._deliver, self._done = deliver, done
         self._threads = [threading.Thread(target=self._serve, name=f"segmentry-send-{i}",
@@ -483,7 +496,7 @@ class Senders:
             except Exception:  # a storage failure while settling: the lease stays
                 logger.exception("delivering a batch failed")
             finally:
-                self._done()
+                self._done(claim)
 
 
 def _answer(post: Callable[[], Any]) -> Any:

@@ -158,6 +158,31 @@ def test_a_redirect_that_would_drop_the_body_keeps_every_event(path, status):
     assert flusher.outcome.misconfigured == status and len(stub.requests) == 1
 
 
+def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(path):
+    from segmentry.http import request_json
+
+    enqueue(path, 10)
+    gate = threading.Event()
+
+    def handler(request):  # refuses the whole batch, then holds the halves of its bisection
+        if len(request_json(request)["batch"]) == 10:
+            return 400
+        gate.wait(30)
+        return 200
+
+    flusher, stub, queue = make(path, handler)
+    stop = threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
+    loop.start()
+    assert wait_until(lambda: len(stub.requests) >= 1 and flusher._in_flight == 1)
+    stop.set()
+    loop.join(30)
+    flusher.finish(grace=0.1)  # the half being sent is still in the sender's hands
+    stats = queue.stats(time.time())
+    gate.set()
+    assert (stats.depth, stats.in_flight) == (10, 0)  # all kept, none leased
+
+
 def test_take_over_reclaims_a_dead_flushers_leases(path):
     enqueue(path, 5)
     SQLiteQueue(path).claim(5, 10**9, time.time(), 600)
