@@ -286,6 +286,9 @@ class HTTPClient:
             return _follow_redirects(self.session, response, request, options)
         except _TRANSPORT_ERRORS as exc:
             raise _network_error(exc) from exc
+        finally:
+            if self.closing.is_set() and self._owns_session:
+                self.session.close()  # a request made after close() leaves no socket open
 
     def _prepared(self, url: str) -> requests.PreparedRequest:
         """The request as requests prepares it (headers, auth, hooks), made once per URL

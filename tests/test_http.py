@@ -859,6 +859,16 @@ def test_closing_the_client_closes_its_connections(server):
     assert pools and all(pool.pool is None for pool in pools)  # closed, sockets with them
 
 
+def test_a_request_after_close_leaves_no_connection_open(server):
+    http = sh.client(KEY, url_of(server), retry_attempts=0)
+    http.close()
+    assert sh.batch(http, [track("late")]).status_code == 200  # its one attempt is made
+    manager = http.session.get_adapter(http.api_url).poolmanager
+    pools = [manager.pools[key] for key in manager.pools.keys()]
+    adapter_pools = list(http.session.get_adapter(http.api_url)._pools.values())
+    assert [pool for pool in pools + adapter_pools if pool.pool is not None] == []  # none open
+
+
 @pytest.fixture
 def tls_server(tmp_path):
     import trustme  # the test extra installs it
