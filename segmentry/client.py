@@ -35,9 +35,8 @@ class Client:
     def __init__(self, write_key: str | None = None, **options: Any) -> None:
         self.options = config.resolve(options)
         self.write_key = write_key or os.environ.get("SEGMENT_WRITE_KEY") or None
-        write_key = self.write_key
         self.queue_path = self.options.queue_path or default_queue_path()
-        if self.options.flusher == "thread" and not write_key and self.options.send_to_http:
+        if self.options.flusher == "thread" and not self.write_key and self.options.send_to_http:
             raise ConfigurationError(
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
@@ -179,7 +178,7 @@ class Client:
             self._check_cap(len(event.body))
             row_id = self.queue.put(event.body, now)
         except (QueueFull, StorageError) as exc:
-            self._start_delivery()  # a queue found full must still drain
+            self._delivery()  # a queue found full must still drain
             if self.options.on_full == "raise":
                 raise
             self._drop(event, exc)
@@ -190,10 +189,9 @@ class Client:
                 self._first_id = row_id
             self._last_id = max(self._last_id, row_id)
             self._puts += 1
-        try:
-            self._notify_flusher()
-        except Exception:  # stored already: a flusher problem must not fail the call
-            logger.exception("segmentry could not start its flusher thread")
+        background = self._delivery()
+        if background is not None:
+            background.enqueued()
         return event.message_id
 
     def _destination(self) -> tuple[Any, ...] | None:
@@ -208,8 +206,10 @@ class Client:
         another destination: whichever held the file would send every event its own way
         (one source's events under another's write key, or to a no-op transport)."""
         mine = self._destination()
+        if mine is None:
+            return
         for other in list(_clients):
-            if (mine is not None and not other._closed and other.queue.path == self.queue.path
+            if (not other._closed and other.queue.path == self.queue.path
                     and other._destination() not in (None, mine)):
                 raise ConfigurationError(
                     f"queue file {self.queue_path} is already delivered by another Client of "
@@ -238,23 +238,17 @@ class Client:
                           {"reason": type(exc).__name__, "error": str(exc), "type": event.type,
                            "queue_path": self.queue_path})
 
-    def _notify_flusher(self) -> None:
-        if self.options.flusher != "thread":
-            return
-        background = self._flusher
-        if background is None:
-            background = self._start_flusher()
-        if background is not None:
-            background.enqueued()
-
-    def _start_delivery(self) -> None:
-        """Start the flusher thread even though this event was not stored: it starts on
-        the first event, and a client whose queue was full from the start never sent it."""
-        if self.options.flusher == "thread" and self._flusher is None:
-            try:
-                self._start_flusher()
-            except Exception:
-                logger.exception("segmentry could not start its flusher thread")
+    def _delivery(self) -> Any:
+        """This client's flusher thread, started at the first event, stored or refused (a
+        client whose queue was full from the start must still drain it); None without one
+        (flusher=None, closed, or it could not start: the call must not fail for that)."""
+        if self.options.flusher != "thread" or self._flusher is not None:
+            return self._flusher
+        try:
+            return self._start_flusher()
+        except Exception:
+            logger.exception("segmentry could not start its flusher thread")
+            return None
 
     def _start_flusher(self) -> Any:
         """The flusher thread, started on the first event; None once closed (a call that

@@ -80,7 +80,6 @@ class Flusher:
         self._failing = False  # a transient failure since the last 2xx
         self._pool: Senders | None = None
         self._settled = threading.Condition()
-        self._in_flight = 0
         self._flying: dict[int, Claim] = {}  # the claims in the senders' hands, by id()
         self._last_maintain = 0.0
         # While the loop runs flat out, senders leave what they delivered here and the
@@ -339,7 +338,7 @@ class Flusher:
     def _free_slots(self) -> int:
         """How many batches the window lets us claim now (waits a little when none)."""
         with self._settled:
-            free = self.window.free(self._in_flight)
+            free = self.window.free(len(self._flying))
             if not free:
                 self._settled.wait(0.2)
         return free
@@ -352,21 +351,19 @@ class Flusher:
 
     def _submit(self, claim: Claim) -> None:
         with self._settled:
-            self._in_flight += 1
             self._flying[id(claim)] = claim
         assert self._pool is not None
         self._pool.submit(claim)
 
     def _done(self, claim: Claim) -> None:
         with self._settled:
-            self._in_flight -= 1
             self._flying.pop(id(claim), None)
             self._settled.notify_all()
 
     def _idle(self, drain: bool) -> bool:
         """Nothing ready. Return True when a drain is complete (the queue is empty)."""
         with self._settled:
-            flying = self._in_flight
+            flying = len(self._flying)
         if flying:
             return False
         self._delete_delivered()  # what settled since the claim, so empty means empty
@@ -380,7 +377,7 @@ class Flusher:
         a batch in flight settles."""
         if drain:
             with self._settled:
-                if self._in_flight:
+                if self._flying:
                     self._settled.wait(0.5)
                     return
             stop.wait(0.05)  # only rows in backoff are left: look again shortly
@@ -404,7 +401,7 @@ class Flusher:
     def _unsettled(self) -> bool:
         """Whether a batch is in flight or delivered but not yet deleted."""
         with self._settled:
-            if self._in_flight:
+            if self._flying:
                 return True
         with self._delivered_lock:
             return bool(self._delivered)
@@ -432,7 +429,7 @@ class Flusher:
         if self.http.paused_until() >= end:  # a Retry-After outlasts the grace: the
             self.http.close()  # senders waiting it out give their rows back now
         with self._settled:
-            while self._in_flight and time.monotonic() < end:
+            while self._flying and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
             unsettled = list(self._flying.values())
         self.http.close()
@@ -469,8 +466,8 @@ class Window:
 
 class Senders:
     """``size`` daemon threads that deliver claims. Daemons, unlike ThreadPoolExecutor's
-    workers, never hold up a process exit behind a hung request: the rows they hold stay
-    leased in the file and the next flusher sends them again."""
+    workers, never hold up a process exit behind a hung request: Flusher.finish gives
+    their rows back (or, if the process dies, the next flusher resets their leases)."""
 
     def __init__(self, size: int, deliver: Callable[[Claim], None],
                  done: Callable[[Claim], None]) -> None:

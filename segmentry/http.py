@@ -366,7 +366,6 @@ def _deliver(
         outcome = _attempt(http, kind, url, body, attempt, metadata)
         delay = _retry_delay(http, outcome, attempt, delays)
         if delay is None:
-            _honour_retry_after(http, outcome)
             return _result(outcome)
         attempt += 1
         _pause_for_retry(http, kind, outcome, attempt, delay)
@@ -383,6 +382,7 @@ def _attempt(
             response = http.post(url, body, attempt)
             span.set(**_stop_metadata(response))
         http.pacer.observe(response.status_code)
+        _honour_retry_after(http, response)
     except NetworkError as exc:  # the span has reported it as an exception event
         return exc
     return response
@@ -402,11 +402,11 @@ def _retry_delay(
     return next(delays) if after is None else after
 
 
-def _honour_retry_after(http: HTTPClient, outcome: Outcome) -> None:
-    """A final answer's Retry-After pauses every request of ``http`` too: the batches
-    in flight in other threads must not retry inside it."""
-    if isinstance(outcome, requests.Response) and classify(outcome.status_code) == RETRY:
-        after = retry_after_s(outcome)
+def _honour_retry_after(http: HTTPClient, response: requests.Response) -> None:
+    """A Retry-After pauses every request of ``http``, whether or not this one is tried
+    again: the batches in flight in other threads must not retry inside it."""
+    if classify(response.status_code) == RETRY:
+        after = retry_after_s(response)
         if after:
             http.pause(after)
 

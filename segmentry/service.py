@@ -199,7 +199,7 @@ def run(args: Any, options: Options, write_key: str) -> int:
         return _work(args, flusher, stop, deadline)
     finally:
         # --drain-timeout bounds the whole run: past it, no grace for batches in flight
-        # (their rows stay leased, and the next flusher sends them).
+        # (finish gives their rows back at once, for the next flusher).
         grace = GRACE_S if deadline is None else min(GRACE_S, deadline - time.monotonic())
         flusher.finish(max(0.0, grace))
         lock.release()

@@ -192,22 +192,19 @@ class SQLiteQueue:
         sql = ("SELECT (SELECT page_count FROM pragma_page_count) - (SELECT freelist_count "
                "FROM pragma_freelist_count), (SELECT page_size FROM pragma_page_size)")
         pages, size = self._run(lambda c: c.execute(sql).fetchone())
-        try:
-            wal = os.stat(self.path + "-wal").st_size
-        except FileNotFoundError:
-            wal = 0
-        return int(pages) * int(size) + max(0, wal - WAL_KEEP_BYTES)
+        return int(pages) * int(size) + max(0, self._file_bytes("-wal") - WAL_KEEP_BYTES)
 
     def disk_bytes(self) -> int:
-        """The file and its WAL on disk: what max_queue_bytes caps. stat() only,
-        never open(): closing a descriptor of the file would drop SQLite's locks."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(self.path + suffix).st_size
-            except FileNotFoundError:
-                pass
-        return total
+        """The file and its WAL on disk, as `segmentry status` reports them."""
+        return self._file_bytes("") + self._file_bytes("-wal")
+
+    def _file_bytes(self, suffix: str) -> int:
+        """stat() only, never open(): closing a descriptor of the file would drop
+        SQLite's locks."""
+        try:
+            return os.stat(self.path + suffix).st_size
+        except FileNotFoundError:
+            return 0
 
     # -- flusher side -------------------------------------------------------------
 
