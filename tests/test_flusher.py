@@ -477,6 +477,76 @@ def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path)
         loop.join(10)
 
 
+def _claim_starts(name):
+    """(start, rows) of each claim that found rows; start in time.monotonic() seconds.
+    Claims come one at a time, from the loop's thread."""
+    sizes, started = [], []
+
+    def handler(event, measurements, meta):
+        if event[-1] == "start":
+            started[:] = [time.monotonic()]
+        elif meta["claimed"]:
+            sizes.append((started[0], meta["claimed"]))
+
+    telemetry.attach(name, [("segmentry", "claim", "start"), ("segmentry", "claim", "stop")],
+                     handler)
+    return sizes
+
+
+def _run_loop(flusher):
+    stop, wake = threading.Event(), threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, wake))
+    loop.start()
+    return stop, wake, loop
+
+
+@pytest.mark.parametrize("gather_s", [0.5, 1.0])
+def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_longer(
+        path, monkeypatch, gather_s):
+    monkeypatch.setattr(flusher_module, "GATHER_S", gather_s)
+    claims = _claim_starts("gather")
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    stop, wake, loop = _run_loop(flusher)
+    try:
+        enqueue(path, 100)
+        wake.set()  # a producer of this process filled a batch
+        assert wait_until(lambda: len(claims) == 1)
+        enqueue(path, 100)
+        wake.set()  # one more full batch at once: it waits out the gather...
+        enqueue(path, 100)
+        wake.set()  # ...and this one, filled meanwhile, joins it
+        assert wait_until(lambda: len(claims) == 2, timeout=10)  # not batch_every_ms
+        (first, _), (second, size) = claims
+        assert second - first >= gather_s
+        assert size == 200
+    finally:
+        telemetry.detach("gather")
+        stop.set()
+        wake.set()
+        loop.join(10)
+
+
+@pytest.mark.parametrize("how", ["flush", "immediate"])
+def test_flush_and_the_immediate_sender_never_wait_for_the_gather(path, monkeypatch, how):
+    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    claims = _claim_starts("no-gather")
+    options = {"sender": "immediate"} if how == "immediate" else {}
+    flusher, stub, queue = make(path, batch_every_ms=600_000, **options)
+    stop, wake, loop = _run_loop(flusher)
+    try:
+        for n in (1, 2):
+            enqueue(path, 100)
+            if how == "flush":
+                flusher.hurry.set()
+            wake.set()
+            assert wait_until(lambda n=n: sum(rows for _, rows in claims) == 100 * n, timeout=10)
+    finally:
+        telemetry.detach("no-gather")
+        stop.set()
+        wake.set()
+        loop.join(10)
+
+
 def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(path):
     stub = Stub()
     with segmentry.Client("K", queue_path=path, requests_options={"adapter": stub},
