@@ -911,7 +911,7 @@ def report(results: dict[str, Any]) -> str:
     """A short plain-text summary for the terminal (RESULTS.md is run.py's job)."""
     lines = []
     for name, t in results["targets"].items():
-        lines.append(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:,.3g} "
+        lines.append(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:,.4g} "
                      f"(target {t['op']} {t['target']:g}) - {t['detail']}")
     return "\n".join(lines)
 

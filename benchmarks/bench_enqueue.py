@@ -893,7 +893,7 @@ def targets_table(checks: dict[str, dict[str, Any]]) -> str:
     for name, c in checks.items():
         op = "<=" if "p99" in name or "errors" in name else ">="
         goal = f", goal {c['goal']:g}" if c["goal"] else ""
-        rows.append([name, f"{c['value']:.3g}", f"{op} {c['target']:g}{goal}",
+        rows.append([name, f"{c['value']:.4g}", f"{op} {c['target']:g}{goal}",
                      "met" if c["met"] else "MISSED"])
     return table(["target (measured, not asserted)", "value", "target", ""], rows)
 

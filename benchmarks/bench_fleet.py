@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict[str, Any]) -> str:
-    return "\n".join(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.3g} "
+    return "\n".join(f"{'met   ' if t['met'] else 'MISSED'} {name}: {t['value']:.4g} "
                      f"(target {t['op']} {t['target']:g}) - {t['detail']}"
                      for name, t in results["targets"].items())
 

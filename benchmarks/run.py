@@ -202,7 +202,7 @@ def gap(t: dict[str, Any]) -> str:
         return ""
     value, target = t["value"], t["target"]
     if t["op"] == ">=":
-        return f"at {value / target:.0%} of the target ({value:,.3g} vs {target:,.3g})"
+        return f"at {value / target:.1%} of the target ({value:,.4g} vs {target:,.4g})"
     over = value - target
     return f"{over:,.3g} over" + (f" ({value / target:.1f}x the target)" if target else "")
 
@@ -211,7 +211,7 @@ def targets_section(results: dict[str, Any]) -> list[str]:
     rows = []
     for name, t in all_targets(results):
         status = "met" if t["met"] else "**MISSED** " + gap(t)
-        rows.append([name, t.get("issue", ""), f"{t['value']:,.3g}",
+        rows.append([name, t.get("issue", ""), f"{t['value']:,.4g}",
                      f"{t['op']} {t['target']:,.3g}", status, t.get("detail", "")])
     return ["## Targets (measured, never asserted in tests)", "",
             md_table(["target", "from", "measured", "wanted", "status", "detail (how, why)"],
