@@ -35,7 +35,7 @@ MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
 DELETE_LAG_S = 0.05
 # While producers of this process fill batches faster than this, the batches that fill
 # within it of the last claim go in one claim: a claim at every full batch cost them
-# ~15 % of their rate (loop CPU 9.0 -> 5.7 µs an event, benchmarks/thread_cpu.py).
+# ~10 % of their rate (loop CPU 8.3 -> 5.7 µs an event, benchmarks/thread_cpu.py).
 GATHER_S = 0.02
 FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
 # The stored bodies (plus a comma each) a claim may take: the request stays under 500 KB.
