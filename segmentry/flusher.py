@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import random
@@ -99,7 +100,7 @@ class Flusher:
         # remainder each time sent batches of 70 events on average instead of 100.
         self._due = True
         self.hurry = threading.Event()
-        self._claimed_at = 0.0  # time.monotonic() of the last claim that found rows
+        self._claimed_at = -math.inf  # time.monotonic() of the last claim that found rows
 
     # -- one cycle ----------------------------------------------------------------------
 
@@ -390,13 +391,14 @@ class Flusher:
             return
         self._due = not self._sleep(stop, wake, self.options.batch_every_ms / 1000.0)
         wake.clear()
-        if not self._due:
+        if not self._due and not stop.is_set():  # a stop wakes the loop too: no gather
             self._gather()
 
     def _gather(self) -> None:
         """Woken by a producer of this process at a full batch: wait until GATHER_S has
         passed since the last claim, so that the batches filling meanwhile join the next
-        claim (one transaction, one wake of this thread); flush() cuts it short."""
+        claim (one transaction, one wake of this thread); flush() and Background.stop()
+        cut it short."""
         if self.options.sender == "immediate":  # one event a request, sent at once
             return
         delay = self._claimed_at + GATHER_S - time.monotonic()
@@ -684,6 +686,7 @@ class Background:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
+        self.flusher.hurry.set()  # ends a gather under way (Flusher._gather)
         self._wake.set()
         self._thread.join(timeout)
 

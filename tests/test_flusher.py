@@ -500,7 +500,16 @@ def _run_loop(flusher):
     return stop, wake, loop
 
 
-@pytest.mark.parametrize("gather_s", [0.5, 1.0])
+def _stop_loop(stop, wake, loop, flusher):
+    """As Background.stop() does; the loop must end at once, gathering or not."""
+    stop.set()
+    flusher.hurry.set()
+    wake.set()
+    loop.join(10)
+    assert not loop.is_alive()
+
+
+@pytest.mark.parametrize("gather_s", [1.0, 2.0])
 def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_longer(
         path, monkeypatch, gather_s):
     monkeypatch.setattr(flusher_module, "GATHER_S", gather_s)
@@ -517,13 +526,56 @@ def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_long
         wake.set()  # ...and this one, filled meanwhile, joins it
         assert wait_until(lambda: len(claims) == 2, timeout=10)  # not batch_every_ms
         (first, _), (second, size) = claims
-        assert second - first >= gather_s
+        assert gather_s <= second - first < 2 * gather_s
         assert size == 200
     finally:
         telemetry.detach("gather")
-        stop.set()
-        wake.set()
-        loop.join(10)
+        _stop_loop(stop, wake, loop, flusher)
+
+
+def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(path, monkeypatch):
+    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    claimed = []
+    telemetry.attach("idle", [("segmentry", "claim", "stop")],
+                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    stop, wake, loop = _run_loop(flusher)
+    try:
+        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
+        for n in (1, 2):
+            last = flusher._claimed_at
+            enqueue(path, 100)
+            wake.set()  # a full batch, the first ever, then the first for 600 s
+            assert wait_until(lambda n=n: len(stub.batches) == n, timeout=10)
+            assert wait_until(lambda last=last: flusher._claimed_at != last)
+            flusher._claimed_at -= 600.0  # as if that claim were 600 s old
+    finally:
+        telemetry.detach("idle")
+        _stop_loop(stop, wake, loop, flusher)
+
+
+def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch):
+    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    claimed = []
+    telemetry.attach("stop", [("segmentry", "claim", "stop")],
+                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
+    options = Options(queue_path=path, batch_every_ms=600_000,
+                      requests_options={"adapter": Stub()})
+    background = flusher_module.Background("K", SQLiteQueue(path), options)
+    background.start()
+    try:
+        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
+        for _ in range(2):
+            enqueue(path, 100)
+            for _ in range(100):
+                background.enqueued()  # what the producer's calls do
+            assert wait_until(lambda: claimed == [0, 100] and not background._wake.is_set())
+        # The loop took the second wake: it gathers, up to 600 s after the first claim.
+    finally:
+        telemetry.detach("stop")
+        background.stop(timeout=10)
+    assert not background._thread.is_alive()
+    assert claimed == [0, 100]
 
 
 @pytest.mark.parametrize("how", ["flush", "immediate"])
@@ -542,9 +594,7 @@ def test_flush_and_the_immediate_sender_never_wait_for_the_gather(path, monkeypa
             assert wait_until(lambda n=n: sum(rows for _, rows in claims) == 100 * n, timeout=10)
     finally:
         telemetry.detach("no-gather")
-        stop.set()
-        wake.set()
-        loop.join(10)
+        _stop_loop(stop, wake, loop, flusher)
 
 
 def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(path):
