@@ -265,8 +265,8 @@ class Flusher:
 
     def _reject(self, token: int, rows: list[Row], answer: Any) -> None:
         """400/413/other 4xx: split the batch to isolate what the receiver refuses."""
-        if self.http.closing.is_set():  # stopping: no new requests; the rows go back
-            self.outcome.add("released", self.queue.release(token, [r.id for r in rows], 0.0))
+        if self.http.closing.is_set():  # stopping: no new requests
+            self._hand_back(token, rows)
             return
         if len(rows) > 1:
             half = len(rows) // 2
@@ -455,9 +455,13 @@ class Flusher:
         self.http.close()
         for claim in unsettled:  # given back now, not left leased for LEASE_S
             try:
-                self.queue.release(claim.token, [r.id for r in claim.rows], 0.0)
+                self._hand_back(claim.token, claim.rows)
             except SegmentryError as exc:  # leased still: the next flusher resets them
                 logger.warning("could not give back a batch in flight: %s", exc)
+
+    def _hand_back(self, token: int, rows: list[Row]) -> None:
+        """Stopping: give the rows back at once, ready for the next flusher."""
+        self.outcome.add("released", self.queue.release(token, [r.id for r in rows], 0.0))
 
 
 class Window:

@@ -477,20 +477,24 @@ def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path)
         loop.join(10)
 
 
-def _claim_starts(name):
-    """(start, rows) of each claim that found rows; start in time.monotonic() seconds.
+def _watch_claims(name):
+    """(start, rows) of every claim, empty ones too; start in time.monotonic() seconds.
     Claims come one at a time, from the loop's thread."""
-    sizes, started = [], []
+    claims, started = [], []
 
     def handler(event, measurements, meta):
         if event[-1] == "start":
             started[:] = [time.monotonic()]
-        elif meta["claimed"]:
-            sizes.append((started[0], meta["claimed"]))
+        else:
+            claims.append((started[0], meta["claimed"]))
 
     telemetry.attach(name, [("segmentry", "claim", "start"), ("segmentry", "claim", "stop")],
                      handler)
-    return sizes
+    return claims
+
+
+def _rows(claims):
+    return [rows for _, rows in claims]
 
 
 def _run_loop(flusher):
@@ -513,19 +517,20 @@ def _stop_loop(stop, wake, loop, flusher):
 def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_longer(
         path, monkeypatch, gather_s):
     monkeypatch.setattr(flusher_module, "GATHER_S", gather_s)
-    claims = _claim_starts("gather")
+    claims = _watch_claims("gather")
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     stop, wake, loop = _run_loop(flusher)
     try:
+        assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
         enqueue(path, 100)
         wake.set()  # a producer of this process filled a batch
-        assert wait_until(lambda: len(claims) == 1)
+        assert wait_until(lambda: _rows(claims) == [0, 100])
         enqueue(path, 100)
         wake.set()  # one more full batch at once: it waits out the gather...
         enqueue(path, 100)
         wake.set()  # ...and this one, filled meanwhile, joins it
-        assert wait_until(lambda: len(claims) == 2, timeout=10)  # not batch_every_ms
-        (first, _), (second, size) = claims
+        assert wait_until(lambda: sum(_rows(claims)) == 300, timeout=10)  # not batch_every_ms
+        (first, _), (second, size) = [claim for claim in claims if claim[1]]
         assert gather_s <= second - first < 2 * gather_s
         assert size == 200
     finally:
@@ -535,13 +540,11 @@ def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_long
 
 def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(path, monkeypatch):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claimed = []
-    telemetry.attach("idle", [("segmentry", "claim", "stop")],
-                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
+    claims = _watch_claims("idle")
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     stop, wake, loop = _run_loop(flusher)
     try:
-        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
+        assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
         for n in (1, 2):
             last = flusher._claimed_at
             enqueue(path, 100)
@@ -556,32 +559,31 @@ def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(path, mo
 
 def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claimed = []
-    telemetry.attach("stop", [("segmentry", "claim", "stop")],
-                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
+    claims = _watch_claims("stop")
     options = Options(queue_path=path, batch_every_ms=600_000,
                       requests_options={"adapter": Stub()})
     background = flusher_module.Background("K", SQLiteQueue(path), options)
     background.start()
     try:
-        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
+        assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
         for _ in range(2):
             enqueue(path, 100)
             for _ in range(100):
                 background.enqueued()  # what the producer's calls do
-            assert wait_until(lambda: claimed == [0, 100] and not background._wake.is_set())
+            assert wait_until(lambda: _rows(claims) == [0, 100]
+                              and not background._wake.is_set())
         # The loop took the second wake: it gathers, up to 600 s after the first claim.
     finally:
         telemetry.detach("stop")
         background.stop(timeout=10)
     assert not background._thread.is_alive()
-    assert claimed == [0, 100]
+    assert _rows(claims) == [0, 100]
 
 
 @pytest.mark.parametrize("how", ["flush", "immediate"])
 def test_flush_and_the_immediate_sender_never_wait_for_the_gather(path, monkeypatch, how):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claims = _claim_starts("no-gather")
+    claims = _watch_claims("no-gather")
     options = {"sender": "immediate"} if how == "immediate" else {}
     flusher, stub, queue = make(path, batch_every_ms=600_000, **options)
     stop, wake, loop = _run_loop(flusher)
@@ -591,7 +593,7 @@ def test_flush_and_the_immediate_sender_never_wait_for_the_gather(path, monkeypa
             if how == "flush":
                 flusher.hurry.set()
             wake.set()
-            assert wait_until(lambda n=n: sum(rows for _, rows in claims) == 100 * n, timeout=10)
+            assert wait_until(lambda n=n: sum(_rows(claims)) == 100 * n, timeout=10)
     finally:
         telemetry.detach("no-gather")
         _stop_loop(stop, wake, loop, flusher)
