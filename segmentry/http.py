@@ -1,7 +1,8 @@
 """The HTTP seam over ``requests``: a client, one-event and batch POSTs, the status rules
-and the retry policy over ``backoff``. Besides testing.py it is the only importer of
-``requests``, ``urllib3`` and ``backoff``; their errors never leave it: they become
-``NetworkError`` (``raise ... from exc``).
+and the retry policy over ``backoff``. Besides testing.py and transport.py (the adapter
+under our own session) it is the only importer of ``requests``, ``urllib3`` and
+``backoff``; their errors never leave it: they become ``NetworkError`` (``raise ... from
+exc``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable, Union
 import backoff
 import requests
 import urllib3
-from requests.adapters import BaseAdapter, HTTPAdapter
+from requests.adapters import BaseAdapter
 from requests.auth import HTTPBasicAuth
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
@@ -36,6 +37,7 @@ from .exceptions import (
     NetworkError,
 )
 from .pacing import Pacer
+from .transport import Transport
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_RETRY_START_MS = 100
 DEFAULT_RETRY_EXPIRY_MS = 10_000
 RETRY_AFTER_CAP_S = 300.0  # the receiver's word wins over retry_expiry, up to this
-POOL_MAXSIZE = 64  # keep-alive connections per host: max_in_flight's upper bound
 # Redirects that keep the method and the body. requests follows the others (301, 302,
 # 303) as a GET without the body, whose 2xx would count the batch as delivered.
 _KEEP_BODY = frozenset({307, 308})
@@ -279,7 +280,8 @@ class HTTPClient:
         options = self.request_options
         try:
             if self._transport is not None:
-                return self._transport.exchange(self.session, request, options)
+                response = self._transport.exchange(self.session, request, options)
+                return _follow_redirects(self.session, response, request, options)
             if self._adapter is not None:  # see _session: no redirect is followed here
                 return _read(self._adapter.send(request, **options))
             response = self.session.send(request, allow_redirects=False, **options)
@@ -555,70 +557,6 @@ def _session(options: Mapping[str, Any], send_to_http: bool
 def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-
-
-class Transport(HTTPAdapter):
-    """requests' HTTPAdapter for the session an HTTPClient makes itself. That client
-    sends to a few URLs with options fixed for its life (it settles proxies and TLS
-    settings once), so this adapter keeps, per URL, what requests works out again on
-    every request: the connection pool with its TLS settings, and the request line's
-    target. Its responses skip the cookie jar: requests are prepared once, so a
-    receiver's cookies would never be sent back anyway. Together 15 % of a batch POST's
-    CPU (measured here: 538 -> 446 us, loopback, 30 KB bodies)."""
-
-    def __init__(self) -> None:
-        super().__init__(pool_maxsize=POOL_MAXSIZE)
-        self._pools: dict[str, Any] = {}
-        self._verified: set[Any] = set()  # the pools themselves, so an id is never reused
-        self._targets: dict[str, str] = {}
-
-    def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: Any,
-                                        proxies: Any = None, cert: Any = None) -> Any:
-        pool = self._pools.get(str(request.url))
-        if pool is None or pool.pool is None:  # new, or closed: the pool manager let it go
-            pool = super().get_connection_with_tls_context(request, verify, proxies, cert)
-            self._pools[str(request.url)] = pool
-        return pool
-
-    def cert_verify(self, conn: Any, url: str, verify: Any, cert: Any) -> None:
-        # It sets the pool's TLS attributes and looks the CA bundle up on disk: once a pool.
-        if conn not in self._verified:
-            super().cert_verify(conn, url, verify, cert)  # type: ignore[no-untyped-call]
-            self._verified.add(conn)
-
-    def request_url(self, request: requests.PreparedRequest, proxies: Any) -> str:
-        target = self._targets.get(str(request.url))
-        if target is None:
-            target = self._targets[str(request.url)] = super().request_url(request, proxies)
-        return target
-
-    def close(self) -> None:
-        pools = list(self._pools.values())
-        self._pools.clear()
-        self._verified.clear()
-        self._targets.clear()
-        super().close()
-        for pool in pools:  # urllib3 2 no longer closes the pools it forgets
-            pool.close()
-
-    def exchange(self, session: requests.Session, request: requests.PreparedRequest,
-                 options: Mapping[str, Any]) -> requests.Response:
-        """``session.send(request, **options)`` less its upkeep for requests that carry
-        no hooks or cookies (timing, hooks, the cookie jar, the redirect generator): 85
-        of a batch POST's 495 us of CPU here. Redirects: see _follow_redirects."""
-        start = time.perf_counter()
-        response = self.send(request, **options)
-        response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
-        return _follow_redirects(session, response, request, options)
-
-    def build_response(self, req: requests.PreparedRequest, resp: Any) -> requests.Response:
-        response = requests.Response()
-        response.status_code = resp.status
-        response.headers = CaseInsensitiveDict(resp.headers)
-        response.encoding = get_encoding_from_headers(response.headers)
-        response.raw, response.reason, response.url = resp, resp.reason, str(req.url)
-        response.request, response.connection = req, self
-        return response
 
 
 def _follow_redirects(session: requests.Session, response: requests.Response,

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 import urllib3
+from helpers import wait_until
 
 import segmentry.http as sh
 from segmentry import telemetry
@@ -42,6 +43,7 @@ from segmentry.messages import (
     Track,
 )
 from segmentry.testing import Stub, StubAdapter, sequence
+from segmentry.transport import Transport
 from segmentry.version import __version__
 
 KEY = "WRITE-KEY-secret"
@@ -797,6 +799,10 @@ class Receiver(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def finish(self) -> None:  # the client closed the connection (or we did)
+        super().finish()
+        self.server.closed.append(self.client_address)  # type: ignore[attr-defined]
+
     def log_message(self, *args) -> None:
         pass
 
@@ -804,7 +810,7 @@ class Receiver(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    receiver.seen = []  # type: ignore[attr-defined]
+    receiver.seen, receiver.closed = [], []  # type: ignore[attr-defined]
     receiver.gate = threading.Event()  # type: ignore[attr-defined]
     receiver.gate.set()  # type: ignore[attr-defined]
     thread = threading.Thread(target=receiver.serve_forever, args=(0.05,), daemon=True)
@@ -835,38 +841,77 @@ def test_a_real_server_gets_every_request_over_one_kept_alive_connection(server,
     assert [e["event"] for e in body["batch"]] == ["A", "B"]
 
 
-def test_a_pool_the_adapter_let_go_is_replaced_not_reused(server):
-    # The Transport keeps the pool per URL. Once the pool manager lets it go and it is
-    # closed (urllib3 1.x closes the pools it evicts), the next request must open a new
-    # one, not fail on the closed one.
+def test_a_kept_alive_connection_the_receiver_closed_is_replaced_not_reused(server):
+    class ClosesWhenIdle(Receiver):  # as a receiver's idle timeout does, without telling
+        def do_POST(self) -> None:
+            super().do_POST()
+            self.close_connection = True
+
+    server.RequestHandlerClass = ClosesWhenIdle
     with sh.client(KEY, url_of(server), retry_attempts=0) as http:
         assert sh.batch(http, [track("A")]).status_code == 200
-        manager = http.session.get_adapter(http.api_url).poolmanager
-        pools = [manager.pools[key] for key in manager.pools.keys()]
-        manager.clear()
-        for pool in pools:
-            pool.close()
-        assert sh.batch(http, [track("B")]).status_code == 200
+        assert wait_until(lambda: len(server.closed) == 1, timeout=10)  # its end has reached us
+        assert sh.batch(http, [track("B")]).status_code == 200  # no retry was allowed
     assert [body["batch"][0]["event"] for _, _, _, body in server.seen] == ["A", "B"]
+    assert server.seen[0][0] != server.seen[1][0]  # over a new connection
 
 
-def test_closing_the_client_closes_its_connections(server):
+@pytest.fixture
+def pools(monkeypatch):
+    """Every connection pool a Transport makes, kept referenced: a pool merely forgotten
+    would close its sockets as it is freed, and hide a close() that does nothing."""
+    made = []
+    original = Transport._pool
+
+    def keep(self, *args):
+        pool = original(self, *args)
+        made.append(pool)
+        return pool
+
+    monkeypatch.setattr(Transport, "_pool", keep)
+    return made
+
+
+def test_closing_the_client_closes_its_connections(server, pools):
     http = sh.client(KEY, url_of(server), retry_attempts=0)
     assert sh.batch(http, [track("A")]).status_code == 200
-    manager = http.session.get_adapter(http.api_url).poolmanager
-    pools = [manager.pools[key] for key in manager.pools.keys()]
+    assert server.closed == [] and pools  # kept alive
     http.close()
-    assert pools and all(pool.pool is None for pool in pools)  # closed, sockets with them
+    assert wait_until(lambda: server.closed == [server.seen[0][0]], timeout=10)
 
 
-def test_a_request_after_close_leaves_no_connection_open(server):
+def test_a_request_after_close_leaves_no_connection_open(server, pools):
     http = sh.client(KEY, url_of(server), retry_attempts=0)
     http.close()
     assert sh.batch(http, [track("late")]).status_code == 200  # its one attempt is made
-    manager = http.session.get_adapter(http.api_url).poolmanager
-    pools = [manager.pools[key] for key in manager.pools.keys()]
-    adapter_pools = list(http.session.get_adapter(http.api_url)._pools.values())
-    assert [pool for pool in pools + adapter_pools if pool.pool is not None] == []  # none open
+    assert wait_until(lambda: server.closed == [server.seen[0][0]], timeout=10)
+
+
+def test_through_a_proxy_requests_own_adapter_sends(server):
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"
+    with sh.client(KEY, "http://segment.invalid/v1/", proxies={"http": proxy},
+                   retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+    assert [path for _, path, _, _ in server.seen] == ["http://segment.invalid/v1/batch"]
+
+
+def test_a_compressed_answer_is_decoded_and_repeated_headers_joined(server):
+    class Gzipped(Receiver):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = gzip.compress(b'{"success":true}')
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("X-Seen", "a")
+            self.send_header("X-Seen", "b")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server.RequestHandlerClass = Gzipped
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        response = sh.batch(http, [track("A")])
+    assert response.json() == {"success": True} and response.headers["x-seen"] == "a, b"
 
 
 @pytest.fixture
@@ -877,7 +922,8 @@ def tls_server(tmp_path):
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
     receiver.socket = context.wrap_socket(receiver.socket, server_side=True)
-    receiver.seen, receiver.gate = [], threading.Event()  # type: ignore[attr-defined]
+    receiver.seen, receiver.closed = [], []  # type: ignore[attr-defined]
+    receiver.gate = threading.Event()  # type: ignore[attr-defined]
     receiver.gate.set()  # type: ignore[attr-defined]
     thread = threading.Thread(target=receiver.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -1041,3 +1087,24 @@ def test_a_retry_after_on_the_last_attempt_still_pauses_the_other_senders(make, 
     http, stub = make(retry_after("5"), retry_attempts=0)
     assert sh.batch(http, [track()]).status_code == 429
     assert http.paused_until() - fake.clock() == pytest.approx(5.0)
+
+
+def test_an_answer_sent_before_the_body_was_read_is_the_answer(server):
+    # A receiver may refuse a body it finds too large from its headers, answer at once
+    # and close: the rest of the upload then fails, and the answer must still be read.
+    class RefusesEarly(Receiver):
+        def do_POST(self) -> None:
+            body = b'{"success":false}'
+            self.send_response(413)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+            self.close_connection = True
+
+    server.RequestHandlerClass = RefusesEarly
+    big = '{"type":"track","userId":"u","event":"' + "x" * 8_000_000 + '"}'
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        response = http.post(http.api_url + "batch", big)
+    assert response.status_code == 413
