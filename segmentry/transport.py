@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import io
 import os
 import select
 import socket
 import ssl
 import threading
 import time
-import zlib
 from typing import Any, Union
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests import exceptions as rex
 from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
@@ -40,10 +41,13 @@ Connection = Union[http.client.HTTPConnection, http.client.HTTPSConnection]
 
 
 class Transport(HTTPAdapter):
+    """Sends each request over a Pool of its origin, or through HTTPAdapter (see above)."""
+
     def __init__(self) -> None:
         super().__init__(pool_maxsize=POOL_MAXSIZE)
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str, int, Any], Pool] = {}
+        self._origins: dict[str, tuple[str, str, int]] = {}  # by URL: a few URLs, parsed once
 
     def exchange(self, session: requests.Session, request: requests.PreparedRequest,
                  options: dict[str, Any]) -> requests.Response:
@@ -72,20 +76,30 @@ class Transport(HTTPAdapter):
     def _pool(self, request: requests.PreparedRequest, verify: Any, cert: Any,
               proxies: Any) -> Pool | None:
         """The pool for this request's origin, or None when it is not ours to send."""
-        url = urlsplit(str(request.url))
-        if url.scheme not in ("http", "https") or not url.hostname or cert \
-                or not isinstance(request.body, (bytes, type(None))) \
-                or select_proxy(str(request.url), proxies or {}):
+        url = str(request.url)
+        if cert or not isinstance(request.body, (bytes, type(None))) \
+                or (proxies and select_proxy(url, proxies)):
             return None
-        if url.scheme == "https" and not (verify is True or isinstance(verify, str)):
+        origin = self._origins.get(url)
+        if origin is None:
+            origin = self._origins[url] = _origin(url)
+        scheme, host, port = origin
+        if scheme == "https" and not (verify is True or isinstance(verify, str)):
             return None
-        port = url.port or (443 if url.scheme == "https" else 80)
-        key = (url.scheme, url.hostname, port, verify if url.scheme == "https" else None)
+        if scheme not in ("http", "https") or not host:
+            return None
+        key = (scheme, host, port, verify if scheme == "https" else None)
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
                 pool = self._pools[key] = Pool(*key)
             return pool
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname or "", parts.port or (
+        443 if parts.scheme == "https" else 80)
 
 
 class Pool:
@@ -101,7 +115,7 @@ class Pool:
     def exchange(self, request: requests.PreparedRequest, timeout: Timeout,
                  adapter: Transport) -> requests.Response:
         connect_s, read_s = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        conn = self._take()
+        conn, reply = self._take(), None
         try:
             if conn.sock is None:
                 conn.timeout = connect_s
@@ -116,6 +130,8 @@ class Pool:
             body = reply.read()
         except BaseException as exc:
             conn.close()
+            if reply is not None:
+                reply.close()  # a will_close reply holds the socket, not conn
             if isinstance(exc, (OSError, http.client.HTTPException)):
                 raise _error(exc, request) from exc
             raise
@@ -131,13 +147,16 @@ class Pool:
     def _take(self) -> Connection:
         with self._lock:
             while self._idle:
-                conn = self._idle.pop()
-                if not _dropped(conn.sock):
-                    return conn
-                conn.close()  # the receiver closed it while it was idle
+                idle = self._idle.pop()
+                if not _dropped(idle.sock):
+                    return idle
+                idle.close()  # the receiver closed it while it was idle
         if self.scheme == "http":
-            return http.client.HTTPConnection(self.host, self.port)
-        return http.client.HTTPSConnection(self.host, self.port, context=self._tls())
+            conn: Connection = http.client.HTTPConnection(self.host, self.port)
+        else:
+            conn = http.client.HTTPSConnection(self.host, self.port, context=self._tls())
+        conn.response_class = _Reply
+        return conn
 
     def _give_back(self, conn: Connection) -> None:
         with self._lock:
@@ -149,24 +168,35 @@ class Pool:
     def _tls(self) -> ssl.SSLContext:
         """Made once (loading a CA bundle takes milliseconds); the hostname is checked."""
         if self._context is None:
-            where = extract_zipped_paths(  # type: ignore[no-untyped-call]
-                DEFAULT_CA_BUNDLE_PATH) if self.verify is True \
-                else self.verify
+            where = self.verify if isinstance(self.verify, str) else \
+                extract_zipped_paths(DEFAULT_CA_BUNDLE_PATH)  # type: ignore[no-untyped-call]
             try:
                 if os.path.isdir(where):
                     self._context = ssl.create_default_context(capath=where)
                 else:
                     self._context = ssl.create_default_context(cafile=where)
-            except (FileNotFoundError, ssl.SSLError) as exc:
+            except (OSError, ssl.SSLError) as exc:  # as requests words a missing bundle
                 raise OSError("Could not find a suitable TLS CA certificate bundle, "
-                              f"invalid path: {where}") from exc
+                              f"invalid path: {where} ({exc})") from exc
         return self._context
+
+
+class _Reply(http.client.HTTPResponse):
+    """http.client skips 100 Continue only; any other interim answer (102, 103 Early
+    Hints) would be taken for the final one, and the final one left on the connection."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim answer's headers: dropped
 
 
 def _connect(conn: Connection, request: requests.PreparedRequest) -> None:
     try:
         conn.connect()
-    except TimeoutError as exc:
+    except socket.timeout as exc:  # TimeoutError from 3.10; not a subclass of it on 3.9
         raise rex.ConnectTimeout(exc, request=request) from exc
 
 
@@ -176,7 +206,7 @@ def _error(exc: BaseException, request: requests.PreparedRequest) -> requests.Re
         return exc
     if isinstance(exc, ssl.SSLError):
         return rex.SSLError(exc, request=request)
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, socket.timeout):
         return rex.ReadTimeout(exc, request=request)
     return rex.ConnectionError(exc, request=request)
 
@@ -213,16 +243,14 @@ def _response(request: requests.PreparedRequest, reply: http.client.HTTPResponse
 
 
 def _decoded(body: bytes, encoding: str, request: requests.PreparedRequest) -> bytes:
-    """The body as requests would hand it over: gzip and deflate undone."""
+    """The body as requests would hand it over: urllib3's decoders (an empty body, gzip
+    members, "gzip, br", brotli/zstd when installed), only when it is encoded."""
     encoding = encoding.strip().lower()
+    if not body or encoding in ("", "identity"):
+        return body
+    reply = urllib3.HTTPResponse(body=io.BytesIO(body), headers={"Content-Encoding": encoding},
+                                 preload_content=False, decode_content=True)
     try:
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, -zlib.MAX_WBITS)  # raw deflate, as some send
-    except zlib.error as exc:
+        return bytes(reply.read())
+    except urllib3.exceptions.DecodeError as exc:
         raise rex.ContentDecodingError(exc, request=request) from exc
-    return body

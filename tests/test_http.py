@@ -1108,3 +1108,62 @@ def test_an_answer_sent_before_the_body_was_read_is_the_answer(server):
     with sh.client(KEY, url_of(server), retry_attempts=0) as http:
         response = http.post(http.api_url + "batch", big)
     assert response.status_code == 413
+
+
+@pytest.mark.parametrize("status", [200, 204])
+def test_an_empty_compressed_answer_is_a_delivery(server, status):
+    # A 2xx with Content-Encoding: gzip and no body (a proxy may label every answer so):
+    # requests hands over b"", the batch was taken. It must not become a retryable error.
+    class EmptyGzip(Receiver):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            self.server.seen.append((None, self.path, None, json.loads(raw)))
+            self.send_response(status)
+            self.send_header("Content-Encoding", "gzip")
+            if status != 204:
+                self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server.RequestHandlerClass = EmptyGzip
+    with sh.client(KEY, url_of(server), retry_attempts=2, retry_start=1, retry_expiry=1) as http:
+        assert sh.batch(http, [track("A")]).status_code == status
+    assert len(server.seen) == 1  # taken once, not three times
+
+
+def test_a_multi_member_gzip_answer_is_decoded_whole(server):
+    class TwoMembers(Receiver):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = gzip.compress(b'{"success":') + gzip.compress(b'true}')
+            self.send_response(400)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server.RequestHandlerClass = TwoMembers
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).content == b'{"success":true}'
+
+
+def test_an_informational_answer_is_not_the_answer(server):
+    # 103 Early Hints before the final answer: http.client only skips 100. The 103 must
+    # not be the batch's answer (classify: reject -> split, dead letters), and the 200 that
+    # follows must not become the next batch's answer on the reused connection.
+    class Hints(Receiver):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            event = json.loads(raw)["batch"][0]["event"]
+            self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+            body = json.dumps({"for": event}).encode()
+            self.send_response(200 if event == "A" else 400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server.RequestHandlerClass = Hints
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        first = sh.batch(http, [track("A")])
+        second = sh.batch(http, [track("B")])
+    assert (first.status_code, first.json()) == (200, {"for": "A"})
+    assert (second.status_code, second.json()) == (400, {"for": "B"})
