@@ -1167,3 +1167,11 @@ def test_an_informational_answer_is_not_the_answer(server):
         second = sh.batch(http, [track("B")])
     assert (first.status_code, first.json()) == (200, {"for": "A"})
     assert (second.status_code, second.json()) == (400, {"for": "B"})
+
+
+def test_a_missing_ca_bundle_is_a_network_error_not_worth_a_retry(tmp_path):
+    missing = str(tmp_path / "no-such-ca.pem")
+    with sh.client(KEY, "https://127.0.0.1:9/v1/", verify=missing, retry_attempts=3) as http:
+        with pytest.raises(NetworkError) as excinfo:
+            sh.batch(http, [track()])
+    assert excinfo.value.retryable is False and missing in str(excinfo.value)
