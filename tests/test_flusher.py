@@ -3,6 +3,7 @@ does to the stored rows, batch limits, bisection of a rejected batch, telemetry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -451,76 +452,66 @@ def test_what_was_delivered_when_the_loop_stops_is_deleted_not_sent_again(path):
     assert flusher.outcome.sent == len(received)
 
 
-def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path):
-    claimed = []
-    telemetry.attach("claims", [("segmentry", "claim", "stop")],
-                     lambda event, measurements, meta: claimed.append(meta["claimed"]))
-    flusher, stub, queue = make(path, batch_every_ms=600_000)
-    stop, wake = threading.Event(), threading.Event()
-    loop = threading.Thread(target=flusher.run, args=(stop, wake))
-    try:
-        loop.start()
-        assert wait_until(lambda: claimed == [0])  # the queue was empty: the loop waits
-        enqueue(path, 150)
-        wake.set()  # what a producer does at every max_batch_size events
-        assert wait_until(lambda: sum(claimed) >= 100)
-        assert [n for n in claimed if n] == [100]  # the other 50 wait
-        flusher.hurry.set()  # what flush() does
-        wake.set()
-        assert wait_until(lambda: queue.stats(time.time()).depth == 0)
-        assert [n for n in claimed if n] == [100, 50]
-        assert [len(b) for b in stub.batches] == [100, 50]
-    finally:
-        telemetry.detach("claims")
-        stop.set()
-        wake.set()
-        loop.join(10)
-
-
-def _watch_claims(name):
+@pytest.fixture
+def claims():
     """(start, rows) of every claim, empty ones too; start in time.monotonic() seconds.
     Claims come one at a time, from the loop's thread."""
-    claims, started = [], []
+    seen, started = [], []
 
     def handler(event, measurements, meta):
         if event[-1] == "start":
             started[:] = [time.monotonic()]
         else:
-            claims.append((started[0], meta["claimed"]))
+            seen.append((started[0], meta["claimed"]))
 
-    telemetry.attach(name, [("segmentry", "claim", "start"), ("segmentry", "claim", "stop")],
+    telemetry.attach("claims", [("segmentry", "claim", "start"), ("segmentry", "claim", "stop")],
                      handler)
-    return claims
+    yield seen
+    telemetry.detach("claims")
 
 
 def _rows(claims):
     return [rows for _, rows in claims]
 
 
-def _run_loop(flusher):
+@contextlib.contextmanager
+def _looping(flusher):
+    """The flusher's loop in a thread; yields its wake event. At the end it is stopped as
+    Background.stop() stops it, and must end at once, gathering or not."""
     stop, wake = threading.Event(), threading.Event()
     loop = threading.Thread(target=flusher.run, args=(stop, wake))
     loop.start()
-    return stop, wake, loop
-
-
-def _stop_loop(stop, wake, loop, flusher):
-    """As Background.stop() does; the loop must end at once, gathering or not."""
-    stop.set()
-    flusher.hurry.set()
-    wake.set()
-    loop.join(10)
+    try:
+        yield wake
+    finally:
+        stop.set()
+        flusher.hurry.set()
+        wake.set()
+        loop.join(10)
     assert not loop.is_alive()
+
+
+def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path, claims):
+    flusher, stub, queue = make(path, batch_every_ms=600_000)
+    with _looping(flusher) as wake:
+        assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
+        enqueue(path, 150)
+        wake.set()  # what a producer does at every max_batch_size events
+        assert wait_until(lambda: sum(_rows(claims)) >= 100)
+        assert [n for n in _rows(claims) if n] == [100]  # the other 50 wait
+        flusher.hurry.set()  # what flush() does
+        wake.set()
+        assert wait_until(lambda: queue.stats(time.time()).depth == 0)
+        assert [n for n in _rows(claims) if n] == [100, 50]
+        assert [len(b) for b in stub.batches] == [100, 50]
 
 
 @pytest.mark.parametrize("gather_s", [1.0, 2.0])
 def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_longer(
-        path, monkeypatch, gather_s):
+        path, monkeypatch, claims, gather_s):
     monkeypatch.setattr(flusher_module, "GATHER_S", gather_s)
-    claims = _watch_claims("gather")
     flusher, stub, queue = make(path, batch_every_ms=600_000)
-    stop, wake, loop = _run_loop(flusher)
-    try:
+    with _looping(flusher) as wake:
         assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
         enqueue(path, 100)
         wake.set()  # a producer of this process filled a batch
@@ -533,17 +524,13 @@ def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_long
         (first, _), (second, size) = [claim for claim in claims if claim[1]]
         assert gather_s <= second - first < 2 * gather_s
         assert size == 200
-    finally:
-        telemetry.detach("gather")
-        _stop_loop(stop, wake, loop, flusher)
 
 
-def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(path, monkeypatch):
+def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(
+        path, monkeypatch, claims):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claims = _watch_claims("idle")
     flusher, stub, queue = make(path, batch_every_ms=600_000)
-    stop, wake, loop = _run_loop(flusher)
-    try:
+    with _looping(flusher) as wake:
         assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
         for n in (1, 2):
             last = flusher._claimed_at
@@ -552,14 +539,10 @@ def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(path, mo
             assert wait_until(lambda n=n: len(stub.batches) == n, timeout=10)
             assert wait_until(lambda last=last: flusher._claimed_at != last)
             flusher._claimed_at -= 600.0  # as if that claim were 600 s old
-    finally:
-        telemetry.detach("idle")
-        _stop_loop(stop, wake, loop, flusher)
 
 
-def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch):
+def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch, claims):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claims = _watch_claims("stop")
     options = Options(queue_path=path, batch_every_ms=600_000,
                       requests_options={"adapter": Stub()})
     background = flusher_module.Background("K", SQLiteQueue(path), options)
@@ -574,29 +557,24 @@ def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch):
                               and not background._wake.is_set())
         # The loop took the second wake: it gathers, up to 600 s after the first claim.
     finally:
-        telemetry.detach("stop")
         background.stop(timeout=10)
     assert not background._thread.is_alive()
     assert _rows(claims) == [0, 100]
 
 
 @pytest.mark.parametrize("how", ["flush", "immediate"])
-def test_flush_and_the_immediate_sender_never_wait_for_the_gather(path, monkeypatch, how):
+def test_flush_and_the_immediate_sender_never_wait_for_the_gather(
+        path, monkeypatch, claims, how):
     monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
-    claims = _watch_claims("no-gather")
     options = {"sender": "immediate"} if how == "immediate" else {}
     flusher, stub, queue = make(path, batch_every_ms=600_000, **options)
-    stop, wake, loop = _run_loop(flusher)
-    try:
+    with _looping(flusher) as wake:
         for n in (1, 2):
             enqueue(path, 100)
             if how == "flush":
                 flusher.hurry.set()
             wake.set()
             assert wait_until(lambda n=n: sum(_rows(claims)) == 100 * n, timeout=10)
-    finally:
-        telemetry.detach("no-gather")
-        _stop_loop(stop, wake, loop, flusher)
 
 
 def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(path):
