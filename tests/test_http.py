@@ -807,6 +807,25 @@ class Receiver(BaseHTTPRequestHandler):
         pass
 
 
+def answering(status: int, body: bytes, headers: list[tuple[str, str]]) -> type[Receiver]:
+    """A receiver that records each batch and answers ``status`` with ``body`` and these
+    headers (a name may repeat), and a Content-Length unless the status is 204."""
+    class Answering(Receiver):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            self.server.seen.append(  # type: ignore[attr-defined]
+                (self.client_address, self.path, dict(self.headers), json.loads(raw)))
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            if status != 204:
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Answering
+
+
 @pytest.fixture
 def server():
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
@@ -896,19 +915,8 @@ def test_through_a_proxy_requests_own_adapter_sends(server):
 
 
 def test_a_compressed_answer_is_decoded_and_repeated_headers_joined(server):
-    class Gzipped(Receiver):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = gzip.compress(b'{"success":true}')
-            self.send_response(200)
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("X-Seen", "a")
-            self.send_header("X-Seen", "b")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server.RequestHandlerClass = Gzipped
+    server.RequestHandlerClass = answering(200, gzip.compress(b'{"success":true}'), [
+        ("Content-Encoding", "gzip"), ("X-Seen", "a"), ("X-Seen", "b")])
     with sh.client(KEY, url_of(server), retry_attempts=0) as http:
         response = sh.batch(http, [track("A")])
     assert response.json() == {"success": True} and response.headers["x-seen"] == "a, b"
@@ -1114,34 +1122,15 @@ def test_an_answer_sent_before_the_body_was_read_is_the_answer(server):
 def test_an_empty_compressed_answer_is_a_delivery(server, status):
     # A 2xx with Content-Encoding: gzip and no body (a proxy may label every answer so):
     # requests hands over b"", the batch was taken. It must not become a retryable error.
-    class EmptyGzip(Receiver):
-        def do_POST(self) -> None:
-            raw = self.rfile.read(int(self.headers["Content-Length"]))
-            self.server.seen.append((None, self.path, None, json.loads(raw)))
-            self.send_response(status)
-            self.send_header("Content-Encoding", "gzip")
-            if status != 204:
-                self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    server.RequestHandlerClass = EmptyGzip
+    server.RequestHandlerClass = answering(status, b"", [("Content-Encoding", "gzip")])
     with sh.client(KEY, url_of(server), retry_attempts=2, retry_start=1, retry_expiry=1) as http:
         assert sh.batch(http, [track("A")]).status_code == status
     assert len(server.seen) == 1  # taken once, not three times
 
 
 def test_a_multi_member_gzip_answer_is_decoded_whole(server):
-    class TwoMembers(Receiver):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = gzip.compress(b'{"success":') + gzip.compress(b'true}')
-            self.send_response(400)
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server.RequestHandlerClass = TwoMembers
+    two_members = gzip.compress(b'{"success":') + gzip.compress(b'true}')
+    server.RequestHandlerClass = answering(400, two_members, [("Content-Encoding", "gzip")])
     with sh.client(KEY, url_of(server), retry_attempts=0) as http:
         assert sh.batch(http, [track("A")]).content == b'{"success":true}'
 
