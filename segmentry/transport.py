@@ -48,7 +48,6 @@ class Transport(HTTPAdapter):
         super().__init__(pool_maxsize=POOL_MAXSIZE)
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str, int, Any], Pool] = {}
-        self._origins: dict[str, tuple[str, str, int]] = {}  # by URL: a few URLs, parsed once
 
     def exchange(self, session: requests.Session, request: requests.PreparedRequest,
                  options: dict[str, Any]) -> requests.Response:
@@ -81,26 +80,18 @@ class Transport(HTTPAdapter):
         if cert or not isinstance(request.body, (bytes, type(None))) \
                 or (proxies and select_proxy(url, proxies)):
             return None
-        origin = self._origins.get(url)
-        if origin is None:
-            origin = self._origins[url] = _origin(url)
-        scheme, host, port = origin
-        if scheme == "https" and not (verify is True or isinstance(verify, str)):
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+        if scheme not in ("http", "https") or not host \
+                or (scheme == "https" and not (verify is True or isinstance(verify, str))):
             return None
-        if scheme not in ("http", "https") or not host:
-            return None
+        port = parts.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port, verify if scheme == "https" else None)
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
                 pool = self._pools[key] = Pool(*key)
             return pool
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname or "", parts.port or (
-        443 if parts.scheme == "https" else 80)
 
 
 class Pool:
