@@ -98,6 +98,12 @@ _SCAN = (f"SELECT id, CASE WHEN {_READY} THEN body END, size, attempts FROM even
 _WINDOW = (f"SELECT COUNT(*), group_concat(id), group_concat(size), group_concat(attempts), "
            f"group_concat(ok, '') FROM (SELECT id, size, attempts, {_READY} AS ok "
            f"FROM events WHERE id > :start ORDER BY id LIMIT :n)")
+# The window's shape in one aggregate row, without per-row text: when its rows are
+# consecutive ids, all ready, never tried and small enough that no batch is cut by bytes
+# (the usual case while producers run), the batches follow by arithmetic (see _plain).
+_PLAIN = (f"SELECT COUNT(*), MIN(id), MAX(id), MAX(size), MIN(ok), MAX(attempts) FROM "
+          f"(SELECT id, size, attempts, {_READY} AS ok FROM events WHERE id > :start "
+          f"ORDER BY id LIMIT :n)")
 _BODIES = ("SELECT group_concat(id), group_concat(body, char(30)) FROM "
            "(SELECT id, body FROM events WHERE id BETWEEN ? AND ? ORDER BY id)")
 # The ranges of ``token``'s leases that meet [:a, :b] (a settle's ids).
@@ -491,6 +497,9 @@ def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit:
     away, and with eight sender threads taking it the claim loop spent 1.6 ms a batch
     (cProfile of a 200 k drain) on work that takes 0.3 ms alone."""
     n = count * limit + 1  # a row past the last batch tells whether that one is full
+    plain = _plain(conn, {**args, "n": n}, count, limit, max_bytes, partial)
+    if plain is not None:
+        return plain
     (rows, ids, sizes, attempts, ready), = conn.execute(_WINDOW, {**args, "n": n})
     if not rows:
         return []
@@ -516,6 +525,34 @@ def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit:
     return [list(map(tuple.__new__, itertools.repeat(Row),
                      zip(id_list[s:e], part or (), map(int, tries[s:e]))))
             for (s, e), part in zip(cuts, parts)]
+
+
+def _plain(conn: sqlite3.Connection, args: dict[str, float], count: int, limit: int,
+           max_bytes: int, partial: bool) -> list[list[Row]] | None:
+    """``_window``'s batches when the window is plain (see _PLAIN), else None. Reading
+    the window as text and parsing it took half of a 500-row claim."""
+    rows, lo, hi, biggest, ok, tried = conn.execute(_PLAIN, args).fetchone()
+    if not rows:
+        return []
+    # (Ids that are not consecutive would fail _bodies' check too: this saves the query.)
+    if hi - lo + 1 != rows or not ok or tried or (biggest + 1) * limit > max_bytes:
+        return None
+    full, rest = divmod(rows, limit)
+    sizes = [limit] * min(full, count)
+    if len(sizes) < count and rest and partial:  # a window that is not full: the end
+        sizes.append(rest)
+    if not sizes:
+        return []
+    ids = list(range(lo, lo + sum(sizes)))
+    bodies = _bodies(conn, ids)
+    if bodies is None:
+        return None
+    out, s = [], 0
+    for size in sizes:
+        out.append(list(map(tuple.__new__, itertools.repeat(Row),
+                            zip(ids[s:s + size], bodies[s:s + size], itertools.repeat(0)))))
+        s += size
+    return out
 
 
 def _cuts(sizes: list[int], ready: str, count: int, limit: int, max_bytes: int,

@@ -119,6 +119,24 @@ def test_a_row_that_cannot_go_ends_the_batch_before_it(queue):
     assert queue.stats(NOW).in_flight == 4
 
 
+def test_a_leased_row_ends_the_batch_before_it_when_nothing_was_retried(queue):
+    """As above with every row fresh: the rows of an expired lease are ready again, the
+    live lease after them is not."""
+    ids = fill(queue, 6)
+    queue.claim(2, BIG, NOW, 5)  # expires
+    queue.claim(2, BIG, NOW, 600)  # ids[2:4] stay leased
+    claims = queue.claim_batches(3, 10, BIG, NOW + 10, 60)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[4:6]]
+    assert [r.attempts for c in claims.batches for r in c.rows] == [0] * 4
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_claim_batches_takes_at_most_count_batches_of_a_longer_queue(queue, partial):
+    ids = fill(queue, 7)
+    claims = queue.claim_batches(3, 2, BIG, NOW, 60, partial=partial)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4], ids[4:6]]
+
+
 def test_an_id_reused_where_a_lease_was_settled_is_not_held_by_it(queue):
     """Ids restart at max(id) + 1: what is left of a lease after a partial settle must
     shrink to its own rows, or a new event could fall inside it and be held there."""
