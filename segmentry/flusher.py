@@ -31,12 +31,6 @@ MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence while replaying
-# The same in a producer's process with durability="normal", where the connection the
-# producers share does not checkpoint (storage.PRODUCER_AUTOCHECKPOINT): at 1 s the WAL
-# grew to thousands of pages between checkpoints, and a commit that extends the WAL costs
-# more than one that reuses it (track() with the thread +5 %, benchmarks/thread_cpu.py,
-# alternated). With "full" the shared connection checkpoints itself, as a flusher's does.
-SHARED_MAINTAIN_EVERY_S = 0.05
 # How long a delivered batch may wait for the next claim to delete it (a claim comes
 # with every full batch while producers are busy: half the write transactions).
 DELETE_LAG_S = 0.05
@@ -80,8 +74,6 @@ class Flusher:
         # A second connection to run the WAL checkpoints on, when ``queue`` is shared with
         # producers: on the shared one they would stall every producer of the process.
         self.checkpoints = checkpoints
-        shared = checkpoints is not None and queue.durability == "normal"
-        self._maintain_every = SHARED_MAINTAIN_EVERY_S if shared else MAINTAIN_EVERY_S
         self.http = client
         self.options = options
         self.clock = clock
@@ -383,7 +375,7 @@ class Flusher:
             return False
         self._delete_delivered()  # what settled since the claim, so empty means empty
         empty = not self.queue.pending(0, 2**63 - 1)
-        if empty or self.clock() - self._last_maintain > self._maintain_every:
+        if empty or self.clock() - self._last_maintain > MAINTAIN_EVERY_S:
             self._maintain(empty)
         return drain and empty
 
@@ -436,7 +428,7 @@ class Flusher:
 
     def _maintain(self, empty: bool) -> None:
         now = self.clock()
-        if not empty and now - self._last_maintain < self._maintain_every:
+        if not empty and now - self._last_maintain < MAINTAIN_EVERY_S:
             return
         self._last_maintain = now
         try:

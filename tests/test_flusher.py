@@ -607,27 +607,3 @@ def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkey
     assert "1,000 events/s" in lines[0]
     assert "0 events/s  ETA -" in lines[1]
 
-
-
-@pytest.mark.parametrize("durability, shared, every", [
-    ("normal", True, flusher_module.SHARED_MAINTAIN_EVERY_S),
-    ("full", True, flusher_module.MAINTAIN_EVERY_S),
-    ("normal", False, flusher_module.MAINTAIN_EVERY_S),
-])
-def test_checkpoint_cadence_keeps_a_shared_connections_wal_small(path, durability, shared,
-                                                                  every):
-    # Beside producers in durability="normal", nothing else checkpoints the shared
-    # connection's WAL: the loop does, often. Otherwise commits checkpoint on their own.
-    now = [1000.0]
-    opts = Options(queue_path=path, durability=durability, send_to_http=False)
-    queue = SQLiteQueue(path, durability)
-    checkpoints = SQLiteQueue(path, durability) if shared else None
-    flusher = Flusher(queue, make_http("K", opts), opts, clock=lambda: now[0],
-                      checkpoints=checkpoints)
-    ran = []
-    target = checkpoints or queue
-    target.maintain = ran.append
-    for _ in range(10):  # one second of a busy loop, in steps just over the short cadence
-        flusher._maintain(empty=False)
-        now[0] += flusher_module.SHARED_MAINTAIN_EVERY_S * 1.01 * 2
-    assert len(ran) == (10 if every == flusher_module.SHARED_MAINTAIN_EVERY_S else 1)
