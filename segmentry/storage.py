@@ -490,12 +490,13 @@ def _batches(rows: Iterable[tuple[Any, ...]], count: int, limit: int, max_bytes:
 
 def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit: int,
             max_bytes: int, partial: bool) -> list[list[Row]] | None:
-    """The claim's batches read in two sqlite3 steps (or count + 2), or None when the next
-    count * limit + 1 rows do not settle them (rows that cannot go used the window up)
-    or what was read is not as it must be (never seen; checked, because SQLite does not
-    promise group_concat's order before 3.44). Read row by row, each step gave the GIL
-    away, and with eight sender threads taking it the claim loop spent 1.6 ms a batch
-    (cProfile of a 200 k drain) on work that takes 0.3 ms alone."""
+    """The claim's batches: a plain window's (see _plain), else read in two sqlite3 steps
+    (or count + 2); None when the next count * limit + 1 rows do not settle them (rows
+    that cannot go used the window up) or what was read is not as it must be (never
+    seen; checked, because SQLite does not promise group_concat's order before 3.44).
+    Read row by row, each step gave the GIL away, and with eight sender threads taking
+    it the claim loop spent 1.6 ms a batch (cProfile of a 200 k drain) on work that
+    takes 0.3 ms alone."""
     n = count * limit + 1  # a row past the last batch tells whether that one is full
     plain = _plain(conn, {**args, "n": n}, count, limit, max_bytes, partial)
     if plain is not None:
