@@ -126,7 +126,8 @@ class Flusher:
             with telemetry.span(("segmentry", "claim"), meta) as span:
                 claims = self.queue.claim_batches(batches, limit, CLAIM_BYTES, self.clock(),
                                                   LEASE_S, delivered, partial)
-                span.set(claimed=sum(len(c.rows) for c in claims.batches))
+                # "status" as every stop has it, so one handler can serve all spans.
+                span.set(claimed=sum(len(c.rows) for c in claims.batches), status="ok")
         except BaseException:
             self._give_back(delivered)  # still delivered: deleted by a later claim
             raise
