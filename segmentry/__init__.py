@@ -53,9 +53,16 @@ def start(write_key: str | None = None, **options: Any) -> Client:
 
 
 def default_client() -> Client:
-    if _default is None:
+    """The client ``start()`` made. One found closed may be a ``start()`` under way
+    replacing it (closing the old client takes up to its final flush): wait for the
+    new one, so that a call from another thread meanwhile is stored, not dropped."""
+    client = _default
+    if client is not None and client.closed:
+        with _default_lock:
+            client = _default
+    if client is None:
         raise ConfigurationError("call segmentry.start(write_key, ...) first")
-    return _default
+    return client
 
 
 def track(*args: Any, **kwargs: Any) -> str | None:

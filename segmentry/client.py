@@ -154,6 +154,10 @@ class Client:
             self._flusher = None
         self.queue.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> Client:
         return self
 

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -203,6 +204,33 @@ def test_module_level_default_client(tmp_path, monkeypatch):
         assert client.write_key == "from-env"
         mid = segmentry.track("u1", "E")
         assert [e["messageId"] for e in stored(client)] == [mid]
+    finally:
+        segmentry.stop()
+
+
+def test_a_call_while_start_replaces_the_default_client_is_stored_not_dropped(tmp_path):
+    # start() closes the old client (up to a final flush) before it makes the new one; a
+    # call from another thread meanwhile found the old one closed, and its event was
+    # dropped. It must wait for the new client instead.
+    path = str(tmp_path / "q.db")
+    old = segmentry.start(queue_path=path, flusher=None)
+    result = []
+    caller = threading.Thread(target=lambda: result.append(segmentry.track("u", "meanwhile")))
+    real_close = old.close
+
+    def close(*args, **kwargs):
+        real_close(*args, **kwargs)
+        caller.start()  # the old client is closed and start() is not done yet
+        caller.join(0.5)  # before the fix, the call returns (dropped) within this; after,
+        # it waits for start(): the join times out, whatever the scheduling
+
+    old.close = close
+    try:
+        new = segmentry.start(queue_path=path, flusher=None)
+        caller.join(30)
+        assert not caller.is_alive()
+        assert result and result[0] is not None and old.dropped == 0
+        assert [e["messageId"] for e in stored(new)] == result
     finally:
         segmentry.stop()
 
