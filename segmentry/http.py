@@ -280,7 +280,7 @@ class HTTPClient:
         options = self.request_options
         try:
             if self._transport is not None:
-                response = self._transport.exchange(self.session, request, options)
+                response = self._transport.exchange(request, options)
                 return _follow_redirects(self.session, response, request, options)
             if self._adapter is not None:  # see _session: no redirect is followed here
                 return _read(self._adapter.send(request, **options))

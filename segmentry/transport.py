@@ -49,7 +49,7 @@ class Transport(HTTPAdapter):
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str, int, Any], Pool] = {}
 
-    def exchange(self, session: requests.Session, request: requests.PreparedRequest,
+    def exchange(self, request: requests.PreparedRequest,
                  options: dict[str, Any]) -> requests.Response:
         """``session.send(request, **options)`` less its upkeep, for requests that carry
         no hooks or cookies (timing, hooks, the cookie jar, the redirect generator)."""
