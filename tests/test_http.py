@@ -1164,3 +1164,82 @@ def test_a_missing_ca_bundle_is_a_network_error_not_worth_a_retry(tmp_path):
         with pytest.raises(NetworkError) as excinfo:
             sh.batch(http, [track()])
     assert excinfo.value.retryable is False and missing in str(excinfo.value)
+
+
+OK_REPLY = b'HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{"success":true}'
+
+
+def scripted(*replies: tuple[bytes, bool]) -> type[Receiver]:
+    """A receiver that writes each request's answer as raw bytes, the next of ``replies``
+    (the answer, and whether to close the connection after it)."""
+    script = list(replies)
+
+    class Scripted(Receiver):
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            self.server.seen.append(  # type: ignore[attr-defined]
+                (self.client_address, self.path, dict(self.headers), json.loads(raw)))
+            reply, close = script.pop(0)
+            self.wfile.write(reply)
+            self.wfile.flush()
+            self.close_connection = close
+
+    return Scripted
+
+
+@pytest.mark.parametrize("reply, close, body, reused", [
+    # chunked, with a chunk extension and a trailer
+    (b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=1\r\n{"suc\r\n'
+     b'0b\r\ncess":true}\r\n0\r\nX-Trailer: 1\r\n\r\n', False, b'{"success":true}', True),
+    # no length: the body ends with the connection
+    (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"success":true}', True,
+     b'{"success":true}', False),
+    # said closed, left open: a new connection all the same
+    (b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}', False, b"{}",
+     False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}", False),
+    (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n{}", False, b"{}",
+     True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", False, b"", True),
+    # bytes past the answer: the connection is out of step, never reused
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n", False, b"{}", False),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}",
+     True),
+    # an obsolete folded header, a bare LF line end
+    (b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\nContent-Length: 2\r\n\r\n{}", False, b"{}", True),
+])
+def test_each_way_an_answer_can_end_is_read_and_the_connection_reused_only_when_it_may(
+        server, reply, close, body, reused):
+    server.RequestHandlerClass = scripted((reply, close), (OK_REPLY, False))
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        first = sh.batch(http, [track("A")])
+        second = sh.batch(http, [track("B")])
+    assert first.content == body
+    if b"X-Long" in reply:
+        assert first.headers["X-Long"] == "a b"
+    assert second.json() == {"success": True}  # nothing of the first answer was left over
+    (one, _, headers, _), (two, _, _, _) = server.seen
+    assert (one == two) is reused
+    port = server.server_address[1]
+    assert headers["Host"] == f"127.0.0.1:{port}"  # (and the body whole: the server parsed it)
+
+
+@pytest.mark.parametrize("reply", [
+    b"",  # closed without an answer
+    b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"succ',  # closed in the body
+    b"SPDY/3 200 OK\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n",
+])
+def test_a_broken_answer_is_a_retryable_network_error_and_its_connection_dropped(server, reply):
+    server.RequestHandlerClass = scripted((reply, True), (OK_REPLY, False))
+    with sh.client(KEY, url_of(server), retry_attempts=0) as http:
+        with pytest.raises(NetworkError) as excinfo:
+            sh.batch(http, [track("A")])
+        assert excinfo.value.retryable
+        assert sh.batch(http, [track("B")]).json() == {"success": True}
+    (one, _, _, _), (two, _, _, _) = server.seen
+    assert one != two
