@@ -226,7 +226,9 @@ class Connection:
             headers = self._headers()
             if not 100 <= status < 200 or status == 101:
                 break
-        fields = {name.lower(): value.lower() for name, value in headers}
+        fields: dict[str, str] = {}
+        for name, value in headers:  # the first of repeated ones, as http.client reads them
+            fields.setdefault(name.lower(), value.lower())
         keep = _keeps_alive(version, fields)
         if status in (101, 204, 304):
             body = b""
@@ -241,17 +243,25 @@ class Connection:
         return status, reason, headers, body, keep and not self._buffer
 
     def _status(self) -> tuple[int, int, str]:
+        """(version, status, reason), read and checked as http.client does."""
         line = self._line(first=True).decode("iso-8859-1")
-        version, _, rest = line.strip().partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit() \
-                or int(code) < 100:
+        words = line.split(None, 2) + ["", ""]
+        version, code, reason = words[0], words[1], words[2].strip()
+        try:
+            status = int(code) if version.startswith("HTTP/") else 0
+        except ValueError:
+            status = 0
+        if not 100 <= status <= 999:
             raise http.client.BadStatusLine(line)
-        return (10 if version == "HTTP/1.0" else 11), int(code), reason.strip()
+        if version in ("HTTP/1.0", "HTTP/0.9"):
+            return 10, status, reason
+        if not version.startswith("HTTP/1."):
+            raise http.client.UnknownProtocol(version)
+        return 11, status, reason
 
     def _headers(self) -> list[tuple[str, str]]:
         headers: list[tuple[str, str]] = []
-        while True:
+        for _ in range(MAX_HEADERS + 1):
             line = self._line().decode("iso-8859-1")
             if line in ("\r\n", "\n", ""):
                 return headers
@@ -259,17 +269,16 @@ class Connection:
                 name, value = headers.pop()
                 headers.append((name, f"{value} {line.strip()}"))
                 continue
-            if len(headers) >= MAX_HEADERS:
-                raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
             name, _, value = line.partition(":")
             headers.append((name.strip(), value.strip()))
+        raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
 
     def _line(self, first: bool = False) -> bytes:
         """The next line, its end included; the rest of the data when the receiver closed
         the connection in the middle of one (b"" at its start)."""
         buffer = self._buffer
         while True:
-            end = buffer.find(b"\n", 0, MAX_LINE + 1)
+            end = buffer.find(b"\n", 0, MAX_LINE)
             if end >= 0:
                 line = bytes(buffer[:end + 1])
                 del buffer[:end + 1]
@@ -299,7 +308,9 @@ class Connection:
                 size = int(self._line().split(b";", 1)[0].strip(), 16)
             except ValueError:
                 raise http.client.IncompleteRead(b"".join(parts)) from None
-            if size == 0:
+            if size <= 0:
+                if size < 0:
+                    raise http.client.IncompleteRead(b"".join(parts))
                 break
             parts.append(self._exactly(size))
             if self._line().strip():  # each chunk ends with a CRLF, nothing else
@@ -334,16 +345,18 @@ def _head(request: requests.PreparedRequest, host: str) -> bytes:
         lines.append("Accept-Encoding: identity")
     if "content-length" not in names:
         lines.append(f"Content-Length: {len(request.body or b'')}")
-    for name, value in request.headers.items():
-        lines.append(f"{name}: {value.decode('latin-1') if isinstance(value, bytes) else value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    head = ("\r\n".join(lines) + "\r\n").encode("latin-1")
+    for name, value in request.headers.items():  # one by one: an error shows one header only
+        head += name.encode("latin-1") + b": " + \
+            (value if isinstance(value, bytes) else value.encode("latin-1")) + b"\r\n"
+    return head + b"\r\n"
 
 
 def _keeps_alive(version: int, fields: dict[str, str]) -> bool:
     """http.client's rule: HTTP/1.1 unless "Connection: close"; 1.0 only when asked."""
     if version == 11:
         return "close" not in fields.get("connection", "")
-    return "keep-alive" in fields or "keep-alive" in fields.get("connection", "") \
+    return bool(fields.get("keep-alive")) or "keep-alive" in fields.get("connection", "") \
         or "keep-alive" in fields.get("proxy-connection", "")
 
 

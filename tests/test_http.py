@@ -1205,6 +1205,11 @@ def scripted(*replies: tuple[bytes, bool]) -> type[Receiver]:
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n", False, b"{}", False),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}",
      True),
+    # of repeated framing headers the first counts, as with http.client
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}", False, b"{}", True),
+    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 2"
+     b"\r\n\r\n{}", False, b"{}", False),
+    (b"HTTP/1.1\t200\tOK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}", True),
     # an obsolete folded header, a bare LF line end
     (b"HTTP/1.1 200 OK\r\nX-Long: a\r\n  b\nContent-Length: 2\r\n\r\n{}", False, b"{}", True),
 ])
@@ -1229,6 +1234,9 @@ def test_each_way_an_answer_can_end_is_read_and_the_connection_reused_only_when_
     b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"succ',  # closed in the body
     b"SPDY/3 200 OK\r\n\r\n",
     b"HTTP/1.1 2000 OK\r\n\r\n",
+    "HTTP/1.1 2²0 OK\r\nContent-Length: 2\r\n\r\n{}".encode("latin-1"),  # str.isdigit() says yes
+    b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-7\r\nGARBAGE\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
