@@ -171,3 +171,15 @@ def test_message_ids_are_unique_uuid4_strings():
     ids = {m.new_message_id() for _ in range(2000)}
     assert len(ids) == 2000
     assert all(str(uuid.UUID(i)) == i and uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_the_body_is_compact_ascii_json_with_its_members_in_wire_order():
+    event = m.encode("page", 5, {"name": "Home", "properties": {"é": 1.5}, "category": "Docs"},
+                     NOW, anonymous_id="a", context={"ip": "1"}, integrations={"All": False},
+                     message_id='m"1')
+    decoded = json.loads(event.body)
+    assert list(decoded) == ["type", "userId", "anonymousId", "name", "properties", "category",
+                             "context", "integrations", "timestamp", "messageId"]
+    assert event.body == json.dumps(decoded, separators=(",", ":"))  # ASCII, nothing extra
+    assert decoded["context"] == {"ip": "1", "library": m.LIBRARY}
+    assert event.message_id == decoded["messageId"] == 'm"1'
