@@ -608,3 +608,37 @@ def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkey
     assert "1,000 events/s" in lines[0]
     assert "0 events/s  ETA -" in lines[1]
 
+
+
+def wal_frames(path):
+    """The frames in the WAL now, read on a connection of its own."""
+    queue = SQLiteQueue(path)
+    try:
+        return queue._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+    finally:
+        queue.close()
+
+
+def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(path):
+    # Beside the flusher thread the checkpoint runs on a connection of its own while this
+    # process's producers commit on theirs: it never reaches the WAL's end, so the WAL
+    # grew until a producer's commit checkpointed it (a 75 ms stall at 64 MB). The frames
+    # added meanwhile are then checkpointed under the producers' lock.
+    opts = Options(queue_path=path, requests_options={"adapter": Stub()})
+    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
+    flusher = Flusher(producers, make_http("K", opts), opts, checkpoints=checkpoints)
+    for _ in range(500):
+        producers.put("{}", 0.0)
+    alone = checkpoints.maintain
+
+    def producers_commit_meanwhile(empty: bool) -> None:
+        alone(empty)
+        for _ in range(100):
+            producers.put("{}", 0.0)
+
+    checkpoints.maintain = producers_commit_meanwhile
+    flusher._maintain(empty=False)
+    producers.put("{}", 0.0)  # the first write after: the WAL starts over
+    assert wal_frames(path) < 10
+    producers.close()
+    checkpoints.close()

@@ -452,3 +452,17 @@ def test_claim_batches_without_partial_leaves_a_batch_that_is_not_full(queue):
     claims = queue.claim_batches(3, 2, BIG, NOW, 60, partial=False)
     assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4]]
     assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == ids[4:]
+
+
+def test_a_reset_wal_is_written_over_in_place_and_given_back_once_the_queue_is_empty(queue):
+    for _ in range(1500):  # a page written per commit: ~6 MB of WAL
+        queue.put("{}", NOW)
+    queue.maintain(empty=False)
+    queue.put("{}", NOW)  # the WAL starts over, in the file it had
+    assert os.stat(queue.path + "-wal").st_size > WAL_KEEP_BYTES
+    claim = queue.claim(2500, BIG, NOW, 60)
+    queue.delete(claim.token, [r.id for r in claim.rows])
+    queue.maintain(empty=True)
+    assert os.stat(queue.path + "-wal").st_size <= WAL_KEEP_BYTES
+    queue.put("{}", NOW)
+    assert queue.integrity_check() == "ok"
