@@ -168,9 +168,9 @@ class Client:
 
     def _enqueue(self, type_: str, user_id: Any, fields: dict[str, Any], context: ContextLike,
                  common: dict[str, Any]) -> str | None:
-        unknown = set(common) - _COMMON
-        if unknown:
-            raise TypeError(f"{type_}() got unexpected keyword(s): {', '.join(sorted(unknown))}")
+        if common and not _COMMON.issuperset(common):
+            unknown = ", ".join(sorted(set(common) - _COMMON))
+            raise TypeError(f"{type_}() got unexpected keyword(s): {unknown}")
         now = time.time()
         return self._store(messages.encode(type_, user_id, fields, now, context=context,
                                            **common), now)
