@@ -30,10 +30,12 @@ CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: h
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
-# WAL checkpoint cadence. Producers at 25 k events/s write ~140 MB of WAL a second (a
-# page per commit); it must start over before their own checkpoint at 64 MB (see
-# PRODUCER_AUTOCHECKPOINT), a 75 ms stall with the producers' lock held.
-MAINTAIN_EVERY_S = 0.25
+MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
+# And beside this process's producers (the flusher thread). At 25 k events/s they write
+# ~140 MB of WAL a second (a page per commit); it must start over before their own
+# checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT), a 75 ms stall with their lock held.
+THREAD_MAINTAIN_EVERY_S = 0.25
+TAIL_FRAMES = 2048  # the most WAL frames checkpointed under the producers' lock
 # How long a delivered batch may wait for the next claim to delete it (a claim comes
 # with every full batch while producers are busy: half the write transactions).
 DELETE_LAG_S = 0.05
@@ -90,6 +92,8 @@ class Flusher:
         self._settled = threading.Condition()
         self._flying: dict[int, Claim] = {}  # the claims in the senders' hands, by id()
         self._last_maintain = 0.0
+        self._maintain_every_s = (MAINTAIN_EVERY_S if checkpoints is None
+                                  else THREAD_MAINTAIN_EVERY_S)
         # While the loop runs flat out, senders leave what they delivered here and the
         # next claim deletes it in its own transaction. A sender deleting it itself took
         # the connection's lock once more per batch, and a thread holding that lock waits
@@ -379,7 +383,7 @@ class Flusher:
             return False
         self._delete_delivered()  # what settled since the claim, so empty means empty
         empty = not self.queue.pending(0, 2**63 - 1)
-        if empty or self.clock() - self._last_maintain > MAINTAIN_EVERY_S:
+        if empty or self.clock() - self._last_maintain > self._maintain_every_s:
             self._maintain(empty)
         return drain and empty
 
@@ -432,14 +436,14 @@ class Flusher:
 
     def _maintain(self, empty: bool) -> None:
         now = self.clock()
-        if not empty and now - self._last_maintain < MAINTAIN_EVERY_S:
+        if not empty and now - self._last_maintain < self._maintain_every_s:
             return
         self._last_maintain = now
         try:
-            (self.checkpoints or self.queue).maintain(empty)
-            if self.checkpoints is not None:
+            left = (self.checkpoints or self.queue).maintain(empty)
+            if self.checkpoints is not None and left is not None and 0 < left <= TAIL_FRAMES:
                 # The checkpoint above ran beside this process's producers and never
-                # reaches the WAL's end while they commit, so the WAL never starts over.
+                # reaches the WAL's end while they commit, so the WAL never started over.
                 # The frames they added meanwhile, checkpointed under their lock, take a
                 # few ms; the WAL starts over at the next write.
                 self.queue.checkpoint()

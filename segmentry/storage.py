@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import operator
 import os
 import random
@@ -40,8 +41,9 @@ FULL_AUTOCHECKPOINT = 1000  # pages, with durability="full" (SQLite's default)
 # journal_size_limit: how much WAL file a reset keeps, to write over in place. Truncating
 # a 35 MB WAL at each reset and growing it again cost producers ~12 % of their rate
 # beside the flusher thread (17 ms a truncation here). Shrunk once the queue is empty.
-WAL_REUSE_BYTES = 64 << 20
+WAL_REUSE_BYTES = 64 << 20  # (at most: a quarter of a smaller max_queue_bytes)
 WAL_KEEP_BYTES = 4 << 20  # what an empty queue's WAL may keep
+SHRINK_EVERY_S = 60.0  # an emptied queue's WAL is given back at most this often
 VACUUM_PAGES = 1024  # free pages (4 MiB) worth giving back once the queue is empty
 
 # A claim adds one row here per batch: the id range [lo, hi] of its rows. The events'
@@ -159,7 +161,8 @@ _queues: weakref.WeakSet[SQLiteQueue] = weakref.WeakSet()
 class SQLiteQueue:
     """A queue file. Thread-safe; fork-safe (no connection ever crosses a fork)."""
 
-    def __init__(self, path: str, durability: str = "normal") -> None:
+    def __init__(self, path: str, durability: str = "normal",
+                 wal_reuse_bytes: int = WAL_REUSE_BYTES) -> None:
         if durability not in DURABILITY:
             raise ConfigurationError(
                 f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
@@ -171,6 +174,8 @@ class SQLiteQueue:
         # cost 30-40 % more than reusing a small one: checkpoint (and reuse) it early.
         self._autocheckpoint = (FULL_AUTOCHECKPOINT if durability == "full"
                                 else PRODUCER_AUTOCHECKPOINT)
+        self.wal_reuse_bytes = wal_reuse_bytes
+        self._shrunk_at = -math.inf
         _queues.add(self)
 
     # -- producer side ------------------------------------------------------------
@@ -196,13 +201,13 @@ class SQLiteQueue:
 
     def used_bytes(self) -> int:
         """What max_queue_bytes caps: the pages the data uses, plus a WAL beyond the
-        WAL_REUSE_BYTES it writes over. The files' sizes would count free pages and that
+        wal_reuse_bytes it writes over. The files' sizes would count free pages and that
         WAL, and hold a small cap full forever with nothing queued (only a write shrinks
         the WAL, and the cap refuses them)."""
         sql = ("SELECT (SELECT page_count FROM pragma_page_count) - (SELECT freelist_count "
                "FROM pragma_freelist_count), (SELECT page_size FROM pragma_page_size)")
         pages, size = self._run(lambda c: c.execute(sql).fetchone())
-        return int(pages) * int(size) + max(0, self._file_bytes("-wal") - WAL_REUSE_BYTES)
+        return int(pages) * int(size) + max(0, self._file_bytes("-wal") - self.wal_reuse_bytes)
 
     def disk_bytes(self) -> int:
         """The file and its WAL on disk, as `segmentry status` reports them."""
@@ -326,28 +331,32 @@ class SQLiteQueue:
         value = self._run(lambda c: c.execute(sql, {"now": now}).fetchone()[0])
         return None if value is None else float(value)
 
-    def maintain(self, empty: bool) -> None:
-        """Checkpoint the WAL (the flusher's job, so producers see no checkpoint stalls).
-        When the queue is empty, give back to the file system the free pages a drained
-        backlog left, and a WAL grown past WAL_KEEP_BYTES (not every time: a WAL
+    def maintain(self, empty: bool) -> int | None:
+        """Checkpoint the WAL (the flusher's job, so producers see no checkpoint stalls);
+        return how many of its frames are left to checkpoint, None if it was busy. When
+        the queue is empty, give back to the file system the free pages a drained backlog
+        left, and a WAL grown past WAL_KEEP_BYTES (at most every SHRINK_EVERY_S: a WAL
         truncated and regrown at each idle moment slowed every commit, by 40 % in FULL
         mode)."""
-        def run(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            if not empty:
-                return
-            vacuum = conn.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES
-            if vacuum:  # executescript steps it to the end; execute() frees a single page
-                conn.executescript("PRAGMA incremental_vacuum;")
-            if vacuum or self._file_bytes("-wal") > WAL_KEEP_BYTES:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        def run(conn: sqlite3.Connection) -> int | None:
+            busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if empty:
+                vacuum = conn.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES
+                if vacuum:  # executescript steps it to the end; execute() frees one page
+                    conn.executescript("PRAGMA incremental_vacuum;")
+                if vacuum or (self._file_bytes("-wal") > WAL_KEEP_BYTES
+                              and time.monotonic() - self._shrunk_at > SHRINK_EVERY_S):
+                    self._shrunk_at = time.monotonic()
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            return None if busy else frames - done
 
-        self._run(run)
+        return self._run(run)
 
     def checkpoint(self) -> None:
-        """A PASSIVE checkpoint on this connection, under its lock: the producers of this
-        process that share it cannot commit meanwhile, so it catches up with the WAL's
-        end, and the next write starts the WAL over (see Flusher._maintain)."""
+        """A PASSIVE checkpoint on this connection, under its lock: the producers that
+        share it (a Client's calls) cannot commit meanwhile, so unless another connection
+        writes it catches up with the WAL's end, and the next write starts the WAL over
+        (see Flusher._maintain)."""
         self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     # -- status and dead letters -----------------------------------------------------
@@ -432,7 +441,7 @@ class SQLiteQueue:
             self._check_or_init(conn)
             conn.execute(f"PRAGMA synchronous={DURABILITY[self.durability]}")
             conn.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
-            conn.execute(f"PRAGMA journal_size_limit={WAL_REUSE_BYTES}")
+            conn.execute(f"PRAGMA journal_size_limit={self.wal_reuse_bytes}")
         except BaseException:
             conn.close()
             raise

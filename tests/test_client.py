@@ -555,3 +555,18 @@ def test_producers_beside_the_flusher_thread_never_run_checkpoints(tmp_path):
         assert setting == PRODUCER_AUTOCHECKPOINT
     finally:
         client.close()
+
+
+def test_a_small_cap_bounds_the_files_on_disk_wal_included(tmp_path):
+    # The WAL a queue writes over is not counted in its cap: at most a quarter of a small
+    # cap (and 4 MiB), not the 64 MiB a large one may reuse.
+    cap = 4 << 20
+    path = str(tmp_path / "q.db")
+    client = segmentry.Client(queue_path=path, flusher=None, max_queue_bytes=cap,
+                              on_full="raise")
+    with pytest.raises(QueueFull):
+        for i in range(100_000):
+            client.track("u", "E", {"i": i, "blob": "x" * 900})
+    on_disk = os.path.getsize(path) + os.path.getsize(path + "-wal")
+    client.close()
+    assert i > 1000 and on_disk <= cap + (4 << 20) + (2 << 20)  # + 256 puts between stats

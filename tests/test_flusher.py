@@ -35,8 +35,8 @@ def enqueue(path, n, event="E", **props):
 def make(path, handler=None, **options):
     stub = Stub(handler)
     opts = Options(queue_path=path, retry_attempts=options.pop("retry_attempts", 0),
-                   retry_start=1, retry_expiry=5, requests_options={"adapter": stub},
-                   **options)
+                   retry_start=1, retry_expiry=options.pop("retry_expiry", 5),
+                   requests_options={"adapter": stub}, **options)
     queue = SQLiteQueue(path)
     return Flusher(queue, make_http("K", opts), opts), stub, queue
 
@@ -85,7 +85,7 @@ def test_a_retryable_failure_keeps_the_rows_and_stores_the_backoff(path):
 
 def test_a_restarted_flusher_honours_the_stored_backoff(path):
     enqueue(path, 1)
-    first, _, _ = make(path, lambda r: 503)
+    first, _, _ = make(path, lambda r: 503, retry_expiry=60_000)  # stored: 30 to 60 s
     first.run_once()
     second, stub, _ = make(path)
     second.take_over()
@@ -631,10 +631,11 @@ def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(
         producers.put("{}", 0.0)
     alone = checkpoints.maintain
 
-    def producers_commit_meanwhile(empty: bool) -> None:
-        alone(empty)
+    def producers_commit_meanwhile(empty: bool) -> int:
+        left = alone(empty)
         for _ in range(100):
             producers.put("{}", 0.0)
+        return left + 100  # what it leaves when they commit during it
 
     checkpoints.maintain = producers_commit_meanwhile
     flusher._maintain(empty=False)
@@ -642,3 +643,20 @@ def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(
     assert wal_frames(path) < 10
     producers.close()
     checkpoints.close()
+
+
+@pytest.mark.parametrize("left", [None, flusher_module.TAIL_FRAMES + 1])
+def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_far_behind(
+        path, left):
+    opts = Options(queue_path=path, requests_options={"adapter": Stub()})
+    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
+    flusher = Flusher(producers, make_http("K", opts), opts, checkpoints=checkpoints)
+    held = []
+    checkpoints.maintain = lambda empty: left
+    producers.checkpoint = lambda: held.append(1)
+    flusher._maintain(empty=False)
+    assert held == []  # it would checkpoint the whole WAL with the producers' lock held
+    checkpoints.maintain = lambda empty: 5
+    flusher._last_maintain = 0.0
+    flusher._maintain(empty=False)
+    assert held == [1]

@@ -10,7 +10,13 @@ import stat
 import pytest
 
 from segmentry.exceptions import ConfigurationError, StorageError
-from segmentry.storage import APPLICATION_ID, SCHEMA_VERSION, WAL_KEEP_BYTES, SQLiteQueue
+from segmentry.storage import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SHRINK_EVERY_S,
+    WAL_KEEP_BYTES,
+    SQLiteQueue,
+)
 
 NOW = 1_800_000_000.0
 BIG = 10**9  # a byte budget that never limits
@@ -462,6 +468,15 @@ def test_a_reset_wal_is_written_over_in_place_and_given_back_once_the_queue_is_e
     assert os.stat(queue.path + "-wal").st_size > WAL_KEEP_BYTES
     claim = queue.claim(2500, BIG, NOW, 60)
     queue.delete(claim.token, [r.id for r in claim.rows])
+    queue.maintain(empty=True)
+    assert os.stat(queue.path + "-wal").st_size <= WAL_KEEP_BYTES
+    for _ in range(1500):  # grown again: given back at most once a SHRINK_EVERY_S
+        queue.put("{}", NOW)
+    claim = queue.claim(2500, BIG, NOW, 60)
+    queue.delete(claim.token, [r.id for r in claim.rows])
+    queue.maintain(empty=True)
+    assert os.stat(queue.path + "-wal").st_size > WAL_KEEP_BYTES
+    queue._shrunk_at -= SHRINK_EVERY_S
     queue.maintain(empty=True)
     assert os.stat(queue.path + "-wal").st_size <= WAL_KEEP_BYTES
     queue.put("{}", NOW)
