@@ -35,7 +35,7 @@ MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
 # ~140 MB of WAL a second (a page per commit); it must start over before their own
 # checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT), a 75 ms stall with their lock held.
 THREAD_MAINTAIN_EVERY_S = 0.25
-TAIL_FRAMES = 2048  # the most WAL frames checkpointed under the producers' lock
+TAIL_FRAMES = 2048  # what that checkpoint may leave undone for the one under their lock
 # How long a delivered batch may wait for the next claim to delete it (a claim comes
 # with every full batch while producers are busy: half the write transactions).
 DELETE_LAG_S = 0.05
@@ -441,7 +441,7 @@ class Flusher:
         self._last_maintain = now
         try:
             left = (self.checkpoints or self.queue).maintain(empty)
-            if self.checkpoints is not None and left is not None and 0 < left <= TAIL_FRAMES:
+            if self.checkpoints is not None and left is not None and left <= TAIL_FRAMES:
                 # The checkpoint above ran beside this process's producers and never
                 # reaches the WAL's end while they commit, so the WAL never started over.
                 # The frames they added meanwhile, checkpointed under their lock, take a
