@@ -657,7 +657,7 @@ def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_
     flusher._maintain(empty=False)
     assert held == []  # it would checkpoint the whole WAL with the producers' lock held
     for done in (0, 5):  # all it saw checkpointed, or nearly: the rest under the lock
-        checkpoints.maintain = lambda empty: done
+        checkpoints.maintain = lambda empty, done=done: done
         flusher._last_maintain = 0.0
         flusher._maintain(empty=False)
     assert held == [1, 1]
