@@ -195,7 +195,7 @@ Reply = tuple[int, str, list[tuple[str, str]], bytes, bool]
 class Connection:
     """One kept-alive HTTP/1.1 connection, and what was read from it but not used yet.
     It reads an answer as http.client does (its exceptions, limits and keep-alive rule)
-    without what made http.client a third of a batch POST's CPU: a file object per
+    without what made http.client half of a batch POST's CPU: a file object per
     answer, headers parsed by the email package, the head and the body in two writes."""
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
