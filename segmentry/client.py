@@ -17,7 +17,7 @@ from typing import Any
 from . import config, messages, telemetry
 from .exceptions import ConfigurationError, QueueFull, StorageError
 from .messages import ContextLike, Message
-from .storage import WAL_KEEP_BYTES, WAL_REUSE_BYTES, SQLiteQueue, default_queue_path
+from .storage import SQLiteQueue, default_queue_path, wal_reuse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,8 @@ class Client:
             raise ConfigurationError(
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
-        # The WAL a queue writes over, not counted in its cap: a quarter of a small cap.
-        reuse = min(WAL_REUSE_BYTES, max(WAL_KEEP_BYTES, self.options.max_queue_bytes // 4))
-        self.queue = SQLiteQueue(self.queue_path, self.options.durability, reuse)
+        self.queue = SQLiteQueue(self.queue_path, self.options.durability,
+                                 wal_reuse_bytes(self.options.max_queue_bytes))
         self._check_destination()
         self.dropped = 0
         self._first_id = 0  # the range of ids this client stored: what flush() waits for

@@ -385,7 +385,7 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_to_json, allow_nan=F
 _string = json.encoder.encode_basestring_ascii  # a str as JSON text, as the encoder writes it
 _make_encoder = getattr(json.encoder, "c_make_encoder", None)  # None without the C module
 _C_ENCODER = _make_encoder and _make_encoder(
-    None, _to_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False)
+    None, _to_json, _string, None, ":", ",", False, False, False)
 
 
 # The context member when the call gives none: only the library.

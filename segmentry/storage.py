@@ -41,7 +41,7 @@ FULL_AUTOCHECKPOINT = 1000  # pages, with durability="full" (SQLite's default)
 # journal_size_limit: how much WAL file a reset keeps, to write over in place. Truncating
 # a 35 MB WAL at each reset and growing it again cost producers ~12 % of their rate
 # beside the flusher thread (17 ms a truncation here). Shrunk once the queue is empty.
-WAL_REUSE_BYTES = 64 << 20  # (at most: a quarter of a smaller max_queue_bytes)
+WAL_REUSE_BYTES = 64 << 20  # (at most: see wal_reuse_bytes)
 WAL_KEEP_BYTES = 4 << 20  # what an empty queue's WAL may keep
 SHRINK_EVERY_S = 60.0  # an emptied queue's WAL is given back at most this often
 VACUUM_PAGES = 1024  # free pages (4 MiB) worth giving back once the queue is empty
@@ -156,6 +156,12 @@ class DeadLetter(NamedTuple):
 T = TypeVar("T")
 Delivered = tuple[int, Sequence[int]]  # a claim's token and the ids it delivered
 _queues: weakref.WeakSet[SQLiteQueue] = weakref.WeakSet()
+
+
+def wal_reuse_bytes(max_queue_bytes: int) -> int:
+    """The WAL a queue with this cap writes over, not counted in the cap: a quarter of a
+    small cap (at least WAL_KEEP_BYTES), so that the cap still bounds the disk used."""
+    return min(WAL_REUSE_BYTES, max(WAL_KEEP_BYTES, max_queue_bytes // 4))
 
 
 class SQLiteQueue:
