@@ -23,7 +23,8 @@ import sys
 
 UPSTREAM_VERSION = "2.4.0"
 IMPORT_PACKAGE = ("import segment.analytics as analytics", "import segmentry.compat as analytics")
-IMPORT_CLIENT = ("from segment.analytics.client import Client", "from segmentry.compat import Client")
+IMPORT_CLIENT = ("from segment.analytics.client import Client",
+                 "from segmentry.compat import Client")
 IMPORT_VERSION = ("from segment.analytics.version import VERSION",
                   "from segmentry.compat import VERSION")
 # file -> (substitution, how many lines it must change)
