@@ -564,6 +564,13 @@ def test_large_settings_are_clamped_and_none_budgets_refused(make_client: Any) -
             make_client(KEY, **{name: None})
 
 
+@pytest.mark.parametrize("mode", [{}, {"send": False}, {"sync_mode": True}])
+def test_a_host_without_its_scheme_is_refused_at_construction(
+        make_client: Any, mode: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="api.segment.io"):
+        make_client(KEY, host="api.segment.io", **mode)
+
+
 def test_oauth_is_refused_rather_than_ignored(make_client: Any) -> None:
     with pytest.raises(ConfigurationError, match="OAuth"):
         make_client(KEY, oauth_client_id="id", oauth_client_key="key", oauth_key_id="kid")

@@ -131,6 +131,7 @@ class Client:
         self.upload_size = upload_size
         self.upload_interval = upload_interval
         self.options = self._segmentry_options(thread, segmentry_options)
+        self.api_url = config.resolve(self.options).api_url  # validates them all, now
         self._queue_path = queue_path
         self._lock = threading.Lock()
         self._client: SegmentryClient | None = None
@@ -265,8 +266,11 @@ class Client:
             client, self._client = self._client, None
             self._joined = True
             self._room, self._counted_after_join = 0, False
+            sync_http, self._http = self._http, None
         if client is not None:
             client.close(CLOSE_TIMEOUT_S)
+        if sync_http is not None:
+            sync_http.close()
 
     def shutdown(self) -> None:
         """Flush (bounded), then stop delivery here."""
@@ -308,7 +312,7 @@ class Client:
         if self._joined:
             options["flusher"] = None
         if self._queue_path is None:
-            path = queue_path_for(self.write_key, config.resolve(options).api_url, self.send)
+            path = queue_path_for(self.write_key, self.api_url, self.send)
             if path is not None:
                 options["queue_path"] = path
         else:
@@ -338,7 +342,7 @@ class Client:
         if self._http is None:
             options = self.options
             self._http = http.client(
-                self.write_key, config.resolve(options).api_url, retry_attempts=0,
+                self.write_key, self.api_url, retry_attempts=0,
                 gzip=options["gzip"], **options["requests_options"])
         response = http.post_batch(self._http, [body])
         if not 200 <= response.status_code < 300:
