@@ -292,6 +292,8 @@ class Client:
         if self._full():
             log.warning("analytics-python queue is full")
             return False, msg
+        # Stored as analytics-python encodes it, not as segmentry.messages would: the
+        # Client has no public call for an event encoded elsewhere (yet), so its own.
         stored = self.segmentry_client._store(Encoded(msg["messageId"], msg["type"], body),
                                               time.time())
         return stored is not None, msg
