@@ -111,3 +111,13 @@ def test_the_converter_changes_only_the_listed_import_lines() -> None:
     assert upstream_suite.convert_text("test_module.py", text) == (
         "import mock\nimport segmentry.compat as analytics\n\n"
         "from segment.analytics.consumer import Consumer\n")
+
+
+def test_the_converter_command_fails_with_one_line_when_a_line_does_not_match(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(upstream_suite.SUBSTITUTIONS, "test_module.py",
+                        [(upstream_suite.IMPORT_PACKAGE, 2)])
+    assert upstream_suite.main([str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matched 1 line(s), expected 2" in err
