@@ -485,7 +485,8 @@ def test_max_queue_size_bounds_the_events_waiting(
     assert [success for success, _ in results] == [True, True, True, False, False]
     assert results[4][1]["event"] == "E4" and client.queue.qsize() == 3
     assert client.queue.maxsize == 3 and client.queue.full()
-    assert "analytics-python queue is full" in records.messages()
+    assert records.messages() == ["analytics-python queue is full (1 events refused so far)"]
+    assert client.refused == 2  # the second refusal is counted, not logged again
 
 
 def test_after_join_events_are_stored_for_the_next_client_of_the_destination(

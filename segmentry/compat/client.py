@@ -36,6 +36,8 @@ FLUSH_TIMEOUT_S = 60.0  # flush() never hangs: what is not delivered by then sta
 MAX_RETRIES = 100  # segmentry's bounds; analytics-python has none, so larger values are
 MAX_UPLOAD_SIZE = 2500  # clamped to them (Segment refuses batches of more than 2,500)
 MAX_THREADS = 64
+FULL_RECOUNT_S = 0.1  # while max_queue_size is reached, the file is counted this often
+FULL_LOG_EVERY_S = 10.0
 
 Result = tuple[bool, dict[str, Any]]  # analytics-python's (success, message)
 log = logging.getLogger("segment")
@@ -138,6 +140,9 @@ class Client:
         self._joined = False  # join() stops delivery here, as analytics-python's does
         self._room = 0  # events that fit under max_queue_size before the next count
         self._counted_after_join = False
+        self._recount_at = 0.0  # while full, monotonic time of the next count
+        self.refused = 0  # events refused by max_queue_size
+        self._next_full_log = 0.0
         self._http: Any = None  # sync_mode's HTTP client
         self.queue = QueueView(self)
         self.consumers: list[Consumer] | None = (
@@ -290,7 +295,7 @@ class Client:
             self._post_now(body)
             return True, msg
         if self._full():
-            log.warning("analytics-python queue is full")
+            self._refused()
             return False, msg
         # Stored as analytics-python encodes it, not as segmentry.messages would: the
         # Client has no public call for an event encoded elsewhere (yet), so its own.
@@ -327,14 +332,27 @@ class Client:
         estimate while other clients of the destination store and deliver too."""
         if self.max_queue_size <= 0:  # queue.Queue(0): no bound
             return False
-        if self._room <= 0 and not self._counted_after_join:
+        if (self._room <= 0 and not self._counted_after_join
+                and time.monotonic() >= self._recount_at):
             self._room = self.max_queue_size - self.queue.qsize()
             # After join() nothing here delivers: count once, then only what is added.
             self._counted_after_join = self._joined
+            if self._room <= 0:  # full: a count per call would cost a scan of the file
+                self._recount_at = time.monotonic() + FULL_RECOUNT_S
         if self._room <= 0:
             return True
         self._room -= 1
         return False
+
+    def _refused(self) -> None:
+        """analytics-python's warning for a full queue, at most once per FULL_LOG_EVERY_S
+        with a count: one a call would flood the logs exactly when things go wrong."""
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self._next_full_log:
+            self._next_full_log = now + FULL_LOG_EVERY_S
+            log.warning("analytics-python queue is full (%d events refused so far)",
+                        self.refused)
 
     def _post_now(self, body: str) -> None:
         """sync_mode: one POST in the caller's thread, as analytics-python makes it; a
@@ -484,7 +502,7 @@ def _complete(msg: dict[str, Any]) -> dict[str, Any]:
     require("integrations", msg["integrations"], dict)
     require("timestamp", timestamp, dt.datetime)
     require("context", msg["context"], dict)
-    msg["timestamp"] = m.timestamp_text(m.guess_timezone(timestamp, dt.datetime.now()))
+    msg["timestamp"] = m.timestamp_text(m.guess_timezone(timestamp))
     msg["messageId"] = m.stringify_id(message_id)
     msg["context"]["library"] = dict(LIBRARY)
     msg["userId"] = m.stringify_id(msg.get("userId"))

@@ -12,7 +12,6 @@ import enum
 import json
 import logging
 import numbers
-import uuid
 from typing import Any
 
 from .. import messages
@@ -45,11 +44,13 @@ def stringify_id(value: Any) -> str | None:
     return value if value is None or isinstance(value, str) else str(value)
 
 
-def guess_timezone(value: dt.datetime, now: dt.datetime) -> dt.datetime:
+def guess_timezone(value: dt.datetime, now: dt.datetime | None = None) -> dt.datetime:
     """A naive datetime made by ``datetime.now()`` moments ago is local time; any other
-    naive one is taken as UTC. ``now`` is the caller's naive local time."""
+    naive one is taken as UTC. ``now``: the naive local time (default: now)."""
     if value.tzinfo is not None and value.tzinfo.utcoffset(value) is not None:
         return value
+    if now is None:
+        now = dt.datetime.now()
     if (now - value).total_seconds() < GUESS_LOCAL_WITHIN_S:
         return value.astimezone()  # the local offset at that time
     return value.replace(tzinfo=UTC)
@@ -59,6 +60,10 @@ def clean(item: Any) -> Any:
     """analytics-python's ``clean``: Decimal to float, sets and tuples to lists, enums to
     their value, bytes decoded; a value that cannot be sent is dropped from its dict with
     a warning (its key and type only: never the value, which is user data)."""
+    if type(item) in _PLAIN:  # most values: skips the slow isinstance() of the ABCs
+        return item
+    if type(item) is dict:
+        return _clean_dict(item)
     if isinstance(item, decimal.Decimal):
         return float(item)
     if isinstance(item, (str, bool, numbers.Number, dt.datetime, dt.date, type(None))):
@@ -77,9 +82,15 @@ def clean(item: Any) -> Any:
     raise TypeError(f"{type(item).__name__} is not JSON serializable")
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def _clean_dict(items: dict[Any, Any]) -> dict[Any, Any]:
     data = {}
     for key, value in items.items():
+        if type(value) in _PLAIN:
+            data[key] = value
+            continue
         try:
             data[key] = clean(value)
         except TypeError as exc:
@@ -93,8 +104,7 @@ def timestamp_text(value: dt.datetime) -> str:
     return value.isoformat(timespec="milliseconds")
 
 
-def new_message_id() -> str:
-    return str(uuid.uuid4())
+new_message_id = messages.new_message_id  # a random (version 4) UUID, as uuid4()
 
 
 def _to_json(value: Any) -> Any:
