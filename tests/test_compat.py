@@ -418,9 +418,10 @@ def test_on_error_is_not_called_for_what_stays_queued() -> None:
     on_error(NetworkError("refused"), [{}])
     on_error(HTTPStatusError(503, True), [{}])
     on_error(HTTPStatusError(429, True), [{}])
-    refused = HTTPStatusError(400, False)
+    refused, wrong_key = HTTPStatusError(400, False), HTTPStatusError(401, True)
     on_error(refused, [{}])
-    assert called == [refused]
+    on_error(wrong_key, [{}])  # kept until the key is fixed, but refused: the user must know
+    assert called == [refused, wrong_key]
 
 
 def test_on_error_gets_an_event_the_receiver_refuses(make_client: Any) -> None:

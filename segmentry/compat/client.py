@@ -2,7 +2,7 @@
 checks, cleaning, ``(success, message)`` returns, logger and wire payload; every event
 goes through a :class:`segmentry.Client` and its queue file (sync_mode aside, which
 posts in the caller's thread as analytics-python does). Imports ``requests`` only
-through segmentry.http, and only for sync_mode.
+through segmentry's transport and http modules.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from .. import config
+from .. import config, http
 from ..client import CLOSE_TIMEOUT_S
 from ..client import Client as SegmentryClient
 from ..exceptions import ConfigurationError, HTTPStatusError, StorageError
@@ -298,7 +298,7 @@ class Client:
             self._refused()
             return False, msg
         # Stored as analytics-python encodes it, not as segmentry.messages would: the
-        # Client has no public call for an event encoded elsewhere (yet), so its own.
+        # Client has no public call yet for an event encoded elsewhere.
         stored = self.segmentry_client._store(Encoded(msg["messageId"], msg["type"], body),
                                               time.time())
         return stored is not None, msg
@@ -357,8 +357,6 @@ class Client:
     def _post_now(self, body: str) -> None:
         """sync_mode: one POST in the caller's thread, as analytics-python makes it; a
         failure raises (segmentry.NetworkError or HTTPStatusError) and nothing is kept."""
-        from .. import http  # imports requests: only sync_mode needs it here
-
         if self._http is None:
             options = self.options
             self._http = http.client(
@@ -517,7 +515,8 @@ def _given_up(callback: Callable[[BaseException, list[Any]], Any]
     the key or host is fixed), never for a transient failure: those events stay queued
     and are delivered, and a callback that replayed them would send them twice."""
     def on_error(error: BaseException, events: list[Any]) -> None:
-        if not getattr(error, "retryable", False):
+        if isinstance(error, HTTPStatusError) and http.classify(error.status_code) in (
+                "reject", "misconfigured"):
             callback(error, events)
         else:
             log.debug("delivery failed (%s); the events stay queued", type(error).__name__)
