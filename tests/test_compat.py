@@ -444,6 +444,7 @@ def test_on_error_is_called_soon_for_a_wrong_write_key(make_client: Any) -> None
     client.track("u", "E")
     assert wait_for(lambda: called, timeout=5)
     assert called[0].status_code == 401
+    assert client.flush(30) is False  # at once: blocked, not waited on for 30 s
 
 
 # -- 6. sync_mode: one POST in the caller's thread, as analytics-python -------------------------
