@@ -357,12 +357,13 @@ class Client:
     def _post_now(self, body: str) -> None:
         """sync_mode: one POST in the caller's thread, as analytics-python makes it; a
         failure raises (segmentry.NetworkError or HTTPStatusError) and nothing is kept."""
-        if self._http is None:
-            options = self.options
-            self._http = http.client(
-                self.write_key, self.api_url, retry_attempts=0,
-                gzip=options["gzip"], **options["requests_options"])
-        response = http.post_batch(self._http, [body])
+        with self._lock:
+            if self._http is None:
+                self._http = http.client(
+                    self.write_key, self.api_url, retry_attempts=0,
+                    gzip=self.options["gzip"], **self.options["requests_options"])
+            sender = self._http
+        response = http.post_batch(sender, [body])
         if not 200 <= response.status_code < 300:
             raise HTTPStatusError(response.status_code, http.classify(response.status_code)
                                   == "retry", response.text[:500])
