@@ -15,6 +15,8 @@ import json
 import logging
 import numbers
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -35,6 +37,7 @@ from segmentry.testing import Stub
 KEY = "testsecret"
 UTC = dt.timezone.utc
 CALLS = ("track", "identify", "group", "alias", "page", "screen")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens, never the internet
 
 
@@ -336,6 +339,34 @@ def test_two_clients_with_other_keys_and_hosts_each_send_their_own_way(
     assert sent == {("/v1/batch", auth("key-a"), "key-a", ids["a"]),
                     ("/v1/batch", auth("key-b"), "key-b", ids["b"]),
                     ("/eu/v1/batch", auth("key-a"), "key-a", ids["eu"])}
+
+
+APP = """
+import sys
+import segmentry.compat as analytics
+analytics.write_key, analytics.host = sys.argv[1], sys.argv[2]
+print(analytics.track("u", "E")[1]["messageId"], flush=True)
+sys.stdin.readline()  # held open (with its flusher) until the test says
+analytics.shutdown()
+"""
+
+
+def test_two_apps_of_one_user_with_other_keys_each_send_under_their_own(
+        receiver: Receiver, tmp_path: Any) -> None:
+    env = {**os.environ, "PYTHONPATH": ROOT, "XDG_STATE_HOME": str(tmp_path / "s")}
+    apps, ids = {}, {}
+    for key in ("key-a", "key-b"):  # one after the other: app A's flusher runs first
+        apps[key] = subprocess.Popen([sys.executable, "-c", APP, key, receiver.url], env=env,
+                                     cwd=tmp_path, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        ids[key] = apps[key].stdout.readline().strip()  # type: ignore[union-attr]
+    assert wait_for(lambda: len(receiver.events()) == 2)  # both running, both delivered
+    for app in apps.values():
+        app.communicate("\n", timeout=60)
+    sent = {(headers["Authorization"], event["messageId"])
+            for _, headers, body in receiver.recorded for event in body["batch"]}
+    assert sent == {("Basic " + base64.b64encode(f"{key}:".encode()).decode(), message_id)
+                    for key, message_id in ids.items()}
 
 
 # -- 3. an unwritable state directory ------------------------------------------------------------
