@@ -273,9 +273,9 @@ class SQLiteQueue:
         return self._run(take)
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
-        """Remove delivered rows that this lease still holds; return how many.
-        ``ids`` must be the claim's rows or a contiguous slice of them (the lease
-        token picks the rows in their id range: two statements, not one per row)."""
+        """Remove delivered rows that this lease still holds; return how many. Exactly
+        ``ids``: a claim's rows, or a slice of them, go by their id range (two statements,
+        not one per row); other sets range by range of consecutive ids."""
         return self.delete_many([(token, ids)])
 
     def delete_many(self, delivered: Sequence[Delivered]) -> int:
@@ -286,7 +286,7 @@ class SQLiteQueue:
 
     def release(self, token: int, ids: Sequence[int], not_before: float) -> int:
         """Give rows back after a failed attempt, counting it; they are ready again
-        at ``not_before`` (epoch seconds). ``ids`` as for delete."""
+        at ``not_before`` (epoch seconds). Exactly ``ids``, as for delete."""
         sql = "UPDATE events SET attempts = attempts + 1, not_before = ? WHERE id BETWEEN ? AND ?"
 
         def run(conn: sqlite3.Connection) -> int:
@@ -637,11 +637,15 @@ def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
 
 def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int:
     """Delete each pair's rows that its token still holds, and end their leases. When
-    every pair is a whole batch still leased (the common case), three statements do it
-    all; else, pair by pair."""
+    every pair is a whole batch still leased, given whole (the common case), three
+    statements do it all; else, pair by pair."""
     pairs = [(min(ids), max(ids), token) for token, ids in delivered if ids]
     if not pairs:
         return 0
+    sql = "DELETE FROM events WHERE id BETWEEN ? AND ?"
+    if not all(_spans(conn, ids) for _, ids in delivered if ids):
+        return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
+                   for token, ids in delivered)
     which = f"(lo, hi, token) IN (VALUES {_tuples(len(pairs), 3)})"
     flat = [v for pair in pairs for v in pair]
     if conn.execute(f"SELECT COUNT(*) FROM leases WHERE {which}", flat).fetchone()[0] == len(pairs):
@@ -649,7 +653,6 @@ def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int
         ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(pairs))
         return int(conn.execute(f"DELETE FROM events WHERE {ranges}",
                                 [v for lo, hi, _ in pairs for v in (lo, hi)]).rowcount)
-    sql = "DELETE FROM events WHERE id BETWEEN ? AND ?"
     return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
                for token, ids in delivered)
 
@@ -659,15 +662,46 @@ def _tuples(count: int, width: int) -> str:
     return ", ".join(["(" + ", ".join("?" * width) + ")"] * count)
 
 
+def _spans(conn: sqlite3.Connection, ids: Sequence[int]) -> bool:
+    """Whether the events from min(ids) to max(ids) are exactly ``ids``, so that a
+    statement on the id range acts on those and no other (a claim's rows given whole,
+    or a slice of them: the flusher's case)."""
+    a, b = min(ids), max(ids)
+    if b - a + 1 == len(ids) == len(set(ids)):
+        return True  # every id in the range was given
+    found = conn.execute("SELECT group_concat(id) FROM (SELECT id FROM events "
+                         "WHERE id BETWEEN ? AND ? ORDER BY id)", (a, b)).fetchone()[0]
+    return bool(found == ",".join(map(str, sorted(set(ids)))))
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """``ids`` as ranges of consecutive integers: a statement on one touches those only."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
 def _settle(conn: sqlite3.Connection, token: int, ids: Sequence[int],
             act: Callable[[int, int], int]) -> int:
-    """For each of ``token``'s leases that meets min(ids)..max(ids), ``act`` on the
-    events of the overlap [x, y] (return how many), then cut it out of the lease. A
-    token whose leases were reset, or expired and were deleted by a claim, holds
-    nothing: its rows may be another claim's now."""
+    """``act`` on exactly the events ``ids`` that ``token`` still holds: range by range
+    when they are not one span of events (see _spans)."""
     if not ids:
         return 0
-    a, b = min(ids), max(ids)
+    if not _spans(conn, ids):
+        return sum(_settle_range(conn, token, a, b, act) for a, b in _runs(ids))
+    return _settle_range(conn, token, min(ids), max(ids), act)
+
+
+def _settle_range(conn: sqlite3.Connection, token: int, a: int, b: int,
+                  act: Callable[[int, int], int]) -> int:
+    """For each of ``token``'s leases that meets [a, b], ``act`` on the events of the
+    overlap [x, y] (return how many), then cut it out of the lease. A token whose leases
+    were reset, or expired and were deleted by a claim, holds nothing: its rows may be
+    another claim's now."""
     exact = "DELETE FROM leases WHERE lo = ? AND hi = ? AND token = ?"
     if conn.execute(exact, (a, b, token)).rowcount:  # a whole batch: the common case
         return act(a, b)

@@ -71,6 +71,24 @@ def test_delete_by_token_removes_only_that_lease(queue):
     assert queue.stats(NOW).depth == 2
 
 
+@pytest.mark.parametrize("act", ["delete", "release", "delete_many"])
+def test_settling_acts_on_exactly_the_ids_given_not_their_range(queue, act):
+    """delete(token, [1, 3]) on a claim of rows 1-3 must leave row 2 (never delivered)."""
+    ids = fill(queue, 3)
+    claim = queue.claim(3, BIG, NOW, 60)
+    ends = [ids[0], ids[2]]
+    if act == "delete":
+        assert queue.delete(claim.token, ends) == 2
+    elif act == "delete_many":
+        assert queue.delete_many([(claim.token, ends)]) == 2
+    else:
+        assert queue.release(claim.token, ends, NOW) == 2
+    left = queue.stats(NOW)
+    assert left.depth == (1 if act != "release" else 3)
+    assert left.in_flight == 1  # row 2 is still the claim's, untouched
+    assert queue.delete(claim.token, [ids[1]]) == 1
+
+
 def test_expired_lease_is_claimable_again_and_the_old_token_is_powerless(queue):
     fill(queue, 3)
     old = queue.claim(3, BIG, NOW, 10)
