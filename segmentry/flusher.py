@@ -25,6 +25,7 @@ from .storage import Claim, Delivered, Row, SQLiteQueue
 logger = logging.getLogger(__name__)
 
 LEASE_S = 600.0  # a backstop only: a new lock holder resets every lease at once
+RENEW_S = LEASE_S / 4  # the leases of batches in flight are renewed this often
 CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
 # late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
@@ -108,6 +109,7 @@ class Flusher:
         self._due = True
         self.hurry = threading.Event()
         self._claimed_at = -math.inf  # time.monotonic() of the last claim that found rows
+        self._renewed_at = clock()  # self.clock() of the last renewal of leases in flight
 
     # -- one cycle ----------------------------------------------------------------------
 
@@ -318,6 +320,7 @@ class Flusher:
         while not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 return False
+            self._renew_leases()
             if drain and self.outcome.misconfigured:
                 return False
             if self._paused(stop):
@@ -424,7 +427,23 @@ class Flusher:
             if event.wait(min(left, DELETE_LAG_S)):
                 return True
             self._delete_delivered()
+            self._renew_leases()
         return event.is_set()
+
+    def _renew_leases(self) -> None:
+        """A sender may hold its batch longer than a lease (retry_attempts waits of up to
+        300 s each): renew the leases in flight well before they expire, or the next
+        claim would take their rows while the sender still tries them (duplicates)."""
+        now = self.clock()
+        if now - self._renewed_at < RENEW_S:
+            return
+        self._renewed_at = now
+        with self._settled:
+            tokens = {claim.token for claim in self._flying.values()}
+        try:
+            self.queue.renew(tokens, now + LEASE_S)
+        except SegmentryError as exc:  # tried again at the next cycle
+            logger.warning("could not renew the leases of batches in flight: %s", exc)
 
     def _unsettled(self) -> bool:
         """Whether a batch is in flight or delivered but not yet deleted."""

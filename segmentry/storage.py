@@ -314,6 +314,14 @@ class SQLiteQueue:
 
         return self._run(move)
 
+    def renew(self, tokens: Iterable[int], until: float) -> None:
+        """Extend the leases of these tokens to ``until``: a sender may hold a batch
+        longer than a lease lasts (retries that wait out long Retry-Afters)."""
+        tokens = list(tokens)
+        sql = f"UPDATE leases SET until = ? WHERE token IN ({','.join('?' * len(tokens))})"
+        if tokens:
+            self._run(lambda c: _in_write(c, lambda: c.execute(sql, [until, *tokens])))
+
     def reset_leases(self) -> int:
         """Make every claimed row ready again: called by a flusher that has just taken
         the queue's lock, so any lease left is a dead flusher's."""

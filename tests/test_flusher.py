@@ -184,6 +184,37 @@ def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(
     assert (stats.depth, stats.in_flight) == (10, 0)  # all kept, none leased
 
 
+def test_a_batch_held_by_its_sender_longer_than_a_lease_is_not_claimed_again(path):
+    """Retries may outlast a lease (3 waits of a 300 s Retry-After); the loop renews the
+    leases in flight, so the rows are never sent twice while the first sender holds them."""
+    enqueue(path, 5)
+    gate, now, arrived = threading.Event(), [time.time()], []
+
+    def handler(request):
+        arrived.append(request)
+        gate.wait(30)
+        return 200
+
+    stub = Stub(handler)
+    opts = Options(queue_path=path, retry_attempts=0, requests_options={"adapter": stub})
+    queue = SQLiteQueue(path)
+    flusher = Flusher(queue, make_http("K", opts), opts, clock=lambda: now[0])
+    stop = threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
+    loop.start()
+    try:
+        assert wait_until(lambda: len(arrived) == 1)
+        now[0] += flusher_module.LEASE_S + 1  # the claim's lease has run out meanwhile
+        assert wait_until(lambda: queue.stats(now[0]).in_flight == 5, timeout=10)
+        gate.set()
+        assert wait_until(lambda: queue.stats(now[0]).depth == 0)
+    finally:
+        gate.set()
+        stop.set()
+        loop.join(30)
+    assert len(arrived) == 1
+
+
 def test_take_over_reclaims_a_dead_flushers_leases(path):
     enqueue(path, 5)
     SQLiteQueue(path).claim(5, 10**9, time.time(), 600)
