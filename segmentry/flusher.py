@@ -1,10 +1,12 @@
 """The flusher: one claim -> send -> delete/release/bury cycle, the loop around it with
-up to max_in_flight batches in flight, the one-flusher-per-queue lock (filelock, on a
+up to max_in_flight batches in flight, the one-flusher-per-queue lock (an flock on a
 separate file), the in-process Background thread, and ``main(argv)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -14,8 +16,6 @@ import random
 import threading
 import time
 from typing import Any, Callable
-
-import filelock
 
 from . import http, messages, telemetry
 from .config import Options
@@ -580,60 +580,91 @@ def _describe(error: Exception) -> str:
 
 
 class Lock:
-    """One active flusher per queue file: a filelock on ``<queue>.lock`` (never the
-    database, -wal or -shm: filelock truncates its file), and the holder's pid in
-    ``<queue>.flusher`` for ``segmentry status``."""
+    """One active flusher per queue file: an ``flock`` on ``<queue>.lock`` (never the
+    database, -wal or -shm: closing a descriptor of those drops SQLite's own locks), and
+    the holder's pid in ``<queue>.flusher`` for ``segmentry status``. The directory may be
+    group-writable (the shared layout), so neither file is opened through a symbolic link
+    nor truncated in place: a group member cannot aim them at a file the flusher's user
+    can write."""
 
     def __init__(self, queue_path: str) -> None:
         self.path = queue_path + ".lock"
         self.pid_path = queue_path + ".flusher"
-        # 0660: the apps of a host that share the queue's group may stand by too.
-        self._lock = filelock.FileLock(self.path, mode=0o660)
+        self._fd: int | None = None
 
     def acquire(self, timeout: float) -> bool:
-        try:
-            self._lock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot open the flusher lock file {self.path}: "
-                               f"{exc.strerror}") from exc
+        """Take the lock, polling for up to ``timeout`` seconds; return whether we hold it."""
+        fd = self._open()
+        end = time.monotonic() + timeout
+        while not _try_flock(fd):
+            if time.monotonic() >= end:
+                os.close(fd)
+                return False
+            time.sleep(min(LOCK_RETRY_S, max(0.0, end - time.monotonic())))
+        self._fd = fd
         try:  # best effort: a pid file we cannot write must not cost us the lock
             _write_pid(self.pid_path)
-        except OSError as exc:  # e.g. a dead flusher's, left by another user
+        except OSError as exc:  # e.g. a directory we may not write
             logger.warning("cannot write %s (%s): `segmentry status` will not name this "
                            "flusher", self.pid_path, exc.strerror)
         return True
 
     def release(self) -> None:
-        if self._lock.is_locked:
+        if self._fd is not None:
             try:
                 os.unlink(self.pid_path)
             except OSError:  # gone, or one we could not write either (see acquire)
                 pass
-            self._lock.release()
+            os.close(self._fd)  # closing the descriptor ends the flock
+            self._fd = None
 
     def abandon(self) -> None:
         """In a forked child: close the inherited descriptor without unlocking, which
-        would free the parent's lock (flock locks belong to the shared descriptor)."""
-        context: Any = getattr(self._lock, "_context", None)
-        fd = getattr(context, "lock_file_fd", None)
-        if fd is not None:
+        would free the parent's lock (an flock belongs to the shared descriptor)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int:
+        """The lock file, created 0660 (the apps of a host that share the queue's group
+        may stand by too), never through a link and never truncated."""
+        try:
             try:
-                os.close(fd)
-            except OSError:
-                pass
-            context.lock_file_fd = None
-            context.lock_counter = 0
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o660)
+                os.fchmod(fd, 0o660)  # the umask must not take the group's write bit
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR | _NOFOLLOW)
+        except OSError as exc:  # ELOOP: a symbolic link where the lock file should be
+            raise StorageError(f"cannot open the flusher lock file {self.path}: "
+                               f"{exc.strerror}") from exc
+        return fd
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+LOCK_RETRY_S = 0.05  # how often a waiting acquire() tries the lock again
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _write_pid(path: str) -> None:
-    """Our pid, and our start time where /proc tells it (see holder_pid)."""
+    """Our pid, and our start time where /proc tells it (see holder_pid): written to a
+    new file of our own, then renamed over the old one (a rename replaces a link, it
+    does not follow it)."""
     pid = os.getpid()
     start = _started(pid)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # a pid is no secret
-    with os.fdopen(fd, "w") as f:
+    temporary = f"{path}.{pid}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)  # a crashed flusher's of the same pid
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:  # a pid is no secret
         f.write(f"{pid}\n" if start is None else f"{pid} {start}\n")
+    os.replace(temporary, path)
 
 
 def holder_pid(queue_path: str) -> int | None:

@@ -297,6 +297,40 @@ def test_only_one_flusher_lock_per_queue(path):
     b.release()
 
 
+@pytest.mark.parametrize("suffix", [".lock", ".flusher"])
+def test_the_lock_and_pid_files_never_follow_a_link_to_another_file(path, tmp_path, suffix):
+    """In a group-writable directory a member could aim them at a file the flusher's
+    user can write: it must be neither truncated nor written."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, path + suffix)
+    lock = Lock(path)
+    if suffix == ".lock":
+        with pytest.raises(segmentry.StorageError, match="lock file"):
+            lock.acquire(timeout=0)
+    else:
+        assert lock.acquire(timeout=0)
+        assert not os.path.islink(path + suffix)  # the link was replaced, not followed
+        lock.release()
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_forked_child_closing_its_copy_of_the_lock_leaves_the_parent_holding_it(path):
+    lock = Lock(path)
+    assert lock.acquire(timeout=0)
+    pid = os.fork()
+    if pid == 0:  # the child: abandon, then prove the parent still holds the lock
+        try:
+            lock.abandon()
+            os._exit(0 if not Lock(path).acquire(timeout=0) else 1)
+        except BaseException:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not Lock(path).acquire(timeout=0)
+    lock.release()
+    assert Lock(path).acquire(timeout=0)
+
+
 def test_a_pid_file_that_cannot_be_written_costs_neither_the_lock_nor_delivery(path, caplog):
     os.mkdir(path + ".flusher")  # unwritable, even for root: as another user's stale one
     lock = Lock(path)
