@@ -348,7 +348,9 @@ class Flusher:
         if gate > self._gate_seen:
             self._gate_seen = gate
             self.window.shrink()
-        pause = max(self.pause_until - self.clock(), gate - time.monotonic())
+        # Each deadline against its own clock: the stored backoff is epoch time, the HTTP
+        # client's shared pause is on its clock (injectable, monotonic by default).
+        pause = max(self.pause_until - self.clock(), gate - self.http.clock())
         if pause > 0:
             self._sleep(stop, stop, min(pause, 1.0))
         return pause > 0
@@ -479,8 +481,8 @@ class Flusher:
         their retries and give their rows back (a sender still busy with one can only
         make it sent twice, never lost: its settle finds the lease gone)."""
         end = time.monotonic() + grace
-        if self.http.paused_until() >= end:  # a Retry-After outlasts the grace: the
-            self.http.close()  # senders waiting it out give their rows back now
+        if self.http.paused_until() - self.http.clock() >= grace:
+            self.http.close()  # a Retry-After outlasts the grace: give the rows back now
         with self._settled:
             while self._flying and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())

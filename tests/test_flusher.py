@@ -18,6 +18,7 @@ from segmentry import flusher as flusher_module
 from segmentry import telemetry
 from segmentry.config import Options
 from segmentry.flusher import Flusher, Lock, make_http
+from segmentry.http import HTTPClient
 from segmentry.storage import SQLiteQueue
 from segmentry.testing import Stub, sequence
 
@@ -213,6 +214,22 @@ def test_a_batch_held_by_its_sender_longer_than_a_lease_is_not_claimed_again(pat
         stop.set()
         loop.join(30)
     assert len(arrived) == 1
+
+
+def test_a_pause_of_the_http_client_is_measured_on_its_own_clock(path):
+    """The HTTP client's clock is injectable: a Retry-After pause on it must hold the
+    loop whatever time.monotonic() says."""
+    enqueue(path, 3)
+    stub = Stub()
+    opts = Options(queue_path=path, retry_attempts=0, requests_options={"adapter": stub})
+    http_client = HTTPClient("K", opts.api_url, clock=lambda: 0.0,
+                             adapter=stub)
+    http_client.pause(30.0)  # on its clock: paused until 30, now 0
+    flusher = Flusher(SQLiteQueue(path), http_client, opts)
+    stop = threading.Event()
+    assert flusher._paused(stop)
+    http_client.clock = lambda: 31.0
+    assert not flusher._paused(stop)
 
 
 def test_take_over_reclaims_a_dead_flushers_leases(path):
