@@ -36,7 +36,7 @@ EVENTS = 2000  # per run: enough batches to cross many connection closes and res
 # Well-behaved servers answer every request they took, so a duplicate needs a lost answer;
 # none was seen, but one batch's worth is tolerated rather than fail on a rare close race.
 MAX_DUPLICATES = 100
-NGINX_HINT = "nginx not found: apt-get install nginx-light (.ci/run installs it in CI)"
+NGINX_HINT = "nginx not found: apt-get install nginx (.ci/run installs it in CI)"
 
 
 # --- servers ------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ class Run:
                 self.ids += enqueue(self.queue_path, count, properties={"wave": index})
                 if extra and not index:
                     extra_ids = extra()
-                assert wait_until(lambda: self.stats().depth == 0, timeout=120), self.stats()
+                assert wait_until(lambda: self.stats().depth == 0, timeout=60), self.stats()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, Path(log.name).read_text()[-2000:]
         finally:
@@ -268,6 +268,7 @@ class Run:
         arrived = Counter(read_record(self.record))
         assert set(arrived) == set(self.ids)
         duplicates = sum(arrived.values()) - len(arrived)
+        print(f"{len(arrived)} events arrived, {duplicates} duplicates")  # shown with -s
         assert duplicates <= MAX_DUPLICATES
         assert self.stats().depth == 0
         return duplicates
