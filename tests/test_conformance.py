@@ -193,8 +193,9 @@ def nginx(tmp_path_factory, tls, upstream):
 
 def python_server(name, directory, argv_tail):
     record = str(directory / "ids")
+    path = os.pathsep.join(p for p in (TOOLS, os.environ.get("PYTHONPATH")) if p)
     server = Server(name, directory, lambda port: [sys.executable, "-m", *argv_tail(port)],
-                    env={RECORD_ENV: record})
+                    env={RECORD_ENV: record, "PYTHONPATH": path})
     return server, {"url": f"http://127.0.0.1:{server.ports[0]}/v1/", "record": record}
 
 
@@ -210,15 +211,27 @@ def gunicorn(request, tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["h11", "httptools"])
-def uvicorn(request, tmp_path_factory):
-    pytest.importorskip("uvicorn", reason="pip install -e '.[test]' (it has uvicorn)")
-    pytest.importorskip(request.param, reason="pip install -e '.[test]' (it has it)")
+ASGI_SERVERS = {
+    "uvicorn-h11": ["uvicorn", "--http", "h11"],
+    "uvicorn-httptools": ["uvicorn", "--http", "httptools"],
+    "hypercorn": ["hypercorn"],
+}
+
+
+def asgi_argv(name, port):
+    if name == "hypercorn":  # it has no --app-dir: the module comes from PYTHONPATH
+        return ["hypercorn", "--bind", f"127.0.0.1:{port}", "conformance_app:asgi"]
+    return [*ASGI_SERVERS[name], "--host", "127.0.0.1", "--port", str(port), "--app-dir",
+            TOOLS, "--no-access-log", "--log-level", "warning", "conformance_app:asgi"]
+
+
+@pytest.fixture(scope="module", params=list(ASGI_SERVERS))
+def asgi(request, tmp_path_factory):
+    for module in (*ASGI_SERVERS[request.param][:1], *ASGI_SERVERS[request.param][2:]):
+        pytest.importorskip(module, reason="pip install -e '.[test]' (it has it)")
     server, where = python_server(
-        f"uvicorn-{request.param}", tmp_path_factory.mktemp("uvicorn"),
-        lambda port: ["uvicorn", "--host", "127.0.0.1", "--port", str(port),
-                      "--http", request.param, "--app-dir", TOOLS, "--no-access-log",
-                      "--log-level", "warning", "conformance_app:asgi"])
+        request.param, tmp_path_factory.mktemp("asgi"),
+        lambda port: asgi_argv(request.param, port))
     yield where
     server.stop()
 
@@ -333,11 +346,41 @@ def test_gunicorn_restarting_its_workers_every_5_requests_loses_nothing(
     assert run.stats().dead_letters == 0
 
 
-def test_uvicorn_loses_nothing(uvicorn, transport, queue_path):
-    run = Run(uvicorn["url"], uvicorn["record"], queue_path, transport)
+def test_uvicorn_and_hypercorn_lose_nothing(asgi, transport, queue_path):
+    run = Run(asgi["url"], asgi["record"], queue_path, transport)
     run.deliver([EVENTS])
     run.check_every_event_arrived()
     assert run.stats().dead_letters == 0
+
+
+def test_python_http_server_answering_in_http_1_0_loses_nothing(
+        upstream, transport, queue_path):
+    """wsgiref on http.server: HTTP/1.0 answers, each connection closed after one."""
+    run = Run(f"http://127.0.0.1:{upstream[0]}/v1/", upstream[1], queue_path, transport)
+    run.deliver([EVENTS])
+    run.check_every_event_arrived()
+    assert run.stats().dead_letters == 0
+
+
+@pytest.mark.parametrize("host, trusted", [("127.0.0.1", False), ("localhost", True)],
+                         ids=["unknown-CA", "hostname-mismatch"])
+def test_nginx_whose_certificate_fails_verification_gets_nothing_and_nothing_is_deleted(
+        nginx, tls, transport, queue_path, host, trusted):
+    """Without our CA (certifi's bundle), or through a name the certificate does not hold
+    (it is for 127.0.0.1), every request is refused before it is sent."""
+    url = nginx["urls"]["tls"].replace("127.0.0.1", host)
+    ca = ["--ca-bundle", tls["ca"]] if trusted else []
+    Path(nginx["record"]).write_text("")
+    enqueue(queue_path, 200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "segmentry.flusher", "--queue", queue_path, "--api-url", url,
+         *FAST, *ca, *transport, "--drain", "--drain-timeout", "2"],
+        env={**os.environ, "SEGMENT_WRITE_KEY": KEY}, capture_output=True, text=True,
+        timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert read_record(nginx["record"]) == []
+    stats = SQLiteQueue(queue_path).stats(time.time())
+    assert (stats.depth, stats.dead_letters) == (200, 0)
 
 
 def test_a_client_certificate_takes_the_requests_path(upstream, tls, monkeypatch):
