@@ -1,9 +1,10 @@
 """Conformance: the real flusher process against real servers written by others, started
 here on 127.0.0.1 — nginx (TLS, short keep-alive, gzip answers, 413 before the body,
-HTTP/1.0 to its upstream, no keep-alive), gunicorn (sync and gthread workers restarted
-every 5 requests) and uvicorn (h11 and httptools) — over both of segmentry's transports:
-its own HTTP/1.1 exchange, and requests + urllib3 (taken with a client certificate).
-Each run accounts for every event at the receiver, counts duplicates and checks the queue.
+HTTP/1.0 to its upstream, no keep-alive, certificates that fail verification), gunicorn
+(sync and gthread workers restarted every 5 requests), uvicorn (h11 and httptools),
+hypercorn and Python's http.server — over both of segmentry's transports: its own
+HTTP/1.1 exchange, and requests + urllib3 (taken with a client certificate). Each run
+accounts for every event at the receiver, counts duplicates and checks the queue.
 The receiver app is tools/conformance_app.py; it records accepted messageIds in a file."""
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ NGINX_HINT = "nginx not found: apt-get install nginx (.ci/run installs it in CI)
 # --- servers ------------------------------------------------------------------------------
 
 def free_ports(count):
-    """Ports free now (another process may take one before the server binds it: start()
+    """Ports free now (another process may take one before the server binds it: Server
     tries again with new ones)."""
     socks = [socket.socket() for _ in range(count)]
     try:
