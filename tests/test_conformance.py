@@ -203,12 +203,15 @@ def python_server(name, directory, argv_tail):
 @pytest.fixture(scope="module", params=["sync", "gthread"])
 def gunicorn(request, tmp_path_factory):
     pytest.importorskip("gunicorn", reason="pip install -e '.[test]' (it has gunicorn)")
+    # --threads only for gthread: with more than one, gunicorn swaps sync for gthread.
+    threads = ["--threads", "4"] if request.param == "gthread" else []
     server, where = python_server(
         f"gunicorn-{request.param}", tmp_path_factory.mktemp("gunicorn"),
         lambda port: ["gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-                      "--worker-class", request.param, "--threads", "4",
-                      "--max-requests", "5", "--pythonpath", TOOLS, "conformance_app:wsgi"])
-    yield where
+                      "--worker-class", request.param, *threads, "--max-requests", "5",
+                      "--no-control-socket",  # else a socket in ~/.gunicorn, shared
+                      "--pythonpath", TOOLS, "conformance_app:wsgi"])
+    yield {**where, "log": server.log}
     server.stop()
 
 
@@ -340,11 +343,13 @@ def test_gunicorn_restarting_its_workers_every_5_requests_loses_nothing(
         gunicorn, transport, queue_path):
     """Batches of 20: 100 requests, a worker restarted every 5 (sync workers close each
     connection; gthread ones keep it alive until the worker goes)."""
+    boots = gunicorn["log"].read_text().count("Booting worker")
     run = Run(gunicorn["url"], gunicorn["record"], queue_path,
               ["--max-batch-size", "20", *transport])
     run.deliver([EVENTS])
     run.check_every_event_arrived()
     assert run.stats().dead_letters == 0
+    assert gunicorn["log"].read_text().count("Booting worker") - boots >= 5
 
 
 def test_uvicorn_and_hypercorn_lose_nothing(asgi, transport, queue_path):
