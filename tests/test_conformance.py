@@ -319,10 +319,12 @@ def test_nginx_tls_with_short_keep_alive_and_gzip_answers_loses_nothing(
 def test_nginx_refusing_bodies_over_2k_dead_letters_exactly_the_oversized_events(
         nginx, transport, queue_path):
     """client_max_body_size 2k: nginx answers 413 from the Content-Length, before reading
-    the body. Batches are split until each oversized event is alone, then dead-lettered."""
+    the body. Batches are split until each of the five oversized events (2 to 30 KB) is
+    alone, then dead-lettered."""
     run = Run(nginx["urls"]["small"], nginx["record"], queue_path, transport)
-    oversized = run.deliver([EVENTS], extra=lambda: enqueue(
-        queue_path, 5, event="Oversized", properties={"blob": "x" * 3000}))
+    oversized = run.deliver([EVENTS], extra=lambda: [
+        message_id for size in (2100, 3000, 8000, 20_000, 30_000)  # a blob in each event
+        for message_id in enqueue(queue_path, 1, event="Oversized", properties={"b": "x" * size})])
     run.check_every_event_arrived()
     letters = SQLiteQueue(queue_path).dead_letters()
     assert sorted(letter.status for letter in letters) == [413] * 5
