@@ -215,23 +215,24 @@ def gunicorn(request, tmp_path_factory):
     server.stop()
 
 
-ASGI_SERVERS = {
-    "uvicorn-h11": ["uvicorn", "--http", "h11"],
-    "uvicorn-httptools": ["uvicorn", "--http", "httptools"],
-    "hypercorn": ["hypercorn"],
+ASGI_SERVERS = {  # name: the modules it needs
+    "uvicorn-h11": ("uvicorn", "h11"),
+    "uvicorn-httptools": ("uvicorn", "httptools"),
+    "hypercorn": ("hypercorn",),
 }
 
 
 def asgi_argv(name, port):
     if name == "hypercorn":  # it has no --app-dir: the module comes from PYTHONPATH
         return ["hypercorn", "--bind", f"127.0.0.1:{port}", "conformance_app:asgi"]
-    return [*ASGI_SERVERS[name], "--host", "127.0.0.1", "--port", str(port), "--app-dir",
-            TOOLS, "--no-access-log", "--log-level", "warning", "conformance_app:asgi"]
+    return ["uvicorn", "--http", ASGI_SERVERS[name][1], "--host", "127.0.0.1", "--port",
+            str(port), "--app-dir", TOOLS, "--no-access-log", "--log-level", "warning",
+            "conformance_app:asgi"]
 
 
 @pytest.fixture(scope="module", params=list(ASGI_SERVERS))
 def asgi(request, tmp_path_factory):
-    for module in (*ASGI_SERVERS[request.param][:1], *ASGI_SERVERS[request.param][2:]):
+    for module in ASGI_SERVERS[request.param]:
         pytest.importorskip(module, reason="pip install -e '.[test]' (it has it)")
     server, where = python_server(
         request.param, tmp_path_factory.mktemp("asgi"),
