@@ -166,12 +166,16 @@ def test_a_drained_queue_takes_events_again_under_a_small_cap(tmp_path):
 
 
 def test_a_storage_failure_follows_on_full(tmp_path):
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(b"not a database at all" * 100)
-    dropping = segmentry.Client(queue_path=str(junk), flusher=None)
+    def failing_put(body, now):  # as a disk that fails after the client was made
+        raise StorageError("queue file q.db: disk I/O error")
+
+    dropping = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    dropping.queue.put = failing_put
     assert dropping.track("u", "E") is None and dropping.dropped == 1
-    raising = segmentry.Client(queue_path=str(junk), flusher=None, on_full="raise")
-    with pytest.raises(StorageError, match="corrupt or not a SQLite database"):
+    raising = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
+                               on_full="raise")
+    raising.queue.put = failing_put
+    with pytest.raises(StorageError, match="disk I/O error"):
         raising.track("u", "E")
 
 
