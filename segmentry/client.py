@@ -312,7 +312,7 @@ class Client:
             self._warned_closed = True
             warnings.warn("segmentry: an event was recorded on a closed Client and dropped "
                           "(and so will every later one); record events before close(), "
-                          "or make a new Client", RuntimeWarning, stacklevel=5)
+                          "or make a new Client", RuntimeWarning, stacklevel=6)
 
     def _delivery(self) -> Any:
         """This client's flusher thread, started at the first event, stored or refused (a

@@ -9,7 +9,6 @@ Every ``sqlite3.Error`` is translated into ``StorageError`` here.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
@@ -499,10 +498,10 @@ class SQLiteQueue:
         except FileExistsError:
             return  # the file (or, see _open_failure, a file where a directory should be)
         except OSError as exc:
-            # "create" only for a file known to be missing: an existing one we cannot
-            # reach (an unsearchable directory) is not one we failed to create.
-            verb = "create" if exc.errno == errno.ENOENT or not os.path.lexists(self.path) \
-                else "open"
+            # "create" only for a file known to be missing: one in a directory we cannot
+            # search may exist (lexists() cannot tell), and is not one we failed to create.
+            known_missing = os.access(directory, os.X_OK) and not os.path.lexists(self.path)
+            verb = "create" if known_missing else "open"
             reason = _open_failure(self.path, exc.strerror or str(exc))
             raise StorageError(f"cannot {verb} queue file {self.path}: {reason}") from exc
         os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
