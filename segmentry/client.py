@@ -135,6 +135,11 @@ class Client:
         return not self._closed and self._flush(timeout)
 
     def _flush(self, timeout: float | None) -> bool:
+        try:
+            self._check_replaced()  # else it would wait for events no flusher can see
+        except StorageError as exc:
+            _say(f"flush() gives up: {exc}")
+            return False
         with self._ids_lock:
             first, last, puts = self._first_id, self._last_id, self._puts
             dropped, self._dropped_unflushed = self._dropped_unflushed, 0
@@ -280,10 +285,22 @@ class Client:
         cap = self.options.max_queue_bytes
         if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= cap:
             self._puts_since_stat = 0
+            self._check_replaced()
             self._disk_bytes = self.queue.used_bytes() + size
         if self._disk_bytes > self.options.max_queue_bytes:
             raise QueueFull(f"queue file {self.queue_path} is over max_queue_bytes "
                             f"({self.options.max_queue_bytes}); is a flusher running?")
+
+    def _check_replaced(self) -> None:
+        """A queue file removed or replaced under us (by hand, by a cleanup job): the events
+        stored in the old one since are moved to the new one, and that is said."""
+        moved = self.queue.reopen_if_replaced()
+        if moved is not None:
+            with self._ids_lock:  # the moved events have new ids: wait for all of them
+                if self._last_id:
+                    self._first_id, self._last_id = 1, 2**62
+            _say(f"queue file {self.queue_path} was removed or replaced while in use; "
+                 f"{moved} event(s) still in the old file were moved to the new one")
 
     def _drop(self, event: messages.Encoded, exc: Exception) -> None:
         self.dropped += 1

@@ -184,6 +184,7 @@ class SQLiteQueue:
                                 else PRODUCER_AUTOCHECKPOINT)
         self.wal_reuse_bytes = wal_reuse_bytes
         self.create_dirs = create_dirs
+        self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
         self._shrunk_at = -math.inf
         _queues.add(self)
 
@@ -486,7 +487,26 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
+        self._identity = _identity(self.path)
         return conn
+
+    def reopen_if_replaced(self) -> int | None:
+        """If the file open here was removed or replaced since (an open connection goes on
+        writing to the old one, which no other process sees and which is gone once it is
+        closed), move the events still in it into the file now at the path, created if
+        need be, and return how many; None when it was not replaced. A stat() a call."""
+        with self._lock:
+            if self._conn is None or _identity(self.path) == self._identity:
+                return None
+            try:
+                rows = self._conn.execute(
+                    "SELECT body, size, created FROM events ORDER BY id").fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            self._close()
+        # Events of a batch in flight are moved too: sent twice at worst, never lost.
+        self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
+        return len(rows)
 
     def _create_file(self) -> None:
         """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
@@ -872,6 +892,14 @@ def _missing_ancestor(directory: str) -> str | None:
         if directory == missing:
             break
     return missing if directory and os.path.isdir(directory) else None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _first_file(directory: str) -> str:

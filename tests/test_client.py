@@ -789,3 +789,35 @@ def test_close_takes_at_most_its_timeout_in_all(tmp_path):
     elapsed = time.monotonic() - started
     answer.set()
     assert elapsed < 3.0
+
+
+def test_a_queue_file_removed_while_in_use_is_recreated_keeping_its_events(
+        tmp_path, monkeypatch, caplog):
+    from segmentry import client as client_module
+
+    monkeypatch.setattr(client_module, "CAP_RESTAT_EVERY", 4)
+    path = tmp_path / "q.db"
+    c = segmentry.Client(queue_path=str(path), flusher=None)
+    ids = [c.track("u", "E", {"i": i}) for i in range(3)]
+    for suffix in ("", "-wal", "-shm"):  # as a cleanup job would
+        os.remove(f"{path}{suffix}")
+    with caplog.at_level("WARNING", logger="segmentry"):
+        ids += [c.track("u", "E", {"i": i}) for i in range(3, 10)]
+    assert "was removed or replaced while in use" in caplog.text
+    c.close()
+    conn = sqlite3.connect(path)
+    kept = [json.loads(b)["messageId"] for b, in conn.execute("SELECT body FROM events")]
+    conn.close()
+    assert sorted(kept) == sorted(ids)
+
+
+def test_flush_notices_a_removed_queue_file(tmp_path, caplog):
+    path = tmp_path / "q.db"
+    c = segmentry.Client(queue_path=str(path), flusher=None)
+    c.track("u", "E")
+    os.remove(path)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        c.flush(timeout=0.1)
+    assert "1 event(s) still in the old file were moved" in caplog.text
+    assert SQLiteQueue(str(path)).stats(time.time()).depth == 1
+    c.close()
