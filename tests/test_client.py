@@ -620,12 +620,22 @@ def test_the_default_per_user_directory_is_created_by_the_producer(tmp_path, mon
     assert (tmp_path / "state" / "segmentry" / "queue.db").is_file()
 
 
-def _can_run_as_nobody():
-    if os.geteuid() != 0:
-        return False
-    probe = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"{sys.executable} -c 1"],
-                           capture_output=True)
-    return probe.returncode == 0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(segmentry.__file__)))
+
+
+def _nobody_python():
+    """An interpreter the nobody user can run segmentry with (root only), or None."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("su") is None:
+        return None
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        probe = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c",
+                                f"cd /tmp && PYTHONPATH={ROOT} {python} -c 'import segmentry'"],
+                               capture_output=True)
+        if python and probe.returncode == 0:
+            return python
+    return None
 
 
 NOBODY = textwrap.dedent("""
@@ -637,22 +647,27 @@ NOBODY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not _can_run_as_nobody(), reason="needs root, su and an interpreter "
+@pytest.mark.skipif(_nobody_python() is None, reason="needs root, su and an interpreter "
                     "that the nobody user can run")
-def test_a_user_who_cannot_write_the_queue_gets_a_storage_error_not_silence(tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    os.chmod(tmp_path, 0o755)
-    segmentry.Client(queue_path=str(shared / "q.db"), flusher=None).close()  # root's 0600
-    root = os.path.dirname(os.path.dirname(segmentry.__file__))
-    for args, reason in (([], "cannot create directory /nonexistent"),
-                         ([str(shared / "q.db")], "permission denied"),
-                         ([str(shared / "new.db")], "permission denied on")):
-        env = f"HOME=/nonexistent XDG_STATE_HOME= PYTHONPATH={root}"
-        command = " ".join([env, sys.executable, "-c", repr(NOBODY), *args])
-        proc = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", command],
-                              capture_output=True, text=True, timeout=60)
-        assert reason in proc.stdout, (args, proc.stdout, proc.stderr)
+def test_a_user_who_cannot_write_the_queue_gets_a_storage_error_not_silence():
+    import shlex
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="segmentry-shared-")  # /tmp: nobody can reach it
+    try:
+        os.chmod(shared, 0o755)
+        segmentry.Client(queue_path=f"{shared}/q.db", flusher=None).close()  # root's, 0600
+        for args, reason in (([], "cannot create directory /nonexistent"),
+                             ([f"{shared}/q.db"], "permission denied (owner uid 0"),
+                             ([f"{shared}/new.db"], f"permission denied on {shared}")):
+            env = f"cd /tmp && HOME=/nonexistent XDG_STATE_HOME= PYTHONPATH={ROOT}"
+            command = " ".join([env, _nobody_python(), "-c", shlex.quote(NOBODY), *args])
+            proc = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", command],
+                                  capture_output=True, text=True, timeout=60)
+            assert reason in proc.stdout, (args, proc.stdout, proc.stderr)
+    finally:
+        shutil.rmtree(shared)
 
 
 def test_a_user_who_cannot_write_the_queue_is_told_why_and_how_to_fix_it(tmp_path,
