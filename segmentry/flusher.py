@@ -594,6 +594,7 @@ def _describe(error: Exception, api_url: str = "") -> str:
 _DNS_FAILURES = ("Name or service not known", "nodename nor servname", "getaddrinfo failed",
                  "Temporary failure in name resolution", "No address associated",
                  "gaierror")
+_PROXY_FAILURES = ("ProxyError", "Unable to connect to proxy", "Tunnel connection failed")
 _TLS_VERIFY = re.compile(r"certificate verify failed: ([^()'\"]+)")
 _CA_PATH = re.compile(r"invalid path: ([^\s()'\"]+)")
 
@@ -611,7 +612,7 @@ def _cause(error: BaseException, api_url: str) -> str:
     if "CA certificate bundle" in text:
         path = _CA_PATH.search(text)
         return f"CA bundle missing: {path.group(1) if path else innermost}"
-    if "proxy" in text.lower():
+    if any(s in text for s in _PROXY_FAILURES):
         return f"cannot go through the proxy: {innermost}"
     if any(s in text for s in _DNS_FAILURES):
         return f"DNS lookup failed for {where.rsplit(':', 1)[0]}: {innermost}"

@@ -764,6 +764,9 @@ def _chained(*errors):
      "timed out talking to h.example:8443"),
     (_chained(segmentry.NetworkError("no response"), requests.exceptions.ProxyError(
         "Unable to connect to proxy")), "cannot go through the proxy: Unable to connect"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError(
+        "HTTPSConnectionPool(host='proxy.example'): [Errno 111] Connection refused")),
+     "connection refused by h.example:8443"),  # a host named proxy is no proxy failure
     (segmentry.NetworkError("sending failed: KeyError"), None),
 ])
 def test_a_network_failure_is_described_by_its_cause(error, said):
