@@ -69,7 +69,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from . import messages
+from . import config, messages
 from .client import CLOSE_TIMEOUT_S
 from .client import Client as SegmentryClient
 from .exceptions import ConfigurationError
@@ -160,7 +160,12 @@ class Client:
         self.options = self._segmentry_options(
             thread, upload_size, upload_interval, queue_path, segmentry_options)
         self._lock = threading.Lock()
-        self._client: SegmentryClient | None = SegmentryClient(write_key, **self.options)
+        # send=False stores nothing: no segmentry client, which opens its queue file when
+        # made (the options are checked all the same).
+        self._client: SegmentryClient | None = (
+            SegmentryClient(write_key, **self.options) if self.send else None)
+        if not self.send:
+            config.resolve(self.options)
         _configure_logging(debug, log_handler)  # only once the options proved valid
 
     def _segmentry_options(self, thread: int, upload_size: int, upload_interval: float,

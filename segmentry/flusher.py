@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import queue
 import random
+import re
 import threading
 import time
+import urllib.parse
 from typing import Any, Callable
 
 from . import http, messages, telemetry
@@ -31,6 +34,7 @@ CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: h
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
+STOP_GRACE_S = 2.0  # the longest a stopping flusher thread lets the batches in flight settle
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
 # And beside this process's producers (the flusher thread). At 25 k events/s they write
 # ~140 MB of WAL a second (a page per commit); it must start over before their own
@@ -86,6 +90,9 @@ class Flusher:
         self.outcome = Outcome()
         self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
+        self.destination = destination(getattr(client, "api_url", ""),
+                                       getattr(client, "write_key", ""))
+        self._owns_backoffs = False  # whether the file names us as the backoffs' owner
         self.window = Window(options.max_in_flight)
         self._gate_seen = client.paused_until()  # the shared pause last noticed
         self._failing = False  # a transient failure since the last 2xx
@@ -121,9 +128,25 @@ class Flusher:
         reclaimed = self.queue.reset_leases()
         if reclaimed:
             logger.info("reclaimed %d events from a flusher that stopped mid-send", reclaimed)
-        ready_at = self.queue.next_ready_at(self.clock())
-        if ready_at:
-            self.pause_until = max(self.pause_until, ready_at)
+        self._owns_backoffs = False
+        now = self.clock()
+        ready_at = self.queue.next_ready_at(now)
+        if ready_at and ready_at > now:
+            self._stored_backoff(ready_at, now)
+
+    def _stored_backoff(self, ready_at: float, now: float) -> None:
+        """Wait out a backoff this destination earned; one earned by another (a wrong URL
+        or key, fixed since) says nothing of ours: its events go at once."""
+        owner = self.queue.backoff_owner()
+        if owner != self.destination:
+            resumed = self.queue.resume(now)
+            logger.info("%d events waited out a backoff earned by another destination "
+                        "(%s): they go now", resumed, owner or "not recorded")
+            return
+        self.pause_until = max(self.pause_until, ready_at)
+        logger.warning("waiting out the backoff stored after the last failures to %s: "
+                       "next attempt at %s (in %.0f s)", self.http.api_url,
+                       time.strftime("%H:%M:%S", time.localtime(ready_at)), ready_at - now)
 
     def claim(self, batches: int = 1, partial: bool = True) -> list[Claim]:
         """Up to ``batches`` batches, oldest first (an empty list: nothing is ready);
@@ -233,6 +256,9 @@ class Flusher:
         attempts = max(r.attempts for r in rows) + 1
         delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
         not_before = self.clock() + delay
+        if not self._owns_backoffs:  # once per take-over: only we write the file meanwhile
+            self.queue.set_backoff_owner(self.destination)
+            self._owns_backoffs = True
         released = self.queue.release(token, [r.id for r in rows], not_before)
         self.outcome.add("released", released)
         self.pause_until = max(self.pause_until, not_before)
@@ -241,7 +267,7 @@ class Flusher:
         telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
                           {"status_code": status, "queue_path": self.queue.path})
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
-                       _describe(error), len(rows), delay)
+                       _describe(error, self.http.api_url), len(rows), delay)
         self._on_error(error, rows)
 
     def _recovered(self) -> None:
@@ -259,7 +285,8 @@ class Flusher:
 
     def _misconfigured(self, token: int, rows: list[Row], answer: Any) -> None:
         """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
-        fixed key and a restart replay at once), log, report, retry slowly."""
+        fixed key and a restart replay at once), log, report, retry slowly; on_error is
+        told too (a wrong key is what users alert on), with the events, which stay."""
         status = answer.status_code
         self.queue.release(token, [r.id for r in rows], 0.0)
         delay = self._misconfig_delay
@@ -272,6 +299,7 @@ class Flusher:
         self.outcome.misconfigured = status
         telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
                           {"status_code": status, "queue_path": self.queue.path})
+        self._on_error(HTTPStatusError(status, False, _text(answer)), rows)
 
     def _reject(self, token: int, rows: list[Row], answer: Any) -> None:
         """400/413/other 4xx: split the batch to isolate what the receiver refuses."""
@@ -575,10 +603,77 @@ def _text(answer: Any) -> str:
         return ""
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, api_url: str = "") -> str:
+    """The failure in a few words for the log line: the status, or what stood in the
+    way of an answer."""
     if isinstance(error, HTTPStatusError):
         return f"HTTP {error.status_code}"
-    return type(error).__name__
+    cause = _cause(error, api_url)
+    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+
+
+_DNS_FAILURES = ("Name or service not known", "nodename nor servname", "getaddrinfo failed",
+                 "Temporary failure in name resolution", "No address associated",
+                 "gaierror")
+_PROXY_FAILURES = ("ProxyError", "Unable to connect to proxy", "Tunnel connection failed")
+_TLS_VERIFY = re.compile(r"certificate verify failed: ([^()'\"]+)")
+_CA_PATH = re.compile(r"invalid path: ([^\s()'\"]+)")
+
+
+def _cause(error: BaseException, api_url: str) -> str:
+    """What stood in the way of an answer, from the texts of the error's chain: the
+    exceptions below requests carry neither a request body nor the write key (which
+    travels in a header only). Empty when nothing is known."""
+    chain = _chain(error)
+    text = " ".join(f"{type(e).__name__} {e}" for e in chain)
+    where = _host_port(api_url)
+    innermost = _short(str(chain[-1]))
+    if verify := _TLS_VERIFY.search(text):
+        return f"TLS verification failed for {where}: {verify.group(1).strip()}"
+    if "CA certificate bundle" in text:
+        path = _CA_PATH.search(text)
+        return f"CA bundle missing: {path.group(1) if path else innermost}"
+    if any(s in text for s in _PROXY_FAILURES):
+        return f"cannot go through the proxy: {innermost}"
+    if any(s in text for s in _DNS_FAILURES):
+        return f"DNS lookup failed for {where.rsplit(':', 1)[0]}: {innermost}"
+    if "Connection refused" in text:
+        return f"connection refused by {where}"
+    if "timed out" in text.lower() or "Timeout" in text:
+        return f"timed out talking to {where}"
+    if "SSL" in text:
+        return f"TLS failed with {where}: {innermost}"
+    return innermost if chain[-1] is not error else ""
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it, outermost first (a cycle is cut)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _short(text: str) -> str:
+    return re.sub(r"^\[Errno -?\d+\] ", "", text)[:200]
+
+
+def _host_port(api_url: str) -> str:
+    parts = urllib.parse.urlsplit(api_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return parts.netloc
+    return f"{parts.hostname}:{port}"
+
+
+def destination(api_url: str, write_key: str) -> str:
+    """Where a flusher sends, as recorded beside the backoffs it stores: the URL and a
+    short hash of the key (never the key)."""
+    digest = hashlib.sha256(write_key.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{api_url} key sha256:{digest}"
 
 
 class Lock:
@@ -732,6 +827,7 @@ class Background:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._enqueued = 0
+        self._grace_end = math.inf  # set by stop()
         self._thread = threading.Thread(target=self._main, name="segmentry-flusher",
                                         daemon=True)
 
@@ -754,7 +850,15 @@ class Background:
     def wait_cycle(self, timeout: float) -> None:
         self.flusher.wait_settled(timeout)
 
+    def blocked(self) -> int | None:
+        """The status (401/403/404) the receiver keeps answering, while it lasts."""
+        return self.flusher.outcome.misconfigured
+
     def stop(self, timeout: float) -> None:
+        """Stop the thread, waiting for it ``timeout`` seconds at most; the batches in
+        flight get half of that (at most STOP_GRACE_S) to settle, the rest is given
+        back. A thread still busy then (a hung request) ends on its own."""
+        self._grace_end = time.monotonic() + min(STOP_GRACE_S, timeout / 2)
         self._stop.set()
         self.flusher.hurry.set()  # ends a gather under way (Flusher._gather)
         self._wake.set()
@@ -791,8 +895,12 @@ class Background:
             self.flusher.take_over()
             self.flusher.run(self._stop, self._wake)
         finally:
-            self.flusher.finish(grace=2.0)
+            self.flusher.finish(grace=self._grace())
             self.lock.release()
+
+    def _grace(self) -> float:
+        """How long the batches in flight may settle: STOP_GRACE_S, or what stop() left."""
+        return max(0.0, min(STOP_GRACE_S, self._grace_end - time.monotonic()))
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -168,7 +168,9 @@ class SQLiteQueue:
     """A queue file. Thread-safe; fork-safe (no connection ever crosses a fork)."""
 
     def __init__(self, path: str, durability: str = "normal",
-                 wal_reuse_bytes: int = WAL_REUSE_BYTES) -> None:
+                 wal_reuse_bytes: int = WAL_REUSE_BYTES, create_dirs: bool = True) -> None:
+        """``create_dirs``: create the file's missing directories (0700); False refuses a
+        missing one, so that a mistyped path is an error, not a new queue nobody reads."""
         if durability not in DURABILITY:
             raise ConfigurationError(
                 f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
@@ -181,8 +183,15 @@ class SQLiteQueue:
         self._autocheckpoint = (FULL_AUTOCHECKPOINT if durability == "full"
                                 else PRODUCER_AUTOCHECKPOINT)
         self.wal_reuse_bytes = wal_reuse_bytes
+        self.create_dirs = create_dirs
+        self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
         self._shrunk_at = -math.inf
         _queues.add(self)
+
+    def open(self) -> None:
+        """Open (or create) the file now: a queue that cannot be used is refused with a
+        StorageError saying why, instead of at the first event."""
+        self._run(lambda conn: None)
 
     # -- producer side ------------------------------------------------------------
 
@@ -345,6 +354,29 @@ class SQLiteQueue:
         value = self._run(lambda c: c.execute(sql, {"now": now}).fetchone()[0])
         return None if value is None else float(value)
 
+    def backoff_owner(self) -> str | None:
+        """The destination whose failures stored the backoffs now in the file (see
+        set_backoff_owner); None when none was recorded (a file of segmentry 0.1)."""
+        def read(conn: sqlite3.Connection) -> str | None:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                return None  # never written: the table is made by the first owner
+            row = conn.execute("SELECT value FROM meta WHERE key = 'backoff_owner'").fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(read)
+
+    def set_backoff_owner(self, owner: str) -> None:
+        """Record who earns the backoffs stored from now on: a flusher sending elsewhere
+        (the key or URL fixed) must not wait out another destination's. The table is
+        made here, not at open, so readers (`segmentry status`) never write the file."""
+        def write(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("CREATE TABLE IF NOT EXISTS meta "
+                             "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('backoff_owner', ?)", (owner,))
+
+        self._run(write)
+
     def maintain(self, empty: bool) -> int | None:
         """Checkpoint the WAL (the flusher's job, so producers see no checkpoint stalls);
         return how many of its frames are left to checkpoint, None if it was busy. When
@@ -445,6 +477,9 @@ class SQLiteQueue:
                                 f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
         if "unable to open database file" in text:
             return StorageError(f"cannot open queue file {self.path}: {_open_failure(self.path)}")
+        if "readonly" in text:  # opened, but SQLite could not write it or its -wal/-shm
+            return StorageError(f"cannot write queue file {self.path}: "
+                                f"{_open_failure(self.path, text)}")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
@@ -460,19 +495,56 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
+        self._identity = _identity(self.path)
         return conn
+
+    def reopen_if_replaced(self) -> int | None:
+        """If the file open here was removed or replaced since (an open connection goes on
+        writing to the old one, which no other process sees and which is gone once it is
+        closed), move the events still in it into the file now at the path, created if
+        need be, and return how many; None when it was not replaced. A stat() a call."""
+        with self._lock:
+            if self._conn is None or _identity(self.path) == self._identity:
+                return None
+            try:
+                rows = self._conn.execute(
+                    "SELECT body, size, created FROM events ORDER BY id").fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            self._close()
+        # Events of a batch in flight are moved too: sent twice at worst, never lost.
+        self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
+        return len(rows)
 
     def _create_file(self) -> None:
         """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
         directory = os.path.dirname(self.path)
+        if self.create_dirs:
+            self._create_dirs(directory)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except FileExistsError:
-            return
+            return  # the file (or, see _open_failure, a file where a directory should be)
         except OSError as exc:
-            raise StorageError(f"cannot create queue file {self.path}: {exc.strerror}") from exc
+            # "create" only for a file known to be missing: one in a directory we cannot
+            # search may exist (lexists() cannot tell), and is not one we failed to create.
+            known_missing = os.access(directory, os.X_OK) and not os.path.lexists(self.path)
+            verb = "create" if known_missing else "open"
+            reason = _open_failure(self.path, exc.strerror or str(exc))
+            raise StorageError(f"cannot {verb} queue file {self.path}: {reason}") from exc
         os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
+
+    def _create_dirs(self, directory: str) -> None:
+        missing = _missing_ancestor(directory)
+        if missing is None:
+            return  # there, or a file in the way (which the open then names)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create directory {missing} for queue file {self.path}: "
+                f"{exc.strerror}; create it for this user, or choose another queue path "
+                "(queue_path, SEGMENTRY_QUEUE or XDG_STATE_HOME)") from exc
 
     def _check_or_init(self, conn: sqlite3.Connection) -> None:
         app_id, version, tables = _header(conn)
@@ -828,22 +900,56 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_after_fork_child)
 
 
-def _open_failure(path: str) -> str:
-    """Why SQLite could not open ``path``, as far as the file system tells (SQLite says
-    only "unable to open database file")."""
+def _open_failure(path: str, fallback: str = "unable to open database file") -> str:
+    """Why ``path`` cannot be opened or created, and the fix, as far as the file system
+    tells (SQLite says only "unable to open database file")."""
     directory = os.path.dirname(path)
+    missing = _missing_ancestor(directory)
     if os.path.isdir(path):
-        return "it is a directory"
+        return f"it is a directory; give a file name inside it, e.g. {path}/queue.db"
+    if missing is not None:
+        return (f"directory {missing} does not exist; create it (mkdir -p {directory}) "
+                "or fix the queue path")
     if not os.path.isdir(directory):
-        return f"{directory} is not a directory"
+        return f"{_first_file(directory)} is not a directory; fix the queue path"
+    if not os.access(directory, os.X_OK):
+        return (f"permission denied: cannot search directory {directory}; run as a user "
+                "who can, or choose another queue path")
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
         info = os.stat(path)
         return (f"permission denied (owner uid {info.st_uid}, mode "
                 f"{stat.S_IMODE(info.st_mode):o}); run as its owner or a member of its group")
     if not os.access(directory, os.W_OK | os.X_OK):
         return (f"permission denied on {directory}, where SQLite creates the -wal and -shm "
-                "files beside the queue")
-    return "unable to open database file"
+                "files beside the queue; make it writable or choose another queue path")
+    return fallback
+
+
+def _missing_ancestor(directory: str) -> str | None:
+    """The topmost missing directory on the way to ``directory`` (None: it exists, or a
+    file stands in the way)."""
+    missing = None
+    while directory and not os.path.lexists(directory):
+        missing, directory = directory, os.path.dirname(directory)
+        if directory == missing:
+            break
+    return missing if directory and os.path.isdir(directory) else None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _first_file(directory: str) -> str:
+    """The ancestor of ``directory`` that exists but is not a directory."""
+    path = directory
+    while (parent := os.path.dirname(path)) != path and not os.path.isdir(parent):
+        path = parent
+    return path
 
 
 def default_queue_path() -> str:

@@ -255,7 +255,7 @@ def test_telemetry_spans_around_claim_and_batch_in_order(path):
     (_, start, _), (_, stop, claim_meta), _, (_, batch_stop, batch_meta) = seen
     assert isinstance(start["system_time"], int) and isinstance(stop["duration"], int)
     assert claim_meta["claimed"] == 2 and claim_meta["queue_path"] == path
-    assert claim_meta["status"] == "ok"  # DESIGN: every stop carries a status
+    assert claim_meta["status"] == "ok"  # every stop carries a status (README, Telemetry)
     assert batch_meta["status"] == "ok" and len(batch_meta["events"]) == 2
     assert batch_meta["result"].status_code == 200 and batch_stop["duration"] > 0
 
@@ -743,3 +743,114 @@ def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_
         flusher._last_maintain = 0.0
         flusher._maintain(empty=False)
     assert held == [1, 1]
+
+
+# -- nothing dropped or waited on in silence ------------------------------------------------
+
+
+def test_a_401_tells_on_error_and_keeps_the_events(path):
+    from segmentry.exceptions import HTTPStatusError
+
+    ids = enqueue(path, 3)
+    errors = []
+    flusher, stub, queue = make(path, lambda r: 401, on_error=lambda e, ev: errors.append(
+        (e, [x["messageId"] for x in ev])))
+    flusher.run_once()
+    assert len(errors) == 1 and isinstance(errors[0][0], HTTPStatusError)
+    assert errors[0][0].status_code == 401 and not errors[0][0].retryable
+    assert errors[0][1] == ids
+    assert queue.stats(time.time()).depth == 3 and queue.dead_letters() == []
+
+
+def _elsewhere(path, key="K", url="https://api.segment.io/v1/", handler=None):
+    opts = Options(queue_path=path, retry_attempts=0, retry_start=1, retry_expiry=60_000,
+                   api_url=url, requests_options={"adapter": Stub(handler)})
+    queue = SQLiteQueue(path)
+    return Flusher(queue, make_http(key, opts), opts), queue
+
+
+@pytest.mark.parametrize("fixed", [{"key": "FIXED"}, {"url": "http://127.0.0.1:9/v1/"}])
+def test_a_backoff_earned_by_another_destination_is_not_waited_out(path, fixed, caplog):
+    enqueue(path, 2)
+    wrong, queue = _elsewhere(path, handler=lambda r: 503)
+    wrong.run_once()
+    assert queue.next_ready_at(time.time()) > time.time() + 20  # 30 to 60 s stored
+    fixed_flusher, _ = _elsewhere(path, **fixed)
+    with caplog.at_level("INFO", logger="segmentry"):
+        fixed_flusher.take_over()
+    assert fixed_flusher.pause_until <= time.time()
+    assert queue.next_ready_at(time.time()) == 0
+    assert "backoff earned by another destination" in caplog.text
+    assert "FIXED" not in caplog.text
+
+
+def test_a_backoff_stored_without_its_owner_is_not_waited_out(path):
+    enqueue(path, 1)
+    queue = SQLiteQueue(path)
+    claim = queue.claim(10, 10**6, time.time(), 60)
+    queue.release(claim.token, [r.id for r in claim.rows], time.time() + 60)  # as 0.1 did
+    flusher, _ = _elsewhere(path)
+    flusher.take_over()
+    assert flusher.pause_until <= time.time() and queue.next_ready_at(time.time()) == 0
+
+
+def test_a_stored_backoff_of_the_same_destination_is_logged_with_its_end(path, caplog):
+    enqueue(path, 1)
+    first, _ = _elsewhere(path, handler=lambda r: 503)
+    first.run_once()
+    second, _ = _elsewhere(path)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        second.take_over()
+    assert second.pause_until == first.pause_until > time.time()
+    when = time.strftime("%H:%M:%S", time.localtime(second.pause_until))
+    assert "waiting out the backoff" in caplog.text and f"next attempt at {when}" in caplog.text
+
+
+def test_a_refused_connection_is_named_in_the_failure_line(path, caplog):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    enqueue(path, 1)
+    opts = Options(queue_path=path, retry_attempts=0, api_url=f"http://127.0.0.1:{port}/v1/")
+    flusher = Flusher(SQLiteQueue(path), make_http("SECRET-KEY", opts), opts)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        flusher.run_once()
+    line = [r.getMessage() for r in caplog.records if "delivery failed" in r.getMessage()]
+    assert len(line) == 1, caplog.text
+    assert f"NetworkError: connection refused by 127.0.0.1:{port}" in line[0]
+    assert "SECRET-KEY" not in caplog.text
+
+
+def _chained(*errors):
+    """The errors as a chain, the first outermost (as ``raise ... from`` leaves them)."""
+    for outer, inner in zip(errors, errors[1:]):
+        outer.__cause__ = inner
+    return errors[0]
+
+
+@pytest.mark.parametrize("error, said", [
+    (_chained(segmentry.NetworkError("no response"), requests.exceptions.SSLError(
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate "
+        "(_ssl.c:1006)")), "TLS verification failed for h.example:8443: self-signed certificate"),
+    (_chained(segmentry.NetworkError("no response"), OSError(
+        "Could not find a suitable TLS CA certificate bundle, invalid path: /nope.pem")),
+     "CA bundle missing: /nope.pem"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError("x"),
+              OSError(-2, "Name or service not known")),
+     "DNS lookup failed for h.example: Name or service not known"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError(
+        "[Errno 111] Connection refused")), "connection refused by h.example:8443"),
+    (_chained(segmentry.NetworkError("no response"), requests.ReadTimeout("read timed out")),
+     "timed out talking to h.example:8443"),
+    (_chained(segmentry.NetworkError("no response"), requests.exceptions.ProxyError(
+        "Unable to connect to proxy")), "cannot go through the proxy: Unable to connect"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError(
+        "HTTPSConnectionPool(host='proxy.example'): [Errno 111] Connection refused")),
+     "connection refused by h.example:8443"),  # a host named proxy is no proxy failure
+    (segmentry.NetworkError("sending failed: KeyError"), None),
+])
+def test_a_network_failure_is_described_by_its_cause(error, said):
+    described = flusher_module._describe(error, "https://h.example:8443/v1/")
+    assert described == "NetworkError" if said is None else said in described, described
