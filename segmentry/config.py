@@ -7,6 +7,7 @@ the first send. Imports nothing foreign (requests only to check a given session 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ FLUSHERS = ("thread", None)
 REQUESTS_OPTIONS = ("timeout", "proxies", "verify", "cert", "headers", "session", "adapter")
 PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 # RFC 3986 reg-name characters (and "%" escapes); a non-ASCII name is left to IDNA.
-_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]+|\[[0-9A-Fa-f:.]+\]")
+_HOST = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=-]+")
 # The rules requests applies to a header at every send (requests.utils.check_header_validity).
 _HEADER_NAME = re.compile(r"[^:\s][^:\r\n]*")
 _HEADER_VALUE = re.compile(r"(\S[^\r\n]*)?")
@@ -111,14 +112,20 @@ def check_url(name: str, url: Any, schemes: tuple[str, ...] = ("http", "https"))
     if parts.scheme.lower() not in schemes:
         raise ConfigurationError(
             f"{name} must be a {' or '.join(s + '://' for s in schemes)} URL, not {url!r}")
-    host = parts.netloc.rpartition("@")[2]
-    host = host if host.startswith("[") else host.partition(":")[0]
-    if not host or (host.isascii() and not _HOST.fullmatch(host)):
+    host = parts.hostname or ""
+    if not host or (host.isascii() and not _HOST.fullmatch(host) and not _ipv6(host)):
         raise ConfigurationError(f"{name} has no valid host name: {url!r}")
     try:
         parts.port  # noqa: B018 (urlsplit checks the port when it is read)
     except ValueError:
         raise ConfigurationError(f"{name} has an invalid port: {url!r}") from None
+
+
+def _ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def normalize_url(url: Any, name: str = "api_url") -> str:
@@ -170,7 +177,7 @@ def _check_verify(verify: Any, files: bool) -> None:
         return
     path = _path("verify (True, False or a CA bundle path)", verify)
     if files:
-        _readable("verify: CA bundle", path, directory_ok=True)
+        check_readable("verify: CA bundle", path, directory_ok=True)
 
 
 def _check_cert(cert: Any, files: bool) -> None:
@@ -178,10 +185,11 @@ def _check_cert(cert: Any, files: bool) -> None:
     for path in paths:
         path = _path("cert (a PEM path or a (cert, key) pair of them)", path)
         if files:
-            _readable("cert: file", path)
+            check_readable("cert: file", path)
 
 
-def _readable(what: str, path: str, directory_ok: bool = False) -> None:
+def check_readable(what: str, path: str, directory_ok: bool = False) -> None:
+    """A file (or, if ``directory_ok``, a directory) that exists and can be read."""
     if not os.path.exists(path):
         raise ConfigurationError(f"{what} {path} does not exist")
     if os.path.isdir(path) and not directory_ok:
