@@ -11,8 +11,8 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from .exceptions import ConfigurationError
 from .storage import DURABILITY

@@ -350,29 +350,53 @@ def test_an_empty_segmentry_queue_is_unset_not_the_working_directory(env, tmp_pa
     assert proc.stdout.strip() == str(tmp_path / "state" / "segmentry" / "queue.db"), proc
 
 
-def test_transport_flags_become_requests_options():
+def test_transport_flags_become_requests_options(tmp_path):
     from segmentry.service import build_parser, options_from_args
 
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "client.pem", "client.key"))
+    for path in (ca, cert, key):
+        Path(path).write_text("PEM")
     args = build_parser().parse_args([
-        "--timeout", "3", "--proxy", "http://proxy:3128", "--ca-bundle", "/etc/ca.pem",
-        "--cert", "client.pem", "--cert-key", "client.key", "--header", "X-Tenant: t1",
+        "--timeout", "3", "--proxy", "http://proxy:3128", "--ca-bundle", ca,
+        "--cert", cert, "--cert-key", key, "--header", "X-Tenant: t1",
         "--header", "X-Env:prod"])
     assert options_from_args(args, {}).requests_options == {
         "timeout": 3.0, "proxies": {"http": "http://proxy:3128", "https": "http://proxy:3128"},
-        "verify": "/etc/ca.pem", "cert": ("client.pem", "client.key"),
-        "headers": {"X-Tenant": "t1", "X-Env": "prod"}}
+        "verify": ca, "cert": (cert, key), "headers": {"X-Tenant": "t1", "X-Env": "prod"}}
 
 
 @pytest.mark.parametrize("args, words", [
     (["--header", "no colon"], ["--header", "NAME: VALUE"]),
     (["--header", "X-Bad: a\nb"], ["header 'X-Bad'"]),
     (["--cert-key", "k.pem"], ["--cert-key goes with --cert"]),
+    (["--api-url", "http://exa mple/"], ["--api-url", "space"]),
+    (["--api-url", "http://host:port/v1"], ["--api-url", "port"]),
+    (["--ca-bundle", "/nope.pem"], ["--ca-bundle /nope.pem does not exist"]),
+    (["--cert", "/nope.pem"], ["--cert /nope.pem does not exist"]),
+    (["--proxy", "notaurl"], ["--proxy", "http://"]),
 ])
 def test_a_bad_transport_flag_exits_2_in_one_line(env, queue_path, args, words):
+    """Found before the queue is opened: never retried forever as a network error."""
     proc = run(env, "--queue", queue_path, "--drain", *args, module="segmentry.flusher",
-               extra={"SEGMENT_WRITE_KEY": KEY})
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60)
     assert_one_line_error(proc, 2, *words)
     assert not os.path.exists(queue_path)
+
+
+def test_a_bad_url_in_the_environment_exits_2_like_the_flag(env, queue_path):
+    proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY, "SEGMENTRY_API_URL": "http://exa mple/"},
+               timeout=60)
+    assert_one_line_error(proc, 2, "api_url")
+    assert not os.path.exists(queue_path)
+
+
+def test_the_flusher_refuses_a_queue_in_a_directory_that_does_not_exist(env, tmp_path):
+    path = tmp_path / "typo" / "deep" / "q.db"
+    proc = run(env, "--queue", str(path), "--drain", module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60)
+    assert_one_line_error(proc, 1, "no directory", str(path.parent), "--queue")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_no_gzip_overrides_segmentry_gzip():
@@ -412,8 +436,9 @@ def poisoned(env, queue_path):
         receiver.reject("Poison")
         proc = flusher(env, queue_path, receiver.url, "--drain")
         _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
     assert status_json(env, queue_path)["dead_letters"] == 2
+    assert proc.returncode == 1, err  # delivered all it could, but not everything
+    assert "2 events were refused" in err and "segmentry dead-letters list" in err
     return poison
 
 
@@ -476,10 +501,14 @@ def test_purge_all_deletes_every_dead_letter_and_says_how_many(env, queue_path, 
     assert (report["depth"], report["dead_letters"]) == (0, 0)
 
 
-def test_purge_of_unknown_ids_says_they_were_not_found(env, queue_path, poisoned):
-    proc = run(env, "dead-letters", "purge", "--queue", queue_path, "9998", "9999")
-    assert proc.returncode == 0 and "purged 0 dead letters (2 ids not found)" in proc.stdout
-    assert status_json(env, queue_path)["dead_letters"] == 2
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+def test_unknown_ids_exit_1_saying_they_are_not_dead_letters(env, queue_path, poisoned,
+                                                             action):
+    first = dead_letters(env, queue_path)["dead_letters"][0]["id"]
+    proc = run(env, "dead-letters", action, "--queue", queue_path, str(first), "999")
+    assert proc.returncode == 1 and f"{action}d 1 dead letters" in proc.stdout
+    assert_one_line_error(proc, 1, "1 of the given ids are not dead letters")
+    assert status_json(env, queue_path)["dead_letters"] == 1
 
 
 @pytest.mark.parametrize("action", ["requeue", "purge"])
