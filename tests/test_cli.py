@@ -3,6 +3,7 @@ exit codes, one-line errors, refused files left byte-identical, and the systemd 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import pytest
 from fake_segment import FakeSegment
 from helpers import FAST, enqueue, wait_until
 
+import segmentry
 from segmentry.flusher import holder_pid
 from segmentry.service import GRACE_S
 from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
@@ -41,9 +43,43 @@ def env(tmp_path):
     return {**clean, "XDG_STATE_HOME": str(tmp_path / "state")}
 
 
-def run(env, *args, module="segmentry", extra=None, timeout=120):
+def run(env, *args, module="segmentry", extra=None, timeout=120, user=None):
     return subprocess.run([sys.executable, "-m", module, *args], env={**env, **(extra or {})},
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=user)
+
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def bound_by_modes():
+    """A preexec_fn after which the process obeys our files' modes, as another user would:
+    as root (CI), it drops the capabilities that let root read and write anything (the
+    modes the tests set deny the owner too); as anyone else there is nothing to drop."""
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop() -> None:
+        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return drop
+
+
+@pytest.fixture
+def locked_dir(tmp_path):
+    """A directory whose modes the test may take away; given back for the cleanup."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    yield path
+    path.chmod(0o755)
+    for child in path.iterdir():
+        child.chmod(0o644)
+
+
+def files_of(directory):
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
 
 
 def flusher(env, path, url, *args):
@@ -116,6 +152,50 @@ def test_status_reads_the_queue_from_segmentry_queue_then_the_state_dir(env, tmp
     proc = run(env, "status", "--json")
     default = tmp_path / "state" / "segmentry" / "queue.db"
     assert json.loads(proc.stdout)["queue_path"] == str(default) and not default.exists()
+
+
+def test_status_of_an_empty_file_reports_an_empty_queue_and_leaves_it_empty(env, queue_path):
+    Path(queue_path).touch()
+    report = status_json(env, queue_path)
+    assert report["exists"] and (report["depth"], report["dead_letters"]) == (0, 0)
+    assert os.listdir(os.path.dirname(queue_path)) == ["q.db"]
+    assert os.path.getsize(queue_path) == 0
+
+
+def test_status_reads_a_queue_it_cannot_write_and_changes_nothing(env, locked_dir):
+    path = locked_dir / "q.db"
+    enqueue(str(path), 3)
+    path.chmod(0o444)
+    locked_dir.chmod(0o555)  # nor create a -wal or -shm beside it
+    before = files_of(locked_dir)
+    proc = run(env, "status", "--json", "--queue", str(path), user=bound_by_modes())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["depth"] == 3
+    assert files_of(locked_dir) == before
+
+
+def test_status_reads_a_queue_a_live_client_holds_open(env, locked_dir):
+    path = locked_dir / "q.db"
+    with segmentry.Client(queue_path=str(path), flusher=None) as client:
+        client.track("u1", "E")
+        assert (locked_dir / "q.db-wal").exists()  # read through the WAL, not the file alone
+        for name in ("q.db", "q.db-wal", "q.db-shm"):
+            (locked_dir / name).chmod(0o444)
+        proc = run(env, "status", "--json", "--queue", str(path), user=bound_by_modes())
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["depth"] == 1
+
+
+@pytest.mark.parametrize("command", [["status"], ["dead-letters", "list"]])
+@pytest.mark.parametrize("locked", ["file", "directory"])
+def test_a_queue_that_cannot_be_read_is_permission_denied_exit_1(env, locked_dir, command,
+                                                                  locked):
+    path = locked_dir / "q.db"
+    enqueue(str(path), 3)
+    (path if locked == "file" else locked_dir).chmod(0o000 if locked == "file" else 0o600)
+    proc = run(env, *command, "--json", "--queue", str(path), user=bound_by_modes())
+    assert_one_line_error(proc, 1, "permission denied", str(path))
+    assert proc.stdout == ""
 
 
 def test_status_says_when_leases_are_a_stopped_flushers(env, queue_path):
