@@ -66,8 +66,9 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
     p = Parser(
         prog=prog,
         description="Deliver a segmentry queue file to Segment (or any /v1/batch receiver). "
-                    "Exit codes: 0 done; 1 could not deliver, dead-lettered, or the queue "
-                    "was refused; 2 bad configuration.")
+                    "An option not given falls back on its SEGMENTRY_<NAME> variable, then "
+                    "on the default shown. Exit codes: 0 done; 1 could not deliver, "
+                    "dead-lettered, or the queue was refused; 2 bad configuration.")
     p.add_argument("--version", action="version", version=f"segmentry {__version__}")
     p.add_argument("--queue", metavar="PATH",
                    help="queue file; its directory must exist (default: $SEGMENTRY_QUEUE, "
@@ -76,7 +77,8 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
     p.add_argument("--write-key-file", metavar="PATH",
                    help="file holding the write key (default: $SEGMENT_WRITE_KEY)")
     p.add_argument("--write-key", metavar="KEY",
-                   help="the write key (visible in ps: prefer the file or the environment)")
+                   help="the write key, visible in ps: prefer the file or the environment "
+                        "(default: $SEGMENT_WRITE_KEY)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true",
                       help="one claim/send cycle, then exit (default: run until stopped)")
@@ -99,7 +101,8 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
         default = getattr(d, name.replace("-", "_"))
         p.add_argument(f"--{name}", type=int, metavar="N",
                        help=f"{meaning} (default: {default})")
-    p.add_argument("--sender", choices=SENDERS, help=f"(default: {d.sender})")
+    p.add_argument("--sender", choices=SENDERS,
+                   help=f"immediate: send each event at once (default: {d.sender})")
     p.add_argument("--durability", choices=tuple(DURABILITY),
                    help=f"full: fsync every commit (default: {d.durability})")
     p.add_argument("--timeout", type=seconds, metavar="S",

@@ -4,6 +4,8 @@ exit codes, one-line errors, refused files left byte-identical, and the systemd 
 from __future__ import annotations
 
 import ctypes
+import datetime as dt
+import io
 import json
 import os
 import shlex
@@ -12,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -463,6 +466,16 @@ def test_a_bad_transport_flag_exits_2_in_one_line(env, queue_path, args, words):
     assert not os.path.exists(queue_path)
 
 
+def test_a_cert_the_flusher_cannot_read_exits_2(env, queue_path, locked_dir):
+    cert = locked_dir / "client.pem"
+    cert.write_text("PEM")
+    cert.chmod(0o000)
+    proc = run(env, "--queue", queue_path, "--cert", str(cert), module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60, user=bound_by_modes())
+    assert_one_line_error(proc, 2, "--cert", "cannot be read")
+    assert not os.path.exists(queue_path)
+
+
 def test_a_bad_url_in_the_environment_exits_2_like_the_flag(env, queue_path):
     proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher",
                extra={"SEGMENT_WRITE_KEY": KEY, "SEGMENTRY_API_URL": "http://exa mple/"},
@@ -498,6 +511,46 @@ def test_flush_is_the_flusher_process(env, queue_path):
         assert proc.returncode == 0, proc.stderr
         assert {e["messageId"] for e in receiver.events()} == set(ids)
     assert status_json(env, queue_path)["depth"] == 0
+
+
+def test_flush_help_names_segmentry_flush_and_every_flags_default(env):
+    proc = run(env, "flush", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: segmentry flush ")
+    assert "python -m segmentry.flusher" not in proc.stdout
+    assert "dead-lettered" in proc.stdout  # the exit codes
+
+
+def test_every_flusher_flag_has_help_with_its_default():
+    from segmentry.service import build_parser
+
+    flags = [a for a in build_parser()._actions if a.option_strings
+             and a.dest not in ("help", "version")]
+    assert len(flags) > 25
+    for action in flags:
+        assert action.help and "default" in action.help, action.option_strings
+
+
+@pytest.mark.parametrize("command", [["--version"], ["flush", "--version"]])
+def test_version_prints_the_package_version(env, command):
+    proc = run(env, *command)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"segmentry {segmentry.__version__}")
+
+
+def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(queue_path):
+    from segmentry.flusher import Outcome
+    from segmentry.progress import Progress
+
+    enqueue(queue_path, 2)
+    queue = SQLiteQueue(queue_path)
+    claim = queue.claim(2, 10**6, time.time(), 60)
+    ready = time.time() + 300
+    queue.release(claim.token, [row.id for row in claim.rows], ready)
+    stream = io.StringIO()
+    Progress(types.SimpleNamespace(outcome=Outcome(), queue=queue), "bar", stream).report()
+    queue.close()
+    until = dt.datetime.fromtimestamp(ready, dt.timezone.utc).strftime("%H:%M:%S")
+    assert f"waiting out a backoff until {until} UTC" in stream.getvalue()
+    assert "remaining 2" in stream.getvalue()
 
 
 def test_flush_without_a_write_key_exits_2_like_the_flusher(env, queue_path):
@@ -551,6 +604,18 @@ def test_dead_letters_list_json_gives_each_letter_and_the_total(env, queue_path,
 def test_show_body_adds_each_full_event(env, queue_path, poisoned):
     letters = dead_letters(env, queue_path, "--show-body")["dead_letters"]
     assert [d["body"]["properties"] for d in letters] == [{"secret": "s3cret-body"}] * 2
+
+
+def test_dead_letters_list_json_gives_the_whole_response_the_table_one_line(env, queue_path):
+    enqueue(queue_path, 1)
+    queue = SQLiteQueue(queue_path)
+    claim = queue.claim(1, 10**6, time.time(), 60)
+    answer = '{"success": false, "errors": [' + ", ".join(['"field too long"'] * 30) + "]}"
+    queue.bury(claim.token, [row.id for row in claim.rows], 400, answer, time.time())
+    queue.close()
+    assert dead_letters(env, queue_path)["dead_letters"][0]["response"] == answer
+    table = run(env, "dead-letters", "list", "--queue", queue_path).stdout
+    assert answer not in table and "…" in table
 
 
 def test_dead_letters_list_of_a_missing_queue_is_empty_and_creates_nothing(env, queue_path):

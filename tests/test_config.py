@@ -67,15 +67,6 @@ def test_a_ca_bundle_that_is_a_directory_is_fine_a_cert_that_is_one_is_not(tmp_p
         Options(requests_options={"cert": str(tmp_path)})
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
-def test_an_unreadable_cert_is_refused(tmp_path):
-    cert = tmp_path / "c.pem"
-    cert.write_text("x")
-    cert.chmod(0)
-    with pytest.raises(ConfigurationError, match="cannot be read"):
-        Options(requests_options={"cert": str(cert)})
-
-
 def test_queue_path_takes_a_path_object_and_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Options(queue_path=Path("q.db")).queue_path == str(tmp_path / "q.db")
