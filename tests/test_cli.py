@@ -29,6 +29,7 @@ from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
 pytestmark = pytest.mark.slow
 
 KEY = "test-write-key-7f3a"
+LOCAL = "http://127.0.0.1:9/v1/"  # nothing listens: a test that gets past a check sends nowhere
 UNIT = Path(__file__).resolve().parent.parent / "tools" / "segmentry-flusher.service"
 STATUS_KEYS = {"depth", "bytes", "oldest_age_s", "dead_letters", "flusher_pid", "in_flight",
                "queue_path", "disk_bytes"}
@@ -460,7 +461,8 @@ def test_transport_flags_become_requests_options(tmp_path):
 ])
 def test_a_bad_transport_flag_exits_2_in_one_line(env, queue_path, args, words):
     """Found before the queue is opened: never retried forever as a network error."""
-    proc = run(env, "--queue", queue_path, "--drain", *args, module="segmentry.flusher",
+    proc = run(env, "--queue", queue_path, "--drain", "--api-url", LOCAL, *args,
+               module="segmentry.flusher",
                extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60)
     assert_one_line_error(proc, 2, *words)
     assert not os.path.exists(queue_path)
@@ -470,7 +472,8 @@ def test_a_cert_the_flusher_cannot_read_exits_2(env, queue_path, locked_dir):
     cert = locked_dir / "client.pem"
     cert.write_text("PEM")
     cert.chmod(0o000)
-    proc = run(env, "--queue", queue_path, "--cert", str(cert), module="segmentry.flusher",
+    proc = run(env, "--queue", queue_path, "--drain", "--api-url", LOCAL, "--cert", str(cert),
+               module="segmentry.flusher",
                extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60, user=bound_by_modes())
     assert_one_line_error(proc, 2, "--cert", "cannot be read")
     assert not os.path.exists(queue_path)
