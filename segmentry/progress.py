@@ -53,9 +53,12 @@ class Progress:
         sent = self.flusher.outcome.sent
         try:
             remaining = self.flusher.queue.stats(time.time()).depth
-            waiting = waiting_out(self.flusher.queue, time.time()) if remaining else ""
         except Exception:  # a status line must never stop a drain
             return
+        try:
+            waiting = waiting_out(self.flusher.queue, time.time()) if remaining else ""
+        except Exception:  # nor must its note on a backoff cost the line
+            waiting = ""
         # The rate of the last interval (of the whole run in the final line): an average
         # since the start would show a rate and an ETA through an outage.
         now = time.monotonic()
