@@ -578,6 +578,15 @@ def poisoned(env, queue_path):
     return poison
 
 
+def test_once_exits_1_when_it_dead_lettered_an_event(env, queue_path):
+    enqueue(queue_path, 1, event="Poison")
+    with FakeSegment(write_key=KEY) as receiver:
+        receiver.reject("Poison")
+        proc = flusher(env, queue_path, receiver.url, "--once")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "segmentry dead-letters list" in err, err
+
+
 def dead_letters(env, path, *args):
     proc = run(env, "dead-letters", "list", "--queue", path, "--json", *args)
     assert proc.returncode == 0, proc.stderr
