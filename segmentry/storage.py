@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -957,3 +958,99 @@ def default_queue_path() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "segmentry", "queue.db")
+
+
+# -- read-only inspection (`segmentry status`, `dead-letters list`) ---------------------------
+
+
+class Inspection(NamedTuple):
+    stats: Stats
+    dead_letters: list[DeadLetter]  # the oldest, as many as asked for
+    disk_bytes: int  # the file and its WAL
+
+
+def inspect(path: str, now: float, letters: int = 0) -> Inspection | None:
+    """Read a queue file without writing to it or creating any file (not even -wal or
+    -shm): None when there is no file yet. A file that cannot be read is a StorageError
+    saying why (permission, corrupt, another application's file, a newer schema); a file
+    that exists but was never initialized (0 bytes) is an empty queue."""
+    path = os.path.abspath(path)
+    if not _visible(path):
+        return None
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix) and not os.access(path + suffix, os.R_OK):
+            raise StorageError(f"cannot read queue file {path}{suffix}: "
+                               f"{_denied(path + suffix)}")
+    try:
+        conn = _open_read_only(path)
+        try:
+            return _inspect(conn, path, now, letters)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _visible(path: str) -> bool:
+    """Whether the file exists; a directory we may not search is no answer (os.path.exists
+    would say False, and a queue holding events would be reported empty)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise StorageError(f"cannot read queue file {path}: permission denied on "
+                           f"{os.path.dirname(path)}; run as the queue's owner or a member "
+                           "of its group") from None
+    return True
+
+
+def _denied(path: str) -> str:
+    info = os.stat(path)
+    return (f"permission denied (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); "
+            "run as its owner or a member of its group")
+
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    # With no WAL file no connection is open (SQLite removes it when the last closes), so
+    # the file alone is the whole queue: read it as immutable, which takes no lock and
+    # creates no -shm. Otherwise read through the WAL, whose -shm exists already.
+    immutable = "&immutable=1" if not os.path.exists(path + "-wal") else ""
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro{immutable}"
+    return sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+
+
+def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> Inspection:
+    disk = sum(os.stat(path + s).st_size for s in ("", "-wal") if os.path.exists(path + s))
+    conn.execute("BEGIN")  # one snapshot for every count
+    app_id, version, tables = _header(conn)
+    if app_id == 0 and tables == 0:
+        return Inspection(Stats(0, 0, None, 0, 0), [], disk)
+    if app_id != APPLICATION_ID:
+        raise StorageError(f"{path} is not a segmentry queue (another application's "
+                           "SQLite file)")
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"{path} has queue schema {version}, newer than this "
+                           f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+    depth, size, oldest = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM events").fetchone()
+    # Older schemas kept leases elsewhere; their leases are a stopped flusher's anyway.
+    flying = conn.execute(f"{_LEASED_COUNT} WHERE until > ?", (now,)).fetchone()[0] \
+        if version == SCHEMA_VERSION else 0
+    dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    sql = ("SELECT id, body, created, buried_at, attempts, status, response "
+           "FROM dead_letters ORDER BY id LIMIT ?")
+    listed = [DeadLetter(*r) for r in conn.execute(sql, (letters,))]
+    return Inspection(Stats(depth, size, oldest, dead, flying), listed, disk)
+
+
+def _read_error(path: str, exc: sqlite3.Error) -> StorageError:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return StorageError(f"{path} is corrupt or not a SQLite database ({text}); stop every "
+                            f"process using it and move it aside to start a new queue: "
+                            f"mv {path} {path}.corrupt (and {path}-wal, {path}-shm if present)")
+    if "unable to open" in text:
+        return StorageError(f"cannot read queue file {path}: {text} (its -wal or -shm "
+                            "beside it may be missing or unreadable)")
+    return StorageError(f"queue file {path}: {text}")
