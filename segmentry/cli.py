@@ -18,7 +18,8 @@ from . import service
 from .client import Client
 from .exceptions import ConfigurationError, InvalidMessage, QueueFull, StorageError
 from .flusher import holder_pid
-from .storage import DeadLetter, SQLiteQueue, default_queue_path
+from .storage import DeadLetter, SQLiteQueue, default_queue_path, inspect
+from .version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 RESPONSE_CHARS = 120  # enough of the receiver's answer to see why it refused an event
@@ -74,6 +75,7 @@ def parse_pair(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segmentry", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"segmentry {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", required=True,
                                      metavar="COMMAND")
     queue = _Parser(add_help=False)
@@ -82,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(commands, queue)
     _add_dead_letters(commands, queue)
     # Listed for --help only: main() hands "flush ..." to the flusher's own parser.
-    commands.add_parser("flush", help="run the flusher: exactly `python -m segmentry.flusher`",
-                        add_help=False)
+    commands.add_parser("flush", add_help=False,
+                        help="run the flusher (`segmentry flush --help` for its flags)")
     _add_track(commands, queue)
     _add_identify(commands, queue)
     return parser
@@ -149,23 +151,20 @@ def queue_path(args: argparse.Namespace) -> str:
 
 
 def status(path: str, now: float) -> dict[str, Any]:
-    """The status report. A file that does not exist yet is an empty queue, and stays absent."""
+    """The status report, read without writing anything. A file that does not exist yet is
+    an empty queue, and stays absent; one that cannot be read is a StorageError."""
     report: dict[str, Any] = {
         "queue_path": path, "exists": False, "depth": 0, "bytes": 0, "oldest_age_s": None,
         "in_flight": 0, "dead_letters": 0, "flusher_pid": None, "disk_bytes": 0}
-    if not os.path.exists(path):
+    found = inspect(path, now)
+    if found is None:
         return report
-    queue = SQLiteQueue(path)
-    try:
-        stats = queue.stats(now)
-        disk = queue.disk_bytes()
-    finally:
-        queue.close()
+    stats = found.stats
     created = stats.oldest_created
     oldest = None if created is None else round(max(0.0, now - created), 3)
     report.update(exists=True, depth=stats.depth, bytes=stats.bytes, oldest_age_s=oldest,
                   in_flight=stats.in_flight, dead_letters=stats.dead_letters,
-                  flusher_pid=_flusher_pid(path), disk_bytes=disk)
+                  flusher_pid=_flusher_pid(path), disk_bytes=found.disk_bytes)
     return report
 
 
@@ -217,8 +216,9 @@ def _iso(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def letter_view(letter: DeadLetter, show_body: bool) -> dict[str, Any]:
-    """What an operator needs to triage one dead letter; the body (user data) on request."""
+def letter_view(letter: DeadLetter, show_body: bool, clip: bool = True) -> dict[str, Any]:
+    """What an operator needs to triage one dead letter; the body (user data) on request.
+    The table clips the receiver's response to a line; JSON gives it whole."""
     try:
         event = json.loads(letter.body)
     except ValueError:
@@ -227,7 +227,7 @@ def letter_view(letter: DeadLetter, show_body: bool) -> dict[str, Any]:
         "id": letter.id, "buried_at": _iso(letter.buried_at), "status": letter.status,
         "attempts": letter.attempts, "type": event.get("type"),
         "event": event.get("event") or event.get("name"), "messageId": event.get("messageId"),
-        "response": _clip(letter.response)}
+        "response": _clip(letter.response) if clip else letter.response}
     if show_body:
         view["body"] = event or letter.body
     return view
@@ -246,15 +246,10 @@ def letter_table(views: list[dict[str, Any]]) -> list[str]:
 
 def cmd_dead_list(args: argparse.Namespace) -> int:
     path = queue_path(args)
-    letters, total = [], 0
-    if os.path.exists(path):  # like status: no file yet is an empty queue
-        queue = SQLiteQueue(path)
-        try:
-            letters = queue.dead_letters(args.limit)
-            total = queue.stats(time.time()).dead_letters
-        finally:
-            queue.close()
-    views = [letter_view(letter, args.show_body) for letter in letters]
+    found = inspect(path, time.time(), args.limit)  # like status: no file yet is empty
+    letters = [] if found is None else found.dead_letters
+    total = 0 if found is None else found.stats.dead_letters
+    views = [letter_view(letter, args.show_body, clip=not args.json) for letter in letters]
     if args.json:
         print(json.dumps({"queue_path": path, "total": total, "dead_letters": views}))
         return EXIT_OK
@@ -285,8 +280,10 @@ def _act(args: argparse.Namespace, verb: str, act: Callable[[SQLiteQueue, Any], 
         done = act(queue, ids)
     finally:
         queue.close()
-    missing = "" if ids is None or done == len(ids) else f" ({len(ids) - done} ids not found)"
-    print(f"{verb} {done} dead letters{missing}")
+    print(f"{verb} {done} dead letters")
+    if ids is not None and done < len(ids):  # a mistyped id: a script must notice
+        return _fail(f"{len(ids) - done} of the given ids are not dead letters (see "
+                     "`segmentry dead-letters list`)", EXIT_ERROR)
     return EXIT_OK
 
 
@@ -339,7 +336,7 @@ def _fail(problem: object, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words[:1] == ["flush"]:
-        return service.main(words[1:])  # exactly `python -m segmentry.flusher`
+        return service.main(words[1:], prog="segmentry flush")  # the flusher process
     args = build_parser().parse_args(words)  # a bad option value exits 2, in one line
     service.setup_logging("WARNING")
     try:

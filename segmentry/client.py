@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any
 
@@ -22,15 +24,20 @@ from .storage import SQLiteQueue, default_queue_path, wal_reuse_bytes
 logger = logging.getLogger(__name__)
 
 CAP_RESTAT_EVERY = 256  # puts between two stat() calls of the queue file's size
-DROP_LOG_EVERY_S = 10.0  # at most one drop warning per interval: never flood the logs
-CLOSE_TIMEOUT_S = 5.0
+DROP_LOG_EVERY_S = 60.0  # drops that go on are reported once a minute, with a count
+CLOSE_TIMEOUT_S = 5.0  # close()'s default bound, and the exit hook's for all clients
+# How long flush() waits before it looks for a flusher holding the queue, when this
+# process has no flusher thread: a service being (re)started gets that long to take it.
+NO_FLUSHER_GRACE_S = 2.0
 
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
 
 class Client:
-    """Durable Segment client. ``Client("KEY", queue_path=...)``; see DESIGN.md for options.
-    Without a key, SEGMENT_WRITE_KEY's; a client with ``flusher=None`` needs none."""
+    """Durable Segment client. ``Client("KEY", queue_path=...)``; the options are the
+    README's Configuration table. Without a key, SEGMENT_WRITE_KEY's; a client with
+    ``flusher=None`` needs none. A queue file that cannot be opened or created raises
+    StorageError here, naming the path, the reason and the fix."""
 
     def __init__(self, write_key: str | None = None, **options: Any) -> None:
         self.options = config.resolve(options)
@@ -40,17 +47,24 @@ class Client:
             raise ConfigurationError(
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
+        # Only the default per-user directory is created: a missing directory in a path
+        # given on purpose is more likely a typo than a wish for a new queue.
         self.queue = SQLiteQueue(self.queue_path, self.options.durability,
-                                 wal_reuse_bytes(self.options.max_queue_bytes))
+                                 wal_reuse_bytes(self.options.max_queue_bytes),
+                                 create_dirs=self.options.queue_path is None)
         self._check_destination()
-        self.dropped = 0
+        self.queue.open()  # a queue we cannot use is a configuration error, found now
+        self.dropped = 0  # events refused (on_full="drop") since the client was made
+        self._dropped_unflushed = 0  # ... since the last flush(), which then says False
+        self._dropped_reported = 0  # self.dropped at the last report
+        self._warned_closed = False
         self._first_id = 0  # the range of ids this client stored: what flush() waits for
         self._last_id = 0
         self._ids_lock = threading.Lock()
         self._puts = 0  # stored events, so flush() sees one stored while it waited
         self._puts_since_stat = CAP_RESTAT_EVERY
         self._disk_bytes = 0
-        self._last_drop_log = 0.0
+        self._last_drop_log = -math.inf
         self._flusher: Any = None  # flusher.Background, started on the first event
         self._flusher_lock = threading.Lock()
         self._closed = False
@@ -113,17 +127,39 @@ class Client:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until no event this client enqueued before the call is still queued,
         delivered by this process's flusher or by whichever flusher holds the queue.
-        Return whether that happened within ``timeout`` seconds (None: no limit)."""
+        Return whether that happened within ``timeout`` seconds (None: no limit) with
+        nothing dropped since the last flush(). False at once when the client is closed;
+        False, with a warning saying why, as soon as delivery is known to be blocked: the
+        receiver refuses the key or URL (401/403/404), or no flusher holds the queue
+        NO_FLUSHER_GRACE_S after the call."""
+        return not self._closed and self._flush(timeout)
+
+    def _flush(self, timeout: float | None) -> bool:
+        try:
+            self._check_replaced()  # else it would wait for events no flusher can see
+        except StorageError as exc:
+            _say(f"flush() gives up: {exc}")
+            return False
         with self._ids_lock:
             first, last, puts = self._first_id, self._last_id, self._puts
-        if last == 0:
-            return True
+            dropped, self._dropped_unflushed = self._dropped_unflushed, 0
+        if last and not self._wait_delivered(first, last, timeout):
+            return False
+        with self._ids_lock:  # all delivered: start a new range, unless one was added
+            if self._puts == puts:
+                self._first_id = self._last_id = 0
+        return not dropped
+
+    def _wait_delivered(self, first: int, last: int, timeout: float | None) -> bool:
         background = self._flusher
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
         wait = 0.005
         while self.queue.pending(first, last):
             if self._closed and background is not None and background is not self._flusher:
                 return False  # closed meanwhile: its flusher has stopped, nothing will come
+            if self._blocked(background, start):
+                return False
             if background is not None:
                 background.wake()
             left = None if deadline is None else deadline - time.monotonic()
@@ -136,22 +172,43 @@ class Client:
             else:
                 time.sleep(pause)
             wait = min(wait * 2, 0.25)
-        with self._ids_lock:  # all delivered: start a new range, unless one was added
-            if self._puts == puts:
-                self._first_id = self._last_id = 0
+        return True
+
+    def _blocked(self, background: Any, start: float) -> bool:
+        """Whether waiting is known to be in vain; if so, say why (once per flush)."""
+        if background is not None:
+            status = background.blocked()
+            if status:
+                _say(f"flush() gives up: the receiver answered HTTP {status} at "
+                     f"{self.options.api_url}; check the write key and api_url. The events "
+                     f"stay queued in {self.queue_path}")
+            return bool(status)
+        if time.monotonic() - start < NO_FLUSHER_GRACE_S:
+            return False
+        from .flusher import holder_pid  # imports requests: only once this is in doubt
+
+        if holder_pid(self.queue_path) is not None:
+            return False
+        _say(f"flush() gives up: no flusher delivers {self.queue_path} (this client runs "
+             "no flusher thread and no `segmentry flush` service holds the queue). The "
+             "events stay queued until one does")
         return True
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Stop this client's flusher thread after a bounded final flush. What is not
-        delivered by then stays in the queue file for the next flusher."""
+        """Stop this client's flusher thread after a final flush; return within
+        ``timeout`` seconds in all (the flush, then the thread's stop, share them). What
+        is not delivered by then stays in the queue file for the next flusher."""
+        end = time.monotonic() + timeout
         with self._flusher_lock:  # no call may start a flusher thread from now on
             if self._closed:
                 return
             self._closed = True
             background = self._flusher
         if background is not None:
-            self.flush(timeout)
-            background.stop(timeout)
+            # A quarter (at most 1 s) is kept to stop the thread: to let the batches in
+            # flight settle and give back the rest.
+            self._flush(max(0.0, end - time.monotonic() - min(1.0, timeout / 4)))
+            background.stop(max(0.0, end - time.monotonic()))
             self._flusher = None
         self.queue.close()
 
@@ -228,20 +285,51 @@ class Client:
         cap = self.options.max_queue_bytes
         if self._puts_since_stat >= CAP_RESTAT_EVERY or self._disk_bytes >= cap:
             self._puts_since_stat = 0
+            self._check_replaced()
             self._disk_bytes = self.queue.used_bytes() + size
         if self._disk_bytes > self.options.max_queue_bytes:
             raise QueueFull(f"queue file {self.queue_path} is over max_queue_bytes "
                             f"({self.options.max_queue_bytes}); is a flusher running?")
 
+    def _check_replaced(self) -> None:
+        """A queue file removed or replaced under us (by hand, by a cleanup job): the events
+        stored in the old one since are moved to the new one, and that is said."""
+        moved = self.queue.reopen_if_replaced()
+        if moved is not None:
+            with self._ids_lock:  # the moved events have new ids: wait for all of them
+                if self._last_id:
+                    self._first_id, self._last_id = 1, 2**62
+            _say(f"queue file {self.queue_path} was removed or replaced while in use; "
+                 f"{moved} event(s) still in the old file were moved to the new one")
+
     def _drop(self, event: messages.Encoded, exc: Exception) -> None:
         self.dropped += 1
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_EVERY_S:
-            self._last_drop_log = now
-            logger.warning("segmentry dropped an event (%d so far): %s", self.dropped, exc)
+        self._dropped_unflushed += 1
+        if self._closed:
+            self._warn_closed()
+        else:
+            self._report_drops(exc)
         telemetry.execute(("segmentry", "enqueue", "drop"), {"count": 1},
                           {"reason": type(exc).__name__, "error": str(exc), "type": event.type,
                            "queue_path": self.queue_path})
+
+    def _report_drops(self, exc: Exception) -> None:
+        """Say so at the first drop, then at most once every DROP_LOG_EVERY_S while
+        drops go on, with how many since the last report."""
+        now = time.monotonic()
+        if now - self._last_drop_log < DROP_LOG_EVERY_S:
+            return
+        self._last_drop_log = now
+        count, self._dropped_reported = self.dropped - self._dropped_reported, self.dropped
+        _say(f"dropped {count} event(s) since the last report ({self.dropped} in all, "
+             f"on_full={self.options.on_full!r}): {exc}")
+
+    def _warn_closed(self) -> None:
+        if not self._warned_closed:
+            self._warned_closed = True
+            warnings.warn("segmentry: an event was recorded on a closed Client and dropped "
+                          "(and so will every later one); record events before close(), "
+                          "or make a new Client", RuntimeWarning, stacklevel=6)
 
     def _delivery(self) -> Any:
         """This client's flusher thread, started at the first event, stored or refused (a
@@ -276,6 +364,25 @@ class Client:
 
 
 _COMMON = frozenset({"anonymous_id", "timestamp", "integrations", "message_id"})
+
+
+def _say(message: str) -> None:
+    """A warning nobody may miss: through our logger when the application gave it (or an
+    ancestor) a handler, else one line on stderr, where the package's NullHandler would
+    swallow it. The application's logging is never configured here."""
+    if _handled(logger):
+        logger.warning("%s", message)
+    else:
+        sys.stderr.write(f"segmentry: {message}\n")
+
+
+def _handled(log: logging.Logger | None) -> bool:
+    """Whether a record of ``log`` reaches a handler other than a NullHandler."""
+    while log is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+            return True
+        log = log.parent if log.propagate else None
+    return False
 
 
 def _after_fork_child() -> None:

@@ -1,21 +1,24 @@
 """The flusher: one claim -> send -> delete/release/bury cycle, the loop around it with
-up to max_in_flight batches in flight, the one-flusher-per-queue lock (filelock, on a
+up to max_in_flight batches in flight, the one-flusher-per-queue lock (an flock on a
 separate file), the in-process Background thread, and ``main(argv)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import queue
 import random
+import re
 import threading
 import time
+import urllib.parse
 from typing import Any, Callable
-
-import filelock
 
 from . import http, messages, telemetry
 from .config import Options
@@ -25,11 +28,13 @@ from .storage import Claim, Delivered, Row, SQLiteQueue
 logger = logging.getLogger(__name__)
 
 LEASE_S = 600.0  # a backstop only: a new lock holder resets every lease at once
+RENEW_S = LEASE_S / 4  # the leases of batches in flight are renewed this often
 CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
 # late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
+STOP_GRACE_S = 2.0  # the longest a stopping flusher thread lets the batches in flight settle
 MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
 # And beside this process's producers (the flusher thread). At 25 k events/s they write
 # ~140 MB of WAL a second (a page per commit); it must start over before their own
@@ -85,6 +90,9 @@ class Flusher:
         self.outcome = Outcome()
         self.pause_until = 0.0  # epoch seconds; no claim before (an outage pauses everything)
         self._misconfig_delay = MISCONFIGURED_DELAY_S[0]
+        self.destination = destination(getattr(client, "api_url", ""),
+                                       getattr(client, "write_key", ""))
+        self._owns_backoffs = False  # whether the file names us as the backoffs' owner
         self.window = Window(options.max_in_flight)
         self._gate_seen = client.paused_until()  # the shared pause last noticed
         self._failing = False  # a transient failure since the last 2xx
@@ -108,6 +116,7 @@ class Flusher:
         self._due = True
         self.hurry = threading.Event()
         self._claimed_at = -math.inf  # time.monotonic() of the last claim that found rows
+        self._renewed_at = clock()  # self.clock() of the last renewal of leases in flight
 
     # -- one cycle ----------------------------------------------------------------------
 
@@ -119,9 +128,25 @@ class Flusher:
         reclaimed = self.queue.reset_leases()
         if reclaimed:
             logger.info("reclaimed %d events from a flusher that stopped mid-send", reclaimed)
-        ready_at = self.queue.next_ready_at(self.clock())
-        if ready_at:
-            self.pause_until = max(self.pause_until, ready_at)
+        self._owns_backoffs = False
+        now = self.clock()
+        ready_at = self.queue.next_ready_at(now)
+        if ready_at and ready_at > now:
+            self._stored_backoff(ready_at, now)
+
+    def _stored_backoff(self, ready_at: float, now: float) -> None:
+        """Wait out a backoff this destination earned; one earned by another (a wrong URL
+        or key, fixed since) says nothing of ours: its events go at once."""
+        owner = self.queue.backoff_owner()
+        if owner != self.destination:
+            resumed = self.queue.resume(now)
+            logger.info("%d events waited out a backoff earned by another destination "
+                        "(%s): they go now", resumed, owner or "not recorded")
+            return
+        self.pause_until = max(self.pause_until, ready_at)
+        logger.warning("waiting out the backoff stored after the last failures to %s: "
+                       "next attempt at %s (in %.0f s)", self.http.api_url,
+                       time.strftime("%H:%M:%S", time.localtime(ready_at)), ready_at - now)
 
     def claim(self, batches: int = 1, partial: bool = True) -> list[Claim]:
         """Up to ``batches`` batches, oldest first (an empty list: nothing is ready);
@@ -231,6 +256,9 @@ class Flusher:
         attempts = max(r.attempts for r in rows) + 1
         delay = retry_after if retry_after is not None else self._cycle_delay(attempts)
         not_before = self.clock() + delay
+        if not self._owns_backoffs:  # once per take-over: only we write the file meanwhile
+            self.queue.set_backoff_owner(self.destination)
+            self._owns_backoffs = True
         released = self.queue.release(token, [r.id for r in rows], not_before)
         self.outcome.add("released", released)
         self.pause_until = max(self.pause_until, not_before)
@@ -239,7 +267,7 @@ class Flusher:
         telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
                           {"status_code": status, "queue_path": self.queue.path})
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
-                       _describe(error), len(rows), delay)
+                       _describe(error, self.http.api_url), len(rows), delay)
         self._on_error(error, rows)
 
     def _recovered(self) -> None:
@@ -257,7 +285,8 @@ class Flusher:
 
     def _misconfigured(self, token: int, rows: list[Row], answer: Any) -> None:
         """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
-        fixed key and a restart replay at once), log, report, retry slowly."""
+        fixed key and a restart replay at once), log, report, retry slowly; on_error is
+        told too (a wrong key is what users alert on), with the events, which stay."""
         status = answer.status_code
         self.queue.release(token, [r.id for r in rows], 0.0)
         delay = self._misconfig_delay
@@ -270,6 +299,7 @@ class Flusher:
         self.outcome.misconfigured = status
         telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
                           {"status_code": status, "queue_path": self.queue.path})
+        self._on_error(HTTPStatusError(status, False, _text(answer)), rows)
 
     def _reject(self, token: int, rows: list[Row], answer: Any) -> None:
         """400/413/other 4xx: split the batch to isolate what the receiver refuses."""
@@ -318,6 +348,7 @@ class Flusher:
         while not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 return False
+            self._renew_leases()
             if drain and self.outcome.misconfigured:
                 return False
             if self._paused(stop):
@@ -345,7 +376,9 @@ class Flusher:
         if gate > self._gate_seen:
             self._gate_seen = gate
             self.window.shrink()
-        pause = max(self.pause_until - self.clock(), gate - time.monotonic())
+        # Each deadline against its own clock: the stored backoff is epoch time, the HTTP
+        # client's shared pause is on its clock (injectable, monotonic by default).
+        pause = max(self.pause_until - self.clock(), gate - self.http.clock())
         if pause > 0:
             self._sleep(stop, stop, min(pause, 1.0))
         return pause > 0
@@ -424,7 +457,23 @@ class Flusher:
             if event.wait(min(left, DELETE_LAG_S)):
                 return True
             self._delete_delivered()
+            self._renew_leases()
         return event.is_set()
+
+    def _renew_leases(self) -> None:
+        """A sender may hold its batch longer than a lease (retry_attempts waits of up to
+        300 s each): renew the leases in flight well before they expire, or the next
+        claim would take their rows while the sender still tries them (duplicates)."""
+        now = self.clock()
+        if now - self._renewed_at < RENEW_S:
+            return
+        self._renewed_at = now
+        with self._settled:
+            tokens = {claim.token for claim in self._flying.values()}
+        try:
+            self.queue.renew(tokens, now + LEASE_S)
+        except SegmentryError as exc:  # tried again at the next cycle
+            logger.warning("could not renew the leases of batches in flight: %s", exc)
 
     def _unsettled(self) -> bool:
         """Whether a batch is in flight or delivered but not yet deleted."""
@@ -460,8 +509,8 @@ class Flusher:
         their retries and give their rows back (a sender still busy with one can only
         make it sent twice, never lost: its settle finds the lease gone)."""
         end = time.monotonic() + grace
-        if self.http.paused_until() >= end:  # a Retry-After outlasts the grace: the
-            self.http.close()  # senders waiting it out give their rows back now
+        if self.http.paused_until() - self.http.clock() >= grace:
+            self.http.close()  # a Retry-After outlasts the grace: give the rows back now
         with self._settled:
             while self._flying and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
@@ -554,67 +603,165 @@ def _text(answer: Any) -> str:
         return ""
 
 
-def _describe(error: Exception) -> str:
+def _describe(error: Exception, api_url: str = "") -> str:
+    """The failure in a few words for the log line: the status, or what stood in the
+    way of an answer."""
     if isinstance(error, HTTPStatusError):
         return f"HTTP {error.status_code}"
-    return type(error).__name__
+    cause = _cause(error, api_url)
+    return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
+
+
+_DNS_FAILURES = ("Name or service not known", "nodename nor servname", "getaddrinfo failed",
+                 "Temporary failure in name resolution", "No address associated",
+                 "gaierror")
+_PROXY_FAILURES = ("ProxyError", "Unable to connect to proxy", "Tunnel connection failed")
+_TLS_VERIFY = re.compile(r"certificate verify failed: ([^()'\"]+)")
+_CA_PATH = re.compile(r"invalid path: ([^\s()'\"]+)")
+
+
+def _cause(error: BaseException, api_url: str) -> str:
+    """What stood in the way of an answer, from the texts of the error's chain: the
+    exceptions below requests carry neither a request body nor the write key (which
+    travels in a header only). Empty when nothing is known."""
+    chain = _chain(error)
+    text = " ".join(f"{type(e).__name__} {e}" for e in chain)
+    where = _host_port(api_url)
+    innermost = _short(str(chain[-1]))
+    if verify := _TLS_VERIFY.search(text):
+        return f"TLS verification failed for {where}: {verify.group(1).strip()}"
+    if "CA certificate bundle" in text:
+        path = _CA_PATH.search(text)
+        return f"CA bundle missing: {path.group(1) if path else innermost}"
+    if any(s in text for s in _PROXY_FAILURES):
+        return f"cannot go through the proxy: {innermost}"
+    if any(s in text for s in _DNS_FAILURES):
+        return f"DNS lookup failed for {where.rsplit(':', 1)[0]}: {innermost}"
+    if "Connection refused" in text:
+        return f"connection refused by {where}"
+    if "timed out" in text.lower() or "Timeout" in text:
+        return f"timed out talking to {where}"
+    if "SSL" in text:
+        return f"TLS failed with {where}: {innermost}"
+    return innermost if chain[-1] is not error else ""
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it, outermost first (a cycle is cut)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _short(text: str) -> str:
+    return re.sub(r"^\[Errno -?\d+\] ", "", text)[:200]
+
+
+def _host_port(api_url: str) -> str:
+    parts = urllib.parse.urlsplit(api_url)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return parts.netloc
+    return f"{parts.hostname}:{port}"
+
+
+def destination(api_url: str, write_key: str) -> str:
+    """Where a flusher sends, as recorded beside the backoffs it stores: the URL and a
+    short hash of the key (never the key)."""
+    digest = hashlib.sha256(write_key.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{api_url} key sha256:{digest}"
 
 
 class Lock:
-    """One active flusher per queue file: a filelock on ``<queue>.lock`` (never the
-    database, -wal or -shm: filelock truncates its file), and the holder's pid in
-    ``<queue>.flusher`` for ``segmentry status``."""
+    """One active flusher per queue file: an ``flock`` on ``<queue>.lock`` (never the
+    database, -wal or -shm: closing a descriptor of those drops SQLite's own locks), and
+    the holder's pid in ``<queue>.flusher`` for ``segmentry status``. The directory may be
+    group-writable (the shared layout), so neither file is opened through a symbolic link
+    nor truncated in place: a group member cannot aim them at a file the flusher's user
+    can write."""
 
     def __init__(self, queue_path: str) -> None:
         self.path = queue_path + ".lock"
         self.pid_path = queue_path + ".flusher"
-        # 0660: the apps of a host that share the queue's group may stand by too.
-        self._lock = filelock.FileLock(self.path, mode=0o660)
+        self._fd: int | None = None
 
     def acquire(self, timeout: float) -> bool:
-        try:
-            self._lock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            return False
-        except OSError as exc:
-            raise StorageError(f"cannot open the flusher lock file {self.path}: "
-                               f"{exc.strerror}") from exc
+        """Take the lock, polling for up to ``timeout`` seconds; return whether we hold it."""
+        fd = self._open()
+        end = time.monotonic() + timeout
+        while not _try_flock(fd):
+            if time.monotonic() >= end:
+                os.close(fd)
+                return False
+            time.sleep(min(LOCK_RETRY_S, max(0.0, end - time.monotonic())))
+        self._fd = fd
         try:  # best effort: a pid file we cannot write must not cost us the lock
             _write_pid(self.pid_path)
-        except OSError as exc:  # e.g. a dead flusher's, left by another user
+        except OSError as exc:  # e.g. a directory we may not write
             logger.warning("cannot write %s (%s): `segmentry status` will not name this "
                            "flusher", self.pid_path, exc.strerror)
         return True
 
     def release(self) -> None:
-        if self._lock.is_locked:
+        if self._fd is not None:
             try:
                 os.unlink(self.pid_path)
             except OSError:  # gone, or one we could not write either (see acquire)
                 pass
-            self._lock.release()
+            os.close(self._fd)  # closing the descriptor ends the flock
+            self._fd = None
 
     def abandon(self) -> None:
         """In a forked child: close the inherited descriptor without unlocking, which
-        would free the parent's lock (flock locks belong to the shared descriptor)."""
-        context: Any = getattr(self._lock, "_context", None)
-        fd = getattr(context, "lock_file_fd", None)
-        if fd is not None:
+        would free the parent's lock (an flock belongs to the shared descriptor)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _open(self) -> int:
+        """The lock file, created 0660 (the apps of a host that share the queue's group
+        may stand by too), never through a link and never truncated."""
+        try:
             try:
-                os.close(fd)
-            except OSError:
-                pass
-            context.lock_file_fd = None
-            context.lock_counter = 0
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o660)
+                os.fchmod(fd, 0o660)  # the umask must not take the group's write bit
+            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR | _NOFOLLOW)
+        except OSError as exc:  # ELOOP: a symbolic link where the lock file should be
+            raise StorageError(f"cannot open the flusher lock file {self.path}: "
+                               f"{exc.strerror}") from exc
+        return fd
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+LOCK_RETRY_S = 0.05  # how often a waiting acquire() tries the lock again
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _write_pid(path: str) -> None:
-    """Our pid, and our start time where /proc tells it (see holder_pid)."""
+    """Our pid, and our start time where /proc tells it (see holder_pid): written to a
+    new file of our own, then renamed over the old one (a rename replaces a link, it
+    does not follow it)."""
     pid = os.getpid()
     start = _started(pid)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # a pid is no secret
-    with os.fdopen(fd, "w") as f:
+    temporary = f"{path}.{pid}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)  # a crashed flusher's of the same pid
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:  # a pid is no secret
         f.write(f"{pid}\n" if start is None else f"{pid} {start}\n")
+    os.replace(temporary, path)
 
 
 def holder_pid(queue_path: str) -> int | None:
@@ -680,6 +827,7 @@ class Background:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._enqueued = 0
+        self._grace_end = math.inf  # set by stop()
         self._thread = threading.Thread(target=self._main, name="segmentry-flusher",
                                         daemon=True)
 
@@ -702,7 +850,15 @@ class Background:
     def wait_cycle(self, timeout: float) -> None:
         self.flusher.wait_settled(timeout)
 
+    def blocked(self) -> int | None:
+        """The status (401/403/404) the receiver keeps answering, while it lasts."""
+        return self.flusher.outcome.misconfigured
+
     def stop(self, timeout: float) -> None:
+        """Stop the thread, waiting for it ``timeout`` seconds at most; the batches in
+        flight get half of that (at most STOP_GRACE_S) to settle, the rest is given
+        back. A thread still busy then (a hung request) ends on its own."""
+        self._grace_end = time.monotonic() + min(STOP_GRACE_S, timeout / 2)
         self._stop.set()
         self.flusher.hurry.set()  # ends a gather under way (Flusher._gather)
         self._wake.set()
@@ -739,8 +895,12 @@ class Background:
             self.flusher.take_over()
             self.flusher.run(self._stop, self._wake)
         finally:
-            self.flusher.finish(grace=2.0)
+            self.flusher.finish(grace=self._grace())
             self.lock.release()
+
+    def _grace(self) -> float:
+        """How long the batches in flight may settle: STOP_GRACE_S, or what stop() left."""
+        return max(0.0, min(STOP_GRACE_S, self._grace_end - time.monotonic()))
 
 
 # -- the command line ---------------------------------------------------------------------

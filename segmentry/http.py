@@ -28,7 +28,7 @@ from requests.auth import HTTPBasicAuth
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 
-from . import messages, telemetry
+from . import config, messages, telemetry
 from .exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -63,7 +63,6 @@ _NO_RETRY_5XX = frozenset({501, 505})  # not implemented / bad HTTP version: nev
 _MISCONFIGURED = frozenset({401, 403, 404})
 
 _REQUEST_OPTIONS = ("timeout", "proxies", "verify", "cert")  # passed to each request as is
-_OPTIONS = frozenset(_REQUEST_OPTIONS + ("headers", "session", "adapter"))
 
 # What a send can raise instead of answering. requests wraps most transport errors, but
 # some urllib3 ones and OSErrors (a custom adapter, a missing CA bundle) slip through.
@@ -502,42 +501,12 @@ def _check_batch(bodies: list[str]) -> None:
 
 
 def _normalize_url(api_url: str) -> str:
-    if not isinstance(api_url, str) or not api_url.startswith(("http://", "https://")):
-        raise ConfigurationError(f"api_url must be an http:// or https:// URL, not {api_url!r}")
-    return api_url if api_url.endswith("/") else api_url + "/"
+    return config.normalize_url(api_url)  # the one place URLs are checked
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise ConfigurationError(
-            f"unknown requests option {unknown[0]!r}; known: {', '.join(sorted(_OPTIONS))}")
-    if "session" in options and not isinstance(options["session"], requests.Session):
-        raise ConfigurationError("session must be a requests.Session")
-    if "adapter" in options and not isinstance(options["adapter"], BaseAdapter):
-        raise ConfigurationError("adapter must be a requests.adapters.BaseAdapter")
-    headers = options.get("headers", {})
-    if not isinstance(headers, Mapping):
-        raise ConfigurationError("headers must be a dict")
-    for name, value in headers.items():
-        try:  # the check requests makes at every send, made once here
-            requests.utils.check_header_validity((name, value))
-        except requests.exceptions.InvalidHeader:
-            raise ConfigurationError(  # never the value: it may be a secret
-                f"header {name!r}: its name and value must be strings (or bytes) without "
-                f"line breaks or leading spaces") from None
-    if "timeout" in options:
-        _check_timeout(options["timeout"])
-
-
-def _check_timeout(timeout: object) -> None:
-    """Seconds or a (connect, read) pair, all positive: no timeout would let a dead
-    connection hang a flusher forever."""
-    values = timeout if isinstance(timeout, tuple) and len(timeout) == 2 else (timeout,)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-               for v in values):
-        raise ConfigurationError(
-            f"timeout must be seconds > 0 or a (connect, read) pair of them, not {timeout!r}")
+    """Names, types and values, as a Client checks them (not the files: see config)."""
+    config.check_requests_options(options)
 
 
 def _session(options: Mapping[str, Any], send_to_http: bool

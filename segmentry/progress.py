@@ -1,8 +1,10 @@
 """Drain progress: a one-line bar on a terminal (sent, remaining, events/s, ETA), plain
-periodic log lines otherwise, so an operator sees a backlog go down."""
+periodic log lines otherwise, so an operator sees a backlog go down, or why it does not
+(a stored backoff being waited out, and until when)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sys
 import threading
@@ -53,6 +55,10 @@ class Progress:
             remaining = self.flusher.queue.stats(time.time()).depth
         except Exception:  # a status line must never stop a drain
             return
+        try:
+            waiting = waiting_out(self.flusher.queue, time.time()) if remaining else ""
+        except Exception:  # nor must its note on a backoff cost the line
+            waiting = ""
         # The rate of the last interval (of the whole run in the final line): an average
         # since the start would show a rate and an ETA through an outage.
         now = time.monotonic()
@@ -64,8 +70,20 @@ class Progress:
         line = f"sent {sent}  remaining {remaining}  {rate:,.0f} events/s  ETA {eta}"
         if outcome.buried or outcome.released:
             line += f"  dead-lettered {outcome.buried}  retried later {outcome.released}"
+        if waiting and not final:
+            line += f"  {waiting}"
         if self.mode == "bar":
             self.stream.write("\r" + line.ljust(72) + ("\n" if final else ""))
             self.stream.flush()
         else:
             logger.info("%s", line)
+
+
+def waiting_out(queue: Any, now: float) -> str:
+    """What the drain waits for when the next event is not ready: a backoff stored with it
+    (a restart keeps it), named with its end, so "sent 0" is not a silent stall."""
+    ready = queue.next_ready_at(now)
+    if ready is None or ready <= now:
+        return ""
+    until = dt.datetime.fromtimestamp(ready, dt.timezone.utc).strftime("%H:%M:%S")
+    return f"waiting out a backoff until {until} UTC ({ready - now:.0f} s)"

@@ -17,11 +17,22 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from . import telemetry
-from .config import DEFAULT_API_URL, Options, resolve
+from .config import (
+    DEFAULT_API_URL,
+    PROXY_SCHEMES,
+    SENDERS,
+    Options,
+    check_readable,
+    check_url,
+    normalize_url,
+    resolve,
+)
 from .exceptions import ConfigurationError, StorageError
 from .flusher import Flusher, Lock, holder_pid, make_http
+from .http import DEFAULT_TIMEOUT_S
 from .progress import Progress
-from .storage import SQLiteQueue, default_queue_path
+from .storage import DURABILITY, SQLiteQueue, default_queue_path
+from .version import __version__
 
 logger = logging.getLogger("segmentry.flusher")
 
@@ -47,50 +58,86 @@ def seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+FLUSHER_PROG = "python -m segmentry.flusher"
+
+
+def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
+    d = Options()  # the defaults each flag's help names
     p = Parser(
-        prog="python -m segmentry.flusher",
-        description="Deliver a segmentry queue file to Segment (or any /v1/batch receiver).")
-    p.add_argument("--queue", help="queue file (default: $SEGMENTRY_QUEUE or the per-user one)")
-    p.add_argument("--api-url", help=f"receiver (default {DEFAULT_API_URL})")
-    p.add_argument("--write-key-file", help="file holding the write key (else $SEGMENT_WRITE_KEY)")
-    p.add_argument("--write-key", help="the write key (visible in ps: prefer the file or env)")
+        prog=prog,
+        description="Deliver a segmentry queue file to Segment (or any /v1/batch receiver). "
+                    "An option not given falls back on its SEGMENTRY_<NAME> variable, then "
+                    "on the default shown. Exit codes: 0 done; 1 could not deliver, "
+                    "dead-lettered, or the queue was refused; 2 bad configuration.")
+    p.add_argument("--version", action="version", version=f"segmentry {__version__}")
+    p.add_argument("--queue", metavar="PATH",
+                   help="queue file; its directory must exist (default: $SEGMENTRY_QUEUE, "
+                        "else the per-user one)")
+    p.add_argument("--api-url", metavar="URL", help=f"receiver (default: {DEFAULT_API_URL})")
+    p.add_argument("--write-key-file", metavar="PATH",
+                   help="file holding the write key (default: $SEGMENT_WRITE_KEY)")
+    p.add_argument("--write-key", metavar="KEY",
+                   help="the write key, visible in ps: prefer the file or the environment "
+                        "(default: $SEGMENT_WRITE_KEY)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--once", action="store_true", help="one claim/send cycle, then exit")
-    mode.add_argument("--drain", action="store_true", help="send until the queue is empty")
-    p.add_argument("--drain-timeout", type=seconds,
-                   help="with --drain: give up after S seconds")
+    mode.add_argument("--once", action="store_true",
+                      help="one claim/send cycle, then exit (default: run until stopped)")
+    mode.add_argument("--drain", action="store_true",
+                      help="send until the queue is empty, then exit (default: run until "
+                           "stopped)")
+    p.add_argument("--drain-timeout", type=seconds, metavar="S",
+                   help="with --drain: give up after S seconds (default: no limit)")
     p.add_argument("--wait", action="store_true",
-                   help="if another flusher holds the queue, stand by instead of exiting 1")
-    for name, kind in (("max-batch-size", int), ("batch-every-ms", int),
-                       ("max-in-flight", int), ("retry-attempts", int), ("retry-start", int),
-                       ("retry-expiry", int), ("max-queue-bytes", int)):
-        p.add_argument(f"--{name}", type=kind)
-    p.add_argument("--sender", choices=("batcher", "immediate"))
-    p.add_argument("--durability", choices=("normal", "full"))
-    p.add_argument("--timeout", type=seconds, help="HTTP request timeout, seconds (default 15)")
-    p.add_argument("--proxy", metavar="URL", help="HTTP(S) proxy (default: $HTTPS_PROXY etc.)")
+                   help="if another flusher holds the queue, stand by instead of exiting 1 "
+                        "(default: exit 1)")
+    for name, meaning in (
+            ("max-batch-size", "events in one request"),
+            ("batch-every-ms", "longest wait to fill a batch, in ms"),
+            ("max-in-flight", "requests sent at once"),
+            ("retry-attempts", "retries of a failed request before it is retried later"),
+            ("retry-start", "first retry delay, in ms"),
+            ("retry-expiry", "longest retry delay, in ms"),
+            ("max-queue-bytes", "queue file size cap, in bytes")):
+        default = getattr(d, name.replace("-", "_"))
+        p.add_argument(f"--{name}", type=int, metavar="N",
+                       help=f"{meaning} (default: {default})")
+    p.add_argument("--sender", choices=SENDERS,
+                   help=f"immediate: send each event at once (default: {d.sender})")
+    p.add_argument("--durability", choices=tuple(DURABILITY),
+                   help=f"full: fsync every commit (default: {d.durability})")
+    p.add_argument("--timeout", type=seconds, metavar="S",
+                   help=f"HTTP request timeout, seconds (default: {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--proxy", metavar="URL",
+                   help="HTTP(S) proxy, e.g. http://proxy:3128 (default: $HTTPS_PROXY etc.)")
     p.add_argument("--ca-bundle", metavar="PATH",
                    help="CA certificates to verify the receiver with (default: "
                         "$REQUESTS_CA_BUNDLE, else certifi's)")
-    p.add_argument("--cert", metavar="PATH", help="client certificate (PEM), for mutual TLS")
-    p.add_argument("--cert-key", metavar="PATH", help="its private key, if not in --cert")
+    p.add_argument("--cert", metavar="PATH",
+                   help="client certificate (PEM), for mutual TLS (default: none)")
+    p.add_argument("--cert-key", metavar="PATH",
+                   help="its private key, if not in --cert (default: none)")
     p.add_argument("--header", action="append", metavar="'NAME: VALUE'",
-                   help="an extra request header (repeatable)")
+                   help="an extra request header, repeatable (default: none)")
     p.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=None,
-                   help="gzip request bodies (--no-gzip overrides SEGMENTRY_GZIP)")
+                   help="gzip request bodies; --no-gzip overrides SEGMENTRY_GZIP "
+                        "(default: off)")
     p.add_argument("--no-send", action="store_true",
-                   help="do not send: log at DEBUG and treat every batch as delivered")
+                   help="do not send: log at DEBUG and treat every batch as delivered "
+                        "(default: send)")
     p.add_argument("--log-level", default="INFO",
-                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="(default: %(default)s)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
-                   help="with --drain: a progress bar on a terminal, log lines otherwise")
+                   help="with --drain: a bar on a terminal, log lines otherwise "
+                        "(default: %(default)s)")
     p.add_argument("--summary-every", type=seconds, default=60.0, metavar="S",
-                   help="running as a service: one summary log line every S seconds")
+                   help="running as a service: one summary log line every S seconds "
+                        "(default: %(default)g)")
     return p
 
 
 def options_from_args(args: Any, environ: Any) -> Options:
+    if args.api_url is not None:
+        normalize_url(args.api_url, "--api-url")  # named as the user typed it
     given = {
         "queue_path": args.queue, "api_url": args.api_url, "sender": args.sender,
         "max_batch_size": args.max_batch_size, "batch_every_ms": args.batch_every_ms,
@@ -109,11 +156,16 @@ def _requests_options(args: Any) -> dict[str, Any]:
     if args.timeout is not None:
         options["timeout"] = args.timeout
     if args.proxy:
+        check_url("--proxy", args.proxy, PROXY_SCHEMES)
         options["proxies"] = {"http": args.proxy, "https": args.proxy}
     if args.ca_bundle:
+        check_readable("--ca-bundle", args.ca_bundle, directory_ok=True)
         options["verify"] = args.ca_bundle
     if args.cert_key and not args.cert:
         raise ConfigurationError("--cert-key goes with --cert")
+    for flag, path in (("--cert", args.cert), ("--cert-key", args.cert_key)):
+        if path:
+            check_readable(flag, path)
     if args.cert:
         options["cert"] = (args.cert, args.cert_key) if args.cert_key else args.cert
     headers = {}
@@ -145,8 +197,9 @@ def read_write_key(args: Any, environ: Any) -> str | None:
     return environ.get("SEGMENT_WRITE_KEY") or None
 
 
-def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+         prog: str = FLUSHER_PROG) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)  # bad value: exit 2
     env = os.environ if environ is None else environ
     setup_logging(args.log_level)
@@ -186,6 +239,8 @@ def run(args: Any, options: Options, write_key: str) -> int:
     # and before a mistyped --queue creates a file.
     http_client = make_http(write_key, options)
     path = options.queue_path or default_queue_path()
+    if options.queue_path is not None:
+        _check_directory(path)
     queue = SQLiteQueue(path, options.durability)
     queue.stats(time.time())  # open now: a bad file is refused before we take the lock
     lock = Lock(path)
@@ -208,6 +263,16 @@ def run(args: Any, options: Options, write_key: str) -> int:
                     flusher.outcome.buried)
 
 
+def _check_directory(path: str) -> None:
+    """A queue given by --queue or $SEGMENTRY_QUEUE must be in a directory that exists: a
+    typo must not create a tree, an empty queue and a flusher idling on it. (The per-user
+    default directory is created, as a producer creates it.)"""
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise StorageError(f"no directory {directory} for the queue file {path}: check "
+                           "--queue or $SEGMENTRY_QUEUE (the flusher never creates one)")
+
+
 def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
     if lock.acquire(timeout=0):
         return True
@@ -226,7 +291,7 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
     if args.once:
         flusher.run_once()
         failed = flusher.outcome.misconfigured or flusher.outcome.released
-        return EXIT_UNDELIVERED if failed else EXIT_OK
+        return EXIT_UNDELIVERED if failed or _buried(flusher) else EXIT_OK
     if not args.drain:
         with Progress(flusher, "log", every=args.summary_every):  # one line per interval
             flusher.run(stop, threading.Event())
@@ -242,7 +307,16 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
         why = "stopped by a signal" if stop.is_set() else "--drain-timeout reached"
         print(f"segmentry: {why} with {left} events left in the queue", file=sys.stderr)
         return EXIT_UNDELIVERED
-    return EXIT_OK
+    return EXIT_UNDELIVERED if _buried(flusher) else EXIT_OK
+
+
+def _buried(flusher: Flusher) -> bool:
+    """Events the receiver refused are not delivered: say so, and where they are."""
+    buried = flusher.outcome.buried
+    if buried:
+        print(f"segmentry: {buried} events were refused by the receiver and dead-lettered; "
+              "see `segmentry dead-letters list`", file=sys.stderr)
+    return bool(buried)
 
 
 def _stop_on_signals() -> threading.Event:

@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -168,7 +169,9 @@ class SQLiteQueue:
     """A queue file. Thread-safe; fork-safe (no connection ever crosses a fork)."""
 
     def __init__(self, path: str, durability: str = "normal",
-                 wal_reuse_bytes: int = WAL_REUSE_BYTES) -> None:
+                 wal_reuse_bytes: int = WAL_REUSE_BYTES, create_dirs: bool = True) -> None:
+        """``create_dirs``: create the file's missing directories (0700); False refuses a
+        missing one, so that a mistyped path is an error, not a new queue nobody reads."""
         if durability not in DURABILITY:
             raise ConfigurationError(
                 f"durability must be one of {sorted(DURABILITY)}, not {durability!r}")
@@ -181,8 +184,15 @@ class SQLiteQueue:
         self._autocheckpoint = (FULL_AUTOCHECKPOINT if durability == "full"
                                 else PRODUCER_AUTOCHECKPOINT)
         self.wal_reuse_bytes = wal_reuse_bytes
+        self.create_dirs = create_dirs
+        self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
         self._shrunk_at = -math.inf
         _queues.add(self)
+
+    def open(self) -> None:
+        """Open (or create) the file now: a queue that cannot be used is refused with a
+        StorageError saying why, instead of at the first event."""
+        self._run(lambda conn: None)
 
     # -- producer side ------------------------------------------------------------
 
@@ -273,9 +283,9 @@ class SQLiteQueue:
         return self._run(take)
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
-        """Remove delivered rows that this lease still holds; return how many.
-        ``ids`` must be the claim's rows or a contiguous slice of them (the lease
-        token picks the rows in their id range: two statements, not one per row)."""
+        """Remove delivered rows that this lease still holds; return how many. Exactly
+        ``ids``: a claim's rows, or a slice of them, go by their id range (two statements,
+        not one per row); other sets range by range of consecutive ids."""
         return self.delete_many([(token, ids)])
 
     def delete_many(self, delivered: Sequence[Delivered]) -> int:
@@ -286,7 +296,7 @@ class SQLiteQueue:
 
     def release(self, token: int, ids: Sequence[int], not_before: float) -> int:
         """Give rows back after a failed attempt, counting it; they are ready again
-        at ``not_before`` (epoch seconds). ``ids`` as for delete."""
+        at ``not_before`` (epoch seconds). Exactly ``ids``, as for delete."""
         sql = "UPDATE events SET attempts = attempts + 1, not_before = ? WHERE id BETWEEN ? AND ?"
 
         def run(conn: sqlite3.Connection) -> int:
@@ -314,6 +324,14 @@ class SQLiteQueue:
 
         return self._run(move)
 
+    def renew(self, tokens: Iterable[int], until: float) -> None:
+        """Extend the leases of these tokens to ``until``: a sender may hold a batch
+        longer than a lease lasts (retries that wait out long Retry-Afters)."""
+        tokens = list(tokens)
+        sql = f"UPDATE leases SET until = ? WHERE token IN ({','.join('?' * len(tokens))})"
+        if tokens:
+            self._run(lambda c: _in_write(c, lambda: c.execute(sql, [until, *tokens])))
+
     def reset_leases(self) -> int:
         """Make every claimed row ready again: called by a flusher that has just taken
         the queue's lock, so any lease left is a dead flusher's."""
@@ -336,6 +354,29 @@ class SQLiteQueue:
                f"WHERE NOT {_LEASED} ORDER BY id LIMIT 1000)")
         value = self._run(lambda c: c.execute(sql, {"now": now}).fetchone()[0])
         return None if value is None else float(value)
+
+    def backoff_owner(self) -> str | None:
+        """The destination whose failures stored the backoffs now in the file (see
+        set_backoff_owner); None when none was recorded (a file of segmentry 0.1)."""
+        def read(conn: sqlite3.Connection) -> str | None:
+            if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+                return None  # never written: the table is made by the first owner
+            row = conn.execute("SELECT value FROM meta WHERE key = 'backoff_owner'").fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(read)
+
+    def set_backoff_owner(self, owner: str) -> None:
+        """Record who earns the backoffs stored from now on: a flusher sending elsewhere
+        (the key or URL fixed) must not wait out another destination's. The table is
+        made here, not at open, so readers (`segmentry status`) never write the file."""
+        def write(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("CREATE TABLE IF NOT EXISTS meta "
+                             "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('backoff_owner', ?)", (owner,))
+
+        self._run(write)
 
     def maintain(self, empty: bool) -> int | None:
         """Checkpoint the WAL (the flusher's job, so producers see no checkpoint stalls);
@@ -437,6 +478,9 @@ class SQLiteQueue:
                                 f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
         if "unable to open database file" in text:
             return StorageError(f"cannot open queue file {self.path}: {_open_failure(self.path)}")
+        if "readonly" in text:  # opened, but SQLite could not write it or its -wal/-shm
+            return StorageError(f"cannot write queue file {self.path}: "
+                                f"{_open_failure(self.path, text)}")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
@@ -452,19 +496,56 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
+        self._identity = _identity(self.path)
         return conn
+
+    def reopen_if_replaced(self) -> int | None:
+        """If the file open here was removed or replaced since (an open connection goes on
+        writing to the old one, which no other process sees and which is gone once it is
+        closed), move the events still in it into the file now at the path, created if
+        need be, and return how many; None when it was not replaced. A stat() a call."""
+        with self._lock:
+            if self._conn is None or _identity(self.path) == self._identity:
+                return None
+            try:
+                rows = self._conn.execute(
+                    "SELECT body, size, created FROM events ORDER BY id").fetchall()
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+            self._close()
+        # Events of a batch in flight are moved too: sent twice at worst, never lost.
+        self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
+        return len(rows)
 
     def _create_file(self) -> None:
         """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
         directory = os.path.dirname(self.path)
+        if self.create_dirs:
+            self._create_dirs(directory)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         except FileExistsError:
-            return
+            return  # the file (or, see _open_failure, a file where a directory should be)
         except OSError as exc:
-            raise StorageError(f"cannot create queue file {self.path}: {exc.strerror}") from exc
+            # "create" only for a file known to be missing: one in a directory we cannot
+            # search may exist (lexists() cannot tell), and is not one we failed to create.
+            known_missing = os.access(directory, os.X_OK) and not os.path.lexists(self.path)
+            verb = "create" if known_missing else "open"
+            reason = _open_failure(self.path, exc.strerror or str(exc))
+            raise StorageError(f"cannot {verb} queue file {self.path}: {reason}") from exc
         os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
+
+    def _create_dirs(self, directory: str) -> None:
+        missing = _missing_ancestor(directory)
+        if missing is None:
+            return  # there, or a file in the way (which the open then names)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create directory {missing} for queue file {self.path}: "
+                f"{exc.strerror}; create it for this user, or choose another queue path "
+                "(queue_path, SEGMENTRY_QUEUE or XDG_STATE_HOME)") from exc
 
     def _check_or_init(self, conn: sqlite3.Connection) -> None:
         app_id, version, tables = _header(conn)
@@ -637,11 +718,15 @@ def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
 
 def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int:
     """Delete each pair's rows that its token still holds, and end their leases. When
-    every pair is a whole batch still leased (the common case), three statements do it
-    all; else, pair by pair."""
+    every pair is a whole batch still leased, given whole (the common case), three
+    statements do it all; else, pair by pair."""
     pairs = [(min(ids), max(ids), token) for token, ids in delivered if ids]
     if not pairs:
         return 0
+    sql = "DELETE FROM events WHERE id BETWEEN ? AND ?"
+    if not all(_spans(conn, ids) for _, ids in delivered if ids):
+        return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
+                   for token, ids in delivered)
     which = f"(lo, hi, token) IN (VALUES {_tuples(len(pairs), 3)})"
     flat = [v for pair in pairs for v in pair]
     if conn.execute(f"SELECT COUNT(*) FROM leases WHERE {which}", flat).fetchone()[0] == len(pairs):
@@ -649,7 +734,6 @@ def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int
         ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(pairs))
         return int(conn.execute(f"DELETE FROM events WHERE {ranges}",
                                 [v for lo, hi, _ in pairs for v in (lo, hi)]).rowcount)
-    sql = "DELETE FROM events WHERE id BETWEEN ? AND ?"
     return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
                for token, ids in delivered)
 
@@ -659,15 +743,46 @@ def _tuples(count: int, width: int) -> str:
     return ", ".join(["(" + ", ".join("?" * width) + ")"] * count)
 
 
+def _spans(conn: sqlite3.Connection, ids: Sequence[int]) -> bool:
+    """Whether the events from min(ids) to max(ids) are exactly ``ids``, so that a
+    statement on the id range acts on those and no other (a claim's rows given whole,
+    or a slice of them: the flusher's case)."""
+    a, b = min(ids), max(ids)
+    if b - a + 1 == len(ids) == len(set(ids)):
+        return True  # every id in the range was given
+    found = conn.execute("SELECT group_concat(id) FROM (SELECT id FROM events "
+                         "WHERE id BETWEEN ? AND ? ORDER BY id)", (a, b)).fetchone()[0]
+    return bool(found == ",".join(map(str, sorted(set(ids)))))
+
+
+def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """``ids`` as ranges of consecutive integers: a statement on one touches those only."""
+    runs: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return [(a, b) for a, b in runs]
+
+
 def _settle(conn: sqlite3.Connection, token: int, ids: Sequence[int],
             act: Callable[[int, int], int]) -> int:
-    """For each of ``token``'s leases that meets min(ids)..max(ids), ``act`` on the
-    events of the overlap [x, y] (return how many), then cut it out of the lease. A
-    token whose leases were reset, or expired and were deleted by a claim, holds
-    nothing: its rows may be another claim's now."""
+    """``act`` on exactly the events ``ids`` that ``token`` still holds: range by range
+    when they are not one span of events (see _spans)."""
     if not ids:
         return 0
-    a, b = min(ids), max(ids)
+    if not _spans(conn, ids):
+        return sum(_settle_range(conn, token, a, b, act) for a, b in _runs(ids))
+    return _settle_range(conn, token, min(ids), max(ids), act)
+
+
+def _settle_range(conn: sqlite3.Connection, token: int, a: int, b: int,
+                  act: Callable[[int, int], int]) -> int:
+    """For each of ``token``'s leases that meets [a, b], ``act`` on the events of the
+    overlap [x, y] (return how many), then cut it out of the lease. A token whose leases
+    were reset, or expired and were deleted by a claim, holds nothing: its rows may be
+    another claim's now."""
     exact = "DELETE FROM leases WHERE lo = ? AND hi = ? AND token = ?"
     if conn.execute(exact, (a, b, token)).rowcount:  # a whole batch: the common case
         return act(a, b)
@@ -786,22 +901,56 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_after_fork_child)
 
 
-def _open_failure(path: str) -> str:
-    """Why SQLite could not open ``path``, as far as the file system tells (SQLite says
-    only "unable to open database file")."""
+def _open_failure(path: str, fallback: str = "unable to open database file") -> str:
+    """Why ``path`` cannot be opened or created, and the fix, as far as the file system
+    tells (SQLite says only "unable to open database file")."""
     directory = os.path.dirname(path)
+    missing = _missing_ancestor(directory)
     if os.path.isdir(path):
-        return "it is a directory"
+        return f"it is a directory; give a file name inside it, e.g. {path}/queue.db"
+    if missing is not None:
+        return (f"directory {missing} does not exist; create it (mkdir -p {directory}) "
+                "or fix the queue path")
     if not os.path.isdir(directory):
-        return f"{directory} is not a directory"
+        return f"{_first_file(directory)} is not a directory; fix the queue path"
+    if not os.access(directory, os.X_OK):
+        return (f"permission denied: cannot search directory {directory}; run as a user "
+                "who can, or choose another queue path")
     if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
         info = os.stat(path)
         return (f"permission denied (owner uid {info.st_uid}, mode "
                 f"{stat.S_IMODE(info.st_mode):o}); run as its owner or a member of its group")
     if not os.access(directory, os.W_OK | os.X_OK):
         return (f"permission denied on {directory}, where SQLite creates the -wal and -shm "
-                "files beside the queue")
-    return "unable to open database file"
+                "files beside the queue; make it writable or choose another queue path")
+    return fallback
+
+
+def _missing_ancestor(directory: str) -> str | None:
+    """The topmost missing directory on the way to ``directory`` (None: it exists, or a
+    file stands in the way)."""
+    missing = None
+    while directory and not os.path.lexists(directory):
+        missing, directory = directory, os.path.dirname(directory)
+        if directory == missing:
+            break
+    return missing if directory and os.path.isdir(directory) else None
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _first_file(directory: str) -> str:
+    """The ancestor of ``directory`` that exists but is not a directory."""
+    path = directory
+    while (parent := os.path.dirname(path)) != path and not os.path.isdir(parent):
+        path = parent
+    return path
 
 
 def default_queue_path() -> str:
@@ -809,3 +958,99 @@ def default_queue_path() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "segmentry", "queue.db")
+
+
+# -- read-only inspection (`segmentry status`, `dead-letters list`) ---------------------------
+
+
+class Inspection(NamedTuple):
+    stats: Stats
+    dead_letters: list[DeadLetter]  # the oldest, as many as asked for
+    disk_bytes: int  # the file and its WAL
+
+
+def inspect(path: str, now: float, letters: int = 0) -> Inspection | None:
+    """Read a queue file without writing to it or creating any file (not even -wal or
+    -shm): None when there is no file yet. A file that cannot be read is a StorageError
+    saying why (permission, corrupt, another application's file, a newer schema); a file
+    that exists but was never initialized (0 bytes) is an empty queue."""
+    path = os.path.abspath(path)
+    if not _visible(path):
+        return None
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix) and not os.access(path + suffix, os.R_OK):
+            raise StorageError(f"cannot read queue file {path}{suffix}: "
+                               f"{_denied(path + suffix)}")
+    try:
+        conn = _open_read_only(path)
+        try:
+            return _inspect(conn, path, now, letters)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise _read_error(path, exc) from exc
+
+
+def _visible(path: str) -> bool:
+    """Whether the file exists; a directory we may not search is no answer (os.path.exists
+    would say False, and a queue holding events would be reported empty)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise StorageError(f"cannot read queue file {path}: permission denied on "
+                           f"{os.path.dirname(path)}; run as the queue's owner or a member "
+                           "of its group") from None
+    return True
+
+
+def _denied(path: str) -> str:
+    info = os.stat(path)
+    return (f"permission denied (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); "
+            "run as its owner or a member of its group")
+
+
+def _open_read_only(path: str) -> sqlite3.Connection:
+    # With no WAL file no connection is open (SQLite removes it when the last closes), so
+    # the file alone is the whole queue: read it as immutable, which takes no lock and
+    # creates no -shm. Otherwise read through the WAL, whose -shm exists already.
+    immutable = "&immutable=1" if not os.path.exists(path + "-wal") else ""
+    uri = f"file:{urllib.parse.quote(path)}?mode=ro{immutable}"
+    return sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+
+
+def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> Inspection:
+    disk = sum(os.stat(path + s).st_size for s in ("", "-wal") if os.path.exists(path + s))
+    conn.execute("BEGIN")  # one snapshot for every count
+    app_id, version, tables = _header(conn)
+    if app_id == 0 and tables == 0:
+        return Inspection(Stats(0, 0, None, 0, 0), [], disk)
+    if app_id != APPLICATION_ID:
+        raise StorageError(f"{path} is not a segmentry queue (another application's "
+                           "SQLite file)")
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"{path} has queue schema {version}, newer than this "
+                           f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+    depth, size, oldest = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM events").fetchone()
+    # Older schemas kept leases elsewhere; their leases are a stopped flusher's anyway.
+    flying = conn.execute(f"{_LEASED_COUNT} WHERE until > ?", (now,)).fetchone()[0] \
+        if version == SCHEMA_VERSION else 0
+    dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+    sql = ("SELECT id, body, created, buried_at, attempts, status, response "
+           "FROM dead_letters ORDER BY id LIMIT ?")
+    listed = [DeadLetter(*r) for r in conn.execute(sql, (letters,))]
+    return Inspection(Stats(depth, size, oldest, dead, flying), listed, disk)
+
+
+def _read_error(path: str, exc: sqlite3.Error) -> StorageError:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return StorageError(f"{path} is corrupt or not a SQLite database ({text}); stop every "
+                            f"process using it and move it aside to start a new queue: "
+                            f"mv {path} {path}.corrupt (and {path}-wal, {path}-shm if present)")
+    if "unable to open" in text:
+        return StorageError(f"cannot read queue file {path}: {text} (its -wal or -shm "
+                            "beside it may be missing or unreadable)")
+    return StorageError(f"queue file {path}: {text}")

@@ -3,6 +3,9 @@ exit codes, one-line errors, refused files left byte-identical, and the systemd 
 
 from __future__ import annotations
 
+import ctypes
+import datetime as dt
+import io
 import json
 import os
 import shlex
@@ -11,12 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 from fake_segment import FakeSegment
 from helpers import FAST, enqueue, wait_until
 
+import segmentry
 from segmentry.flusher import holder_pid
 from segmentry.service import GRACE_S
 from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
@@ -24,6 +29,7 @@ from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
 pytestmark = pytest.mark.slow
 
 KEY = "test-write-key-7f3a"
+LOCAL = "http://127.0.0.1:9/v1/"  # nothing listens: a test that gets past a check sends nowhere
 UNIT = Path(__file__).resolve().parent.parent / "tools" / "segmentry-flusher.service"
 STATUS_KEYS = {"depth", "bytes", "oldest_age_s", "dead_letters", "flusher_pid", "in_flight",
                "queue_path", "disk_bytes"}
@@ -41,9 +47,43 @@ def env(tmp_path):
     return {**clean, "XDG_STATE_HOME": str(tmp_path / "state")}
 
 
-def run(env, *args, module="segmentry", extra=None, timeout=120):
+def run(env, *args, module="segmentry", extra=None, timeout=120, user=None):
     return subprocess.run([sys.executable, "-m", module, *args], env={**env, **(extra or {})},
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=user)
+
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def bound_by_modes():
+    """A preexec_fn after which the process obeys our files' modes, as another user would:
+    as root (CI), it drops the capabilities that let root read and write anything (the
+    modes the tests set deny the owner too); as anyone else there is nothing to drop."""
+    if os.geteuid() != 0:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def drop() -> None:
+        for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+    return drop
+
+
+@pytest.fixture
+def locked_dir(tmp_path):
+    """A directory whose modes the test may take away; given back for the cleanup."""
+    path = tmp_path / "shared"
+    path.mkdir()
+    yield path
+    path.chmod(0o755)
+    for child in path.iterdir():
+        child.chmod(0o644)
+
+
+def files_of(directory):
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
 
 
 def flusher(env, path, url, *args):
@@ -116,6 +156,50 @@ def test_status_reads_the_queue_from_segmentry_queue_then_the_state_dir(env, tmp
     proc = run(env, "status", "--json")
     default = tmp_path / "state" / "segmentry" / "queue.db"
     assert json.loads(proc.stdout)["queue_path"] == str(default) and not default.exists()
+
+
+def test_status_of_an_empty_file_reports_an_empty_queue_and_leaves_it_empty(env, queue_path):
+    Path(queue_path).touch()
+    report = status_json(env, queue_path)
+    assert report["exists"] and (report["depth"], report["dead_letters"]) == (0, 0)
+    assert os.listdir(os.path.dirname(queue_path)) == ["q.db"]
+    assert os.path.getsize(queue_path) == 0
+
+
+def test_status_reads_a_queue_it_cannot_write_and_changes_nothing(env, locked_dir):
+    path = locked_dir / "q.db"
+    enqueue(str(path), 3)
+    path.chmod(0o444)
+    locked_dir.chmod(0o555)  # nor create a -wal or -shm beside it
+    before = files_of(locked_dir)
+    proc = run(env, "status", "--json", "--queue", str(path), user=bound_by_modes())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["depth"] == 3
+    assert files_of(locked_dir) == before
+
+
+def test_status_reads_a_queue_a_live_client_holds_open(env, locked_dir):
+    path = locked_dir / "q.db"
+    with segmentry.Client(queue_path=str(path), flusher=None) as client:
+        client.track("u1", "E")
+        assert (locked_dir / "q.db-wal").exists()  # read through the WAL, not the file alone
+        for name in ("q.db", "q.db-wal", "q.db-shm"):
+            (locked_dir / name).chmod(0o444)
+        proc = run(env, "status", "--json", "--queue", str(path), user=bound_by_modes())
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["depth"] == 1
+
+
+@pytest.mark.parametrize("command", [["status"], ["dead-letters", "list"]])
+@pytest.mark.parametrize("locked", ["file", "directory"])
+def test_a_queue_that_cannot_be_read_is_permission_denied_exit_1(env, locked_dir, command,
+                                                                  locked):
+    path = locked_dir / "q.db"
+    enqueue(str(path), 3)
+    (path if locked == "file" else locked_dir).chmod(0o000 if locked == "file" else 0o600)
+    proc = run(env, *command, "--json", "--queue", str(path), user=bound_by_modes())
+    assert_one_line_error(proc, 1, "permission denied", str(path))
+    assert proc.stdout == ""
 
 
 def test_status_says_when_leases_are_a_stopped_flushers(env, queue_path):
@@ -350,29 +434,65 @@ def test_an_empty_segmentry_queue_is_unset_not_the_working_directory(env, tmp_pa
     assert proc.stdout.strip() == str(tmp_path / "state" / "segmentry" / "queue.db"), proc
 
 
-def test_transport_flags_become_requests_options():
+def test_transport_flags_become_requests_options(tmp_path):
     from segmentry.service import build_parser, options_from_args
 
+    ca, cert, key = (str(tmp_path / n) for n in ("ca.pem", "client.pem", "client.key"))
+    for path in (ca, cert, key):
+        Path(path).write_text("PEM")
     args = build_parser().parse_args([
-        "--timeout", "3", "--proxy", "http://proxy:3128", "--ca-bundle", "/etc/ca.pem",
-        "--cert", "client.pem", "--cert-key", "client.key", "--header", "X-Tenant: t1",
+        "--timeout", "3", "--proxy", "http://proxy:3128", "--ca-bundle", ca,
+        "--cert", cert, "--cert-key", key, "--header", "X-Tenant: t1",
         "--header", "X-Env:prod"])
     assert options_from_args(args, {}).requests_options == {
         "timeout": 3.0, "proxies": {"http": "http://proxy:3128", "https": "http://proxy:3128"},
-        "verify": "/etc/ca.pem", "cert": ("client.pem", "client.key"),
-        "headers": {"X-Tenant": "t1", "X-Env": "prod"}}
+        "verify": ca, "cert": (cert, key), "headers": {"X-Tenant": "t1", "X-Env": "prod"}}
 
 
 @pytest.mark.parametrize("args, words", [
     (["--header", "no colon"], ["--header", "NAME: VALUE"]),
     (["--header", "X-Bad: a\nb"], ["header 'X-Bad'"]),
     (["--cert-key", "k.pem"], ["--cert-key goes with --cert"]),
+    (["--api-url", "http://exa mple/"], ["--api-url", "space"]),
+    (["--api-url", "http://host:port/v1"], ["--api-url", "port"]),
+    (["--ca-bundle", "/nope.pem"], ["--ca-bundle /nope.pem does not exist"]),
+    (["--cert", "/nope.pem"], ["--cert /nope.pem does not exist"]),
+    (["--proxy", "notaurl"], ["--proxy", "http://"]),
 ])
 def test_a_bad_transport_flag_exits_2_in_one_line(env, queue_path, args, words):
-    proc = run(env, "--queue", queue_path, "--drain", *args, module="segmentry.flusher",
-               extra={"SEGMENT_WRITE_KEY": KEY})
+    """Found before the queue is opened: never retried forever as a network error."""
+    proc = run(env, "--queue", queue_path, "--drain", "--api-url", LOCAL, *args,
+               module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60)
     assert_one_line_error(proc, 2, *words)
     assert not os.path.exists(queue_path)
+
+
+def test_a_cert_the_flusher_cannot_read_exits_2(env, queue_path, locked_dir):
+    cert = locked_dir / "client.pem"
+    cert.write_text("PEM")
+    cert.chmod(0o000)
+    proc = run(env, "--queue", queue_path, "--drain", "--api-url", LOCAL, "--cert", str(cert),
+               module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60, user=bound_by_modes())
+    assert_one_line_error(proc, 2, "--cert", "cannot be read")
+    assert not os.path.exists(queue_path)
+
+
+def test_a_bad_url_in_the_environment_exits_2_like_the_flag(env, queue_path):
+    proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY, "SEGMENTRY_API_URL": "http://exa mple/"},
+               timeout=60)
+    assert_one_line_error(proc, 2, "api_url")
+    assert not os.path.exists(queue_path)
+
+
+def test_the_flusher_refuses_a_queue_in_a_directory_that_does_not_exist(env, tmp_path):
+    path = tmp_path / "typo" / "deep" / "q.db"
+    proc = run(env, "--queue", str(path), "--drain", module="segmentry.flusher",
+               extra={"SEGMENT_WRITE_KEY": KEY}, timeout=60)
+    assert_one_line_error(proc, 1, "no directory", str(path.parent), "--queue")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_no_gzip_overrides_segmentry_gzip():
@@ -396,6 +516,46 @@ def test_flush_is_the_flusher_process(env, queue_path):
     assert status_json(env, queue_path)["depth"] == 0
 
 
+def test_flush_help_names_segmentry_flush_and_every_flags_default(env):
+    proc = run(env, "flush", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: segmentry flush ")
+    assert "python -m segmentry.flusher" not in proc.stdout
+    assert "dead-lettered" in proc.stdout  # the exit codes
+
+
+def test_every_flusher_flag_has_help_with_its_default():
+    from segmentry.service import build_parser
+
+    flags = [a for a in build_parser()._actions if a.option_strings
+             and a.dest not in ("help", "version")]
+    assert len(flags) > 25
+    for action in flags:
+        assert action.help and "default" in action.help, action.option_strings
+
+
+@pytest.mark.parametrize("command", [["--version"], ["flush", "--version"]])
+def test_version_prints_the_package_version(env, command):
+    proc = run(env, *command)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"segmentry {segmentry.__version__}")
+
+
+def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(queue_path):
+    from segmentry.flusher import Outcome
+    from segmentry.progress import Progress
+
+    enqueue(queue_path, 2)
+    queue = SQLiteQueue(queue_path)
+    claim = queue.claim(2, 10**6, time.time(), 60)
+    ready = time.time() + 300
+    queue.release(claim.token, [row.id for row in claim.rows], ready)
+    stream = io.StringIO()
+    Progress(types.SimpleNamespace(outcome=Outcome(), queue=queue), "bar", stream).report()
+    queue.close()
+    until = dt.datetime.fromtimestamp(ready, dt.timezone.utc).strftime("%H:%M:%S")
+    assert f"waiting out a backoff until {until} UTC" in stream.getvalue()
+    assert "remaining 2" in stream.getvalue()
+
+
 def test_flush_without_a_write_key_exits_2_like_the_flusher(env, queue_path):
     assert_one_line_error(run(env, "flush", "--queue", queue_path), 2, "SEGMENT_WRITE_KEY")
 
@@ -412,9 +572,19 @@ def poisoned(env, queue_path):
         receiver.reject("Poison")
         proc = flusher(env, queue_path, receiver.url, "--drain")
         _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
     assert status_json(env, queue_path)["dead_letters"] == 2
+    assert proc.returncode == 1, err  # delivered all it could, but not everything
+    assert "2 events were refused" in err and "segmentry dead-letters list" in err
     return poison
+
+
+def test_once_exits_1_when_it_dead_lettered_an_event(env, queue_path):
+    enqueue(queue_path, 1, event="Poison")
+    with FakeSegment(write_key=KEY) as receiver:
+        receiver.reject("Poison")
+        proc = flusher(env, queue_path, receiver.url, "--once")
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "segmentry dead-letters list" in err, err
 
 
 def dead_letters(env, path, *args):
@@ -448,6 +618,18 @@ def test_show_body_adds_each_full_event(env, queue_path, poisoned):
     assert [d["body"]["properties"] for d in letters] == [{"secret": "s3cret-body"}] * 2
 
 
+def test_dead_letters_list_json_gives_the_whole_response_the_table_one_line(env, queue_path):
+    enqueue(queue_path, 1)
+    queue = SQLiteQueue(queue_path)
+    claim = queue.claim(1, 10**6, time.time(), 60)
+    answer = '{"success": false, "errors": [' + ", ".join(['"field too long"'] * 30) + "]}"
+    queue.bury(claim.token, [row.id for row in claim.rows], 400, answer, time.time())
+    queue.close()
+    assert dead_letters(env, queue_path)["dead_letters"][0]["response"] == answer
+    table = run(env, "dead-letters", "list", "--queue", queue_path).stdout
+    assert answer not in table and "…" in table
+
+
 def test_dead_letters_list_of_a_missing_queue_is_empty_and_creates_nothing(env, queue_path):
     assert dead_letters(env, queue_path) == {"queue_path": queue_path, "total": 0,
                                              "dead_letters": []}
@@ -476,10 +658,14 @@ def test_purge_all_deletes_every_dead_letter_and_says_how_many(env, queue_path, 
     assert (report["depth"], report["dead_letters"]) == (0, 0)
 
 
-def test_purge_of_unknown_ids_says_they_were_not_found(env, queue_path, poisoned):
-    proc = run(env, "dead-letters", "purge", "--queue", queue_path, "9998", "9999")
-    assert proc.returncode == 0 and "purged 0 dead letters (2 ids not found)" in proc.stdout
-    assert status_json(env, queue_path)["dead_letters"] == 2
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+def test_unknown_ids_exit_1_saying_they_are_not_dead_letters(env, queue_path, poisoned,
+                                                             action):
+    first = dead_letters(env, queue_path)["dead_letters"][0]["id"]
+    proc = run(env, "dead-letters", action, "--queue", queue_path, str(first), "999")
+    assert proc.returncode == 1 and f"{action}d 1 dead letters" in proc.stdout
+    assert_one_line_error(proc, 1, "1 of the given ids are not dead letters")
+    assert status_json(env, queue_path)["dead_letters"] == 1
 
 
 @pytest.mark.parametrize("action", ["requeue", "purge"])

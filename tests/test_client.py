@@ -166,12 +166,16 @@ def test_a_drained_queue_takes_events_again_under_a_small_cap(tmp_path):
 
 
 def test_a_storage_failure_follows_on_full(tmp_path):
-    junk = tmp_path / "junk.db"
-    junk.write_bytes(b"not a database at all" * 100)
-    dropping = segmentry.Client(queue_path=str(junk), flusher=None)
+    def failing_put(body, now):  # as a disk that fails after the client was made
+        raise StorageError("queue file q.db: disk I/O error")
+
+    dropping = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    dropping.queue.put = failing_put
     assert dropping.track("u", "E") is None and dropping.dropped == 1
-    raising = segmentry.Client(queue_path=str(junk), flusher=None, on_full="raise")
-    with pytest.raises(StorageError, match="corrupt or not a SQLite database"):
+    raising = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None,
+                               on_full="raise")
+    raising.queue.put = failing_put
+    with pytest.raises(StorageError, match="disk I/O error"):
         raising.track("u", "E")
 
 
@@ -258,7 +262,8 @@ def test_a_call_after_close_follows_on_full_drop_and_never_raises(tmp_path):
     c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
     c.track("u", "E")
     c.close()
-    assert c.track("u", "late") is None and c.dropped == 1
+    with pytest.warns(RuntimeWarning, match="closed Client"):
+        assert c.track("u", "late") is None and c.dropped == 1
     assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1
 
 
@@ -540,7 +545,7 @@ def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
 
 
 def test_producers_beside_the_flusher_thread_never_run_checkpoints(tmp_path):
-    # DESIGN: checkpoints are the flusher's job. The flusher thread shares the Client's
+    # Checkpoints are the flusher's job. The flusher thread shares the Client's
     # connection for claims and deletes, so it must not raise that connection's
     # autocheckpoint (a producer's commit would then run it); it checkpoints on its own.
     from segmentry.storage import PRODUCER_AUTOCHECKPOINT
@@ -570,3 +575,264 @@ def test_a_small_cap_bounds_the_files_on_disk_wal_included(tmp_path):
     on_disk = os.path.getsize(path) + os.path.getsize(path + "-wal")
     client.close()
     assert i > 1000 and on_disk <= cap + (4 << 20) + (2 << 20)  # + 256 puts between stats
+
+
+# -- nothing dropped or waited on in silence ------------------------------------------------
+
+
+def _junk(path):
+    path.write_bytes(b"not a database at all" * 100)
+
+
+def _foreign(path):
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize("make, name, reason", [
+    (lambda p: p.mkdir(), "q.db", "it is a directory"),
+    (lambda p: p.parent.write_text(""), "file/q.db", "file is not a directory"),
+    (lambda p: None, "missing/q.db", "directory .*missing does not exist; create it"),
+    (_junk, "q.db", "corrupt or not a SQLite database.*mv "),
+    (_foreign, "q.db", "not a segmentry queue"),
+])
+def test_a_queue_that_cannot_be_used_is_refused_when_the_client_is_made(
+        tmp_path, make, name, reason):
+    target = tmp_path / name
+    make(target)
+    before = sorted(os.listdir(tmp_path))
+    for flusher in (None, "thread"):
+        with pytest.raises(StorageError, match=reason) as error:
+            segmentry.Client("K", queue_path=str(target), flusher=flusher,
+                             api_url="http://127.0.0.1:9/v1/")
+        assert str(target) in str(error.value)
+        assert "cannot create queue file" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing created, nothing moved
+
+
+def test_the_default_per_user_directory_is_created_by_the_producer(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("SEGMENTRY_QUEUE", raising=False)
+    with segmentry.Client(flusher=None) as client:
+        assert client.track("u", "E") is not None
+    assert (tmp_path / "state" / "segmentry" / "queue.db").is_file()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(segmentry.__file__)))
+
+
+def _nobody_python():
+    """An interpreter the nobody user can run segmentry with (root only), or None."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("su") is None:
+        return None
+    for python in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        probe = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c",
+                                f"cd /tmp && PYTHONPATH={ROOT} {python} -c 'import segmentry'"],
+                               capture_output=True)
+        if python and probe.returncode == 0:
+            return python
+    return None
+
+
+NOBODY = textwrap.dedent("""
+    import sys, segmentry
+    try:
+        segmentry.Client("KEY", **({"queue_path": sys.argv[1]} if sys.argv[1:] else {}))
+    except segmentry.StorageError as exc:
+        print(exc)
+""")
+
+
+@pytest.mark.skipif(_nobody_python() is None, reason="needs root, su and an interpreter "
+                    "that the nobody user can run")
+def test_a_user_who_cannot_write_the_queue_gets_a_storage_error_not_silence():
+    import shlex
+    import shutil
+    import tempfile
+
+    shared = tempfile.mkdtemp(prefix="segmentry-shared-")  # /tmp: nobody can reach it
+    try:
+        os.chmod(shared, 0o755)
+        segmentry.Client(queue_path=f"{shared}/q.db", flusher=None).close()  # root's, 0600
+        for args, reason in (([], "cannot create directory /nonexistent"),
+                             ([f"{shared}/q.db"], "permission denied (owner uid 0"),
+                             ([f"{shared}/new.db"], f"permission denied on {shared}")):
+            env = f"cd /tmp && HOME=/nonexistent XDG_STATE_HOME= PYTHONPATH={ROOT}"
+            command = " ".join([env, _nobody_python(), "-c", shlex.quote(NOBODY), *args])
+            proc = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", command],
+                                  capture_output=True, text=True, timeout=60)
+            assert reason in proc.stdout, (args, proc.stdout, proc.stderr)
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_a_user_who_cannot_write_the_queue_is_told_why_and_how_to_fix_it(tmp_path,
+                                                                          monkeypatch):
+    from segmentry import storage
+
+    target = tmp_path / "q.db"
+    target.write_text("")
+    # As a user outside the file's group (root passes every check, so it is simulated).
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: path != str(target))
+    reason = storage._open_failure(str(target))
+    assert "permission denied (owner uid" in reason and "member of its group" in reason
+    monkeypatch.setattr(storage.os, "access", lambda path, mode: path != str(tmp_path))
+    assert "cannot search directory" in storage._open_failure(str(tmp_path / "other.db"))
+
+
+FULL_DISK = textwrap.dedent("""
+    import resource, signal, sys, segmentry
+    client = segmentry.Client(queue_path=sys.argv[1], flusher=None)
+    client.track("u", "before")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # the disk is full now
+    results = [client.track("u", "E", {"pad": "x" * 20000}) for _ in range(100)]
+    print(results.count(None), client.dropped, client.flush(timeout=1))
+""")
+
+
+def test_a_disk_that_fills_later_drops_loudly_without_any_logging_configured(tmp_path):
+    proc = run_python(FULL_DISK, tmp_path / "q.db")
+    out, err = proc.communicate(timeout=120)
+    dropped, counted, flushed = out.split()
+    assert int(dropped) == int(counted) > 0 and flushed == "False", (out, err)
+    lines = [line for line in err.splitlines() if "dropped" in line]
+    # One line for the first drop; the rest within the minute are counted, not repeated.
+    assert len(lines) == 1 and lines[0].startswith("segmentry: dropped 1 event(s)"), err
+    assert "q.db" in lines[0] and "pad" not in err and "xxxx" not in err
+
+
+def test_drops_that_go_on_are_reported_once_a_minute_with_a_count(tmp_path, monkeypatch,
+                                                                  caplog):
+    from segmentry import client as client_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    c.queue.put = lambda body, now: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    with caplog.at_level("WARNING", logger="segmentry"):
+        for _ in range(5):
+            c.track("u", "E")
+            clock[0] += 10
+        clock[0] += 20  # a minute after the first report
+        c.track("u", "E")
+    said = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("dropped 1 event(s)")
+    assert said[1].startswith("dropped 5 event(s) since the last report (6 in all")
+    assert c.dropped == 6
+
+
+def test_flush_says_false_once_for_events_dropped_since_the_last_flush(client):
+    real_put = client.queue.put
+    client.track("u", "stored")
+    client.queue.put = lambda body, now: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    assert client.track("u", "dropped") is None
+    client.queue.put = real_put
+    client.queue._run(lambda c: c.execute("DELETE FROM events"))  # as delivered
+    assert client.flush(timeout=5) is False
+    assert client.flush(timeout=5) is True  # nothing dropped since
+
+
+def test_flush_on_a_closed_client_is_false_and_a_late_call_warns_once(tmp_path):
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    c.close()
+    assert c.flush(timeout=1) is False
+    with pytest.warns(RuntimeWarning, match="closed Client") as caught:
+        c.track("u", "late")
+        c.identify("u", {"a": 1})
+    assert len([w for w in caught if "closed Client" in str(w.message)]) == 1
+    assert c.dropped == 2
+
+
+def test_flush_without_any_flusher_gives_up_after_a_grace_saying_why(tmp_path, monkeypatch,
+                                                                     caplog):
+    from segmentry import client as client_module
+
+    monkeypatch.setattr(client_module, "NO_FLUSHER_GRACE_S", 0.1)
+    c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
+    c.track("u", "E")
+    with caplog.at_level("WARNING", logger="segmentry"):
+        assert c.flush() is False  # no timeout: it used to wait forever
+    assert "no flusher delivers" in caplog.text and str(tmp_path / "q.db") in caplog.text
+    # With a flusher holding the queue (its pid file names a live process), it waits.
+    (tmp_path / "q.db.flusher").write_text(f"{os.getpid()}\n")
+    caplog.clear()
+    assert c.flush(timeout=0.5) is False
+    assert "no flusher delivers" not in caplog.text
+    c.close()
+
+
+def test_flush_returns_false_once_the_receiver_refuses_the_key(tmp_path, caplog):
+    from segmentry.exceptions import HTTPStatusError
+    from segmentry.testing import Stub
+
+    errors = []
+    c = segmentry.Client("WRONG", queue_path=str(tmp_path / "q.db"), batch_every_ms=10,
+                         requests_options={"adapter": Stub(lambda r: 401)},
+                         on_error=lambda exc, events: errors.append((exc, events)))
+    mid = c.track("u", "E")
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="segmentry"):
+        assert c.flush() is False  # no timeout: it used to wait forever
+    assert time.monotonic() - started < 30
+    line = [r.getMessage() for r in caplog.records if "flush() gives up" in r.getMessage()]
+    assert len(line) == 1 and "HTTP 401" in line[0] and "WRONG" not in caplog.text
+    assert isinstance(errors[0][0], HTTPStatusError) and errors[0][0].status_code == 401
+    assert errors[0][1][0]["messageId"] == mid
+    c.close()
+    assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1  # kept
+
+
+def test_close_takes_at_most_its_timeout_in_all(tmp_path):
+    from segmentry.testing import Stub
+
+    answer = threading.Event()
+
+    def hang(request):  # the receiver does not answer until the test ends
+        answer.wait(30)
+        return 200
+
+    c = segmentry.Client("K", queue_path=str(tmp_path / "q.db"), batch_every_ms=10,
+                         requests_options={"adapter": Stub(hang)})
+    c.track("u", "E")
+    started = time.monotonic()
+    c.close(timeout=2.0)  # was the flush's 2 s, then up to 2 s more to stop the thread
+    elapsed = time.monotonic() - started
+    answer.set()
+    assert elapsed < 3.0
+
+
+def test_a_queue_file_removed_while_in_use_is_recreated_keeping_its_events(
+        tmp_path, monkeypatch, caplog):
+    from segmentry import client as client_module
+
+    monkeypatch.setattr(client_module, "CAP_RESTAT_EVERY", 4)
+    path = tmp_path / "q.db"
+    c = segmentry.Client(queue_path=str(path), flusher=None)
+    ids = [c.track("u", "E", {"i": i}) for i in range(3)]
+    for suffix in ("", "-wal", "-shm"):  # as a cleanup job would
+        os.remove(f"{path}{suffix}")
+    with caplog.at_level("WARNING", logger="segmentry"):
+        ids += [c.track("u", "E", {"i": i}) for i in range(3, 10)]
+    assert "was removed or replaced while in use" in caplog.text
+    c.close()
+    conn = sqlite3.connect(path)
+    kept = [json.loads(b)["messageId"] for b, in conn.execute("SELECT body FROM events")]
+    conn.close()
+    assert sorted(kept) == sorted(ids)
+
+
+def test_flush_notices_a_removed_queue_file(tmp_path, caplog):
+    path = tmp_path / "q.db"
+    c = segmentry.Client(queue_path=str(path), flusher=None)
+    c.track("u", "E")
+    os.remove(path)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        c.flush(timeout=0.1)
+    assert "1 event(s) still in the old file were moved" in caplog.text
+    assert SQLiteQueue(str(path)).stats(time.time()).depth == 1
+    c.close()

@@ -466,8 +466,6 @@ def test_on_error_gets_an_event_the_receiver_refuses(make_client: Any) -> None:
     assert error.status_code == 400 and batch[0]["messageId"] == msg["messageId"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs on_error for 401/403/404 in the flusher "
-                   "(issue 16 §5, helper 'edges'); remove this mark once merged")
 def test_on_error_is_called_soon_for_a_wrong_write_key(make_client: Any) -> None:
     called: list[Any] = []
     client = make_client(KEY, on_error=lambda e, batch: called.append(e),

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -90,7 +91,7 @@ def test_a_poison_event_is_dead_lettered_and_the_others_arrive(receiver, queue_p
     enqueue(queue_path, 49)
     receiver.reject("Poison")
     code, err = drain(queue_path, receiver.url)
-    assert code == 0, err
+    assert code == 1 and "segmentry dead-letters list" in err, err  # not all delivered
     assert receiver.stats()["unique"] == 99
     letters = SQLiteQueue(queue_path).dead_letters()
     assert len(letters) == 1 and poison in letters[0].body and letters[0].status == 400
@@ -349,3 +350,37 @@ def test_drain_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(receiver,
     enqueue(queue_path, 10)
     code, err = drain(queue_path, receiver.url)  # stderr is a pipe: a log line
     assert code == 0 and "\rsent" not in err and "INFO segmentry.flusher: sent 10" in err
+
+
+# -- nothing dropped or waited on in silence ------------------------------------------------
+
+
+def test_a_drain_after_the_url_is_fixed_sends_the_backlog_at_once(receiver, queue_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: the mistyped URL
+        probe.bind(("127.0.0.1", 0))
+        wrong = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    enqueue(queue_path, 5)
+    slow = ["--retry-attempts", "0", "--retry-expiry", "20000"]  # a backoff of 10 to 20 s
+    code, err = drain(queue_path, wrong, *slow, "--drain-timeout", "1")
+    assert code == 1 and "connection refused by 127.0.0.1" in err, err
+    assert SQLiteQueue(queue_path).next_ready_at(time.time()) > time.time() + 5
+    code, err = drain(queue_path, receiver.url, *slow, "--drain-timeout", "5")
+    assert code == 0, err
+    assert receiver.stats()["unique"] == 5 and "earned by another destination" in err
+
+
+def test_start_with_a_wrong_key_then_flush_returns_false_instead_of_hanging(receiver,
+                                                                           queue_path):
+    code = textwrap.dedent("""
+        import sys, segmentry
+        segmentry.start("WRONG", queue_path=sys.argv[1], api_url=sys.argv[2])
+        segmentry.track("u", "E")
+        print(segmentry.flush())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, queue_path, receiver.url],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", (proc.stdout, proc.stderr)
+    assert "segmentry: flush() gives up: the receiver answered HTTP 401" in proc.stderr
+    assert "WRONG" not in proc.stderr and depth(queue_path).depth == 1

@@ -18,6 +18,7 @@ from segmentry import flusher as flusher_module
 from segmentry import telemetry
 from segmentry.config import Options
 from segmentry.flusher import Flusher, Lock, make_http
+from segmentry.http import HTTPClient
 from segmentry.storage import SQLiteQueue
 from segmentry.testing import Stub, sequence
 
@@ -184,6 +185,53 @@ def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(
     assert (stats.depth, stats.in_flight) == (10, 0)  # all kept, none leased
 
 
+def test_a_batch_held_by_its_sender_longer_than_a_lease_is_not_claimed_again(path):
+    """Retries may outlast a lease (3 waits of a 300 s Retry-After); the loop renews the
+    leases in flight, so the rows are never sent twice while the first sender holds them."""
+    enqueue(path, 5)
+    gate, now, arrived = threading.Event(), [time.time()], []
+
+    def handler(request):
+        arrived.append(request)
+        gate.wait(30)
+        return 200
+
+    stub = Stub(handler)
+    opts = Options(queue_path=path, retry_attempts=0, requests_options={"adapter": stub})
+    queue = SQLiteQueue(path)
+    flusher = Flusher(queue, make_http("K", opts), opts, clock=lambda: now[0])
+    stop = threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
+    loop.start()
+    try:
+        assert wait_until(lambda: len(arrived) == 1)
+        now[0] += flusher_module.LEASE_S + 1  # the claim's lease has run out meanwhile
+        assert wait_until(lambda: queue.stats(now[0]).in_flight == 5, timeout=10)
+        gate.set()
+        assert wait_until(lambda: queue.stats(now[0]).depth == 0)
+    finally:
+        gate.set()
+        stop.set()
+        loop.join(30)
+    assert len(arrived) == 1
+
+
+def test_a_pause_of_the_http_client_is_measured_on_its_own_clock(path):
+    """The HTTP client's clock is injectable: a Retry-After pause on it must hold the
+    loop whatever time.monotonic() says."""
+    enqueue(path, 3)
+    stub = Stub()
+    opts = Options(queue_path=path, retry_attempts=0, requests_options={"adapter": stub})
+    http_client = HTTPClient("K", opts.api_url, clock=lambda: 0.0,
+                             adapter=stub)
+    http_client.pause(30.0)  # on its clock: paused until 30, now 0
+    flusher = Flusher(SQLiteQueue(path), http_client, opts)
+    stop = threading.Event()
+    assert flusher._paused(stop)
+    http_client.clock = lambda: 31.0
+    assert not flusher._paused(stop)
+
+
 def test_take_over_reclaims_a_dead_flushers_leases(path):
     enqueue(path, 5)
     SQLiteQueue(path).claim(5, 10**9, time.time(), 600)
@@ -207,7 +255,7 @@ def test_telemetry_spans_around_claim_and_batch_in_order(path):
     (_, start, _), (_, stop, claim_meta), _, (_, batch_stop, batch_meta) = seen
     assert isinstance(start["system_time"], int) and isinstance(stop["duration"], int)
     assert claim_meta["claimed"] == 2 and claim_meta["queue_path"] == path
-    assert claim_meta["status"] == "ok"  # DESIGN: every stop carries a status
+    assert claim_meta["status"] == "ok"  # every stop carries a status (README, Telemetry)
     assert batch_meta["status"] == "ok" and len(batch_meta["events"]) == 2
     assert batch_meta["result"].status_code == 200 and batch_stop["duration"] > 0
 
@@ -264,6 +312,40 @@ def test_only_one_flusher_lock_per_queue(path):
     a.release()
     assert b.acquire(timeout=0)
     b.release()
+
+
+@pytest.mark.parametrize("suffix", [".lock", ".flusher"])
+def test_the_lock_and_pid_files_never_follow_a_link_to_another_file(path, tmp_path, suffix):
+    """In a group-writable directory a member could aim them at a file the flusher's
+    user can write: it must be neither truncated nor written."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, path + suffix)
+    lock = Lock(path)
+    if suffix == ".lock":
+        with pytest.raises(segmentry.StorageError, match="lock file"):
+            lock.acquire(timeout=0)
+    else:
+        assert lock.acquire(timeout=0)
+        assert not os.path.islink(path + suffix)  # the link was replaced, not followed
+        lock.release()
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_forked_child_closing_its_copy_of_the_lock_leaves_the_parent_holding_it(path):
+    lock = Lock(path)
+    assert lock.acquire(timeout=0)
+    pid = os.fork()
+    if pid == 0:  # the child: abandon, then prove the parent still holds the lock
+        try:
+            lock.abandon()
+            os._exit(0 if not Lock(path).acquire(timeout=0) else 1)
+        except BaseException:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not Lock(path).acquire(timeout=0)
+    lock.release()
+    assert Lock(path).acquire(timeout=0)
 
 
 def test_a_pid_file_that_cannot_be_written_costs_neither_the_lock_nor_delivery(path, caplog):
@@ -661,3 +743,114 @@ def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_
         flusher._last_maintain = 0.0
         flusher._maintain(empty=False)
     assert held == [1, 1]
+
+
+# -- nothing dropped or waited on in silence ------------------------------------------------
+
+
+def test_a_401_tells_on_error_and_keeps_the_events(path):
+    from segmentry.exceptions import HTTPStatusError
+
+    ids = enqueue(path, 3)
+    errors = []
+    flusher, stub, queue = make(path, lambda r: 401, on_error=lambda e, ev: errors.append(
+        (e, [x["messageId"] for x in ev])))
+    flusher.run_once()
+    assert len(errors) == 1 and isinstance(errors[0][0], HTTPStatusError)
+    assert errors[0][0].status_code == 401 and not errors[0][0].retryable
+    assert errors[0][1] == ids
+    assert queue.stats(time.time()).depth == 3 and queue.dead_letters() == []
+
+
+def _elsewhere(path, key="K", url="https://api.segment.io/v1/", handler=None):
+    opts = Options(queue_path=path, retry_attempts=0, retry_start=1, retry_expiry=60_000,
+                   api_url=url, requests_options={"adapter": Stub(handler)})
+    queue = SQLiteQueue(path)
+    return Flusher(queue, make_http(key, opts), opts), queue
+
+
+@pytest.mark.parametrize("fixed", [{"key": "FIXED"}, {"url": "http://127.0.0.1:9/v1/"}])
+def test_a_backoff_earned_by_another_destination_is_not_waited_out(path, fixed, caplog):
+    enqueue(path, 2)
+    wrong, queue = _elsewhere(path, handler=lambda r: 503)
+    wrong.run_once()
+    assert queue.next_ready_at(time.time()) > time.time() + 20  # 30 to 60 s stored
+    fixed_flusher, _ = _elsewhere(path, **fixed)
+    with caplog.at_level("INFO", logger="segmentry"):
+        fixed_flusher.take_over()
+    assert fixed_flusher.pause_until <= time.time()
+    assert queue.next_ready_at(time.time()) == 0
+    assert "backoff earned by another destination" in caplog.text
+    assert "FIXED" not in caplog.text
+
+
+def test_a_backoff_stored_without_its_owner_is_not_waited_out(path):
+    enqueue(path, 1)
+    queue = SQLiteQueue(path)
+    claim = queue.claim(10, 10**6, time.time(), 60)
+    queue.release(claim.token, [r.id for r in claim.rows], time.time() + 60)  # as 0.1 did
+    flusher, _ = _elsewhere(path)
+    flusher.take_over()
+    assert flusher.pause_until <= time.time() and queue.next_ready_at(time.time()) == 0
+
+
+def test_a_stored_backoff_of_the_same_destination_is_logged_with_its_end(path, caplog):
+    enqueue(path, 1)
+    first, _ = _elsewhere(path, handler=lambda r: 503)
+    first.run_once()
+    second, _ = _elsewhere(path)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        second.take_over()
+    assert second.pause_until == first.pause_until > time.time()
+    when = time.strftime("%H:%M:%S", time.localtime(second.pause_until))
+    assert "waiting out the backoff" in caplog.text and f"next attempt at {when}" in caplog.text
+
+
+def test_a_refused_connection_is_named_in_the_failure_line(path, caplog):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    enqueue(path, 1)
+    opts = Options(queue_path=path, retry_attempts=0, api_url=f"http://127.0.0.1:{port}/v1/")
+    flusher = Flusher(SQLiteQueue(path), make_http("SECRET-KEY", opts), opts)
+    with caplog.at_level("WARNING", logger="segmentry"):
+        flusher.run_once()
+    line = [r.getMessage() for r in caplog.records if "delivery failed" in r.getMessage()]
+    assert len(line) == 1, caplog.text
+    assert f"NetworkError: connection refused by 127.0.0.1:{port}" in line[0]
+    assert "SECRET-KEY" not in caplog.text
+
+
+def _chained(*errors):
+    """The errors as a chain, the first outermost (as ``raise ... from`` leaves them)."""
+    for outer, inner in zip(errors, errors[1:]):
+        outer.__cause__ = inner
+    return errors[0]
+
+
+@pytest.mark.parametrize("error, said", [
+    (_chained(segmentry.NetworkError("no response"), requests.exceptions.SSLError(
+        "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate "
+        "(_ssl.c:1006)")), "TLS verification failed for h.example:8443: self-signed certificate"),
+    (_chained(segmentry.NetworkError("no response"), OSError(
+        "Could not find a suitable TLS CA certificate bundle, invalid path: /nope.pem")),
+     "CA bundle missing: /nope.pem"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError("x"),
+              OSError(-2, "Name or service not known")),
+     "DNS lookup failed for h.example: Name or service not known"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError(
+        "[Errno 111] Connection refused")), "connection refused by h.example:8443"),
+    (_chained(segmentry.NetworkError("no response"), requests.ReadTimeout("read timed out")),
+     "timed out talking to h.example:8443"),
+    (_chained(segmentry.NetworkError("no response"), requests.exceptions.ProxyError(
+        "Unable to connect to proxy")), "cannot go through the proxy: Unable to connect"),
+    (_chained(segmentry.NetworkError("no response"), requests.ConnectionError(
+        "HTTPSConnectionPool(host='proxy.example'): [Errno 111] Connection refused")),
+     "connection refused by h.example:8443"),  # a host named proxy is no proxy failure
+    (segmentry.NetworkError("sending failed: KeyError"), None),
+])
+def test_a_network_failure_is_described_by_its_cause(error, said):
+    described = flusher_module._describe(error, "https://h.example:8443/v1/")
+    assert described == "NetworkError" if said is None else said in described, described

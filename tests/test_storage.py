@@ -71,6 +71,24 @@ def test_delete_by_token_removes_only_that_lease(queue):
     assert queue.stats(NOW).depth == 2
 
 
+@pytest.mark.parametrize("act", ["delete", "release", "delete_many"])
+def test_settling_acts_on_exactly_the_ids_given_not_their_range(queue, act):
+    """delete(token, [1, 3]) on a claim of rows 1-3 must leave row 2 (never delivered)."""
+    ids = fill(queue, 3)
+    claim = queue.claim(3, BIG, NOW, 60)
+    ends = [ids[0], ids[2]]
+    if act == "delete":
+        assert queue.delete(claim.token, ends) == 2
+    elif act == "delete_many":
+        assert queue.delete_many([(claim.token, ends)]) == 2
+    else:
+        assert queue.release(claim.token, ends, NOW) == 2
+    left = queue.stats(NOW)
+    assert left.depth == (1 if act != "release" else 3)
+    assert left.in_flight == 1  # row 2 is still the claim's, untouched
+    assert queue.delete(claim.token, [ids[1]]) == 1
+
+
 def test_expired_lease_is_claimable_again_and_the_old_token_is_powerless(queue):
     fill(queue, 3)
     old = queue.claim(3, BIG, NOW, 10)
@@ -358,7 +376,7 @@ def test_an_unwritable_directory_is_a_storage_error(tmp_path):
     else:
         os.chmod(tmp_path, 0o500)
         target = str(tmp_path / "q.db")
-    with pytest.raises(StorageError, match="cannot create queue file"):
+    with pytest.raises(StorageError, match="cannot create (queue file|directory)"):
         SQLiteQueue(target).put("{}", NOW)
 
 
@@ -481,3 +499,41 @@ def test_a_reset_wal_is_written_over_in_place_and_given_back_once_the_queue_is_e
     assert os.stat(queue.path + "-wal").st_size <= WAL_KEEP_BYTES
     queue.put("{}", NOW)
     assert queue.integrity_check() == "ok"
+
+
+# -- the open path: refused at once, saying why ---------------------------------------------
+
+
+def test_open_refuses_a_missing_directory_unless_asked_to_create_it(tmp_path):
+    target = tmp_path / "typo" / "q.db"
+    with pytest.raises(StorageError, match=r"directory .*typo does not exist; create it"):
+        SQLiteQueue(str(target), create_dirs=False).open()
+    assert not (tmp_path / "typo").exists()
+    SQLiteQueue(str(target)).open()  # the default: created 0700
+    assert stat.S_IMODE(os.stat(tmp_path / "typo").st_mode) == 0o700
+
+
+def test_a_directory_that_cannot_be_created_is_named_with_the_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="file is not a directory"):
+        SQLiteQueue(str(tmp_path / "file" / "a" / "q.db")).open()
+    with pytest.raises(StorageError, match="cannot create directory /proc/segmentry-x for "
+                       "queue file .*; create it for this user, or choose another queue path"):
+        SQLiteQueue("/proc/segmentry-x/q.db").open()  # even root cannot create here
+
+
+def test_the_backoff_owner_is_recorded_and_read_back(queue):
+    queue.put("{}", NOW)
+    assert queue.backoff_owner() is None
+    queue.set_backoff_owner("https://a.example/v1/ key sha256:0123")
+    queue.set_backoff_owner("https://b.example/v1/ key sha256:4567")
+    assert queue.backoff_owner() == "https://b.example/v1/ key sha256:4567"
+    assert queue.integrity_check() == "ok"
+
+
+def test_reading_the_backoff_owner_never_writes_the_file(tmp_path):
+    path = str(tmp_path / "q.db")
+    SQLiteQueue(path).put("{}", NOW)
+    before = (os.stat(path).st_mtime_ns, os.stat(path + "-wal").st_size)
+    assert SQLiteQueue(path).backoff_owner() is None
+    assert (os.stat(path).st_mtime_ns, os.stat(path + "-wal").st_size) == before

@@ -93,9 +93,8 @@ class QueueModel(RuleBasedStateMachine):
                 row.lease, row.lease_until = 0, 0.0
 
     def _by_token(self, lease: Lease, ids: list[int]) -> list[int]:
-        """The ids a by-token statement must touch: this token's rows in min..max."""
-        low, high = min(ids), max(ids)
-        return [i for i, r in self.rows.items() if r.lease == lease.token and low <= i <= high]
+        """The ids a by-token statement must touch: those given that this token holds."""
+        return [i for i in ids if i in self.rows and self.rows[i].lease == lease.token]
 
     def _add(self, row_id: int, row: Row) -> None:
         assert row_id not in self.rows, f"id {row_id} given to two queued rows"
@@ -179,8 +178,12 @@ class QueueModel(RuleBasedStateMachine):
             self.leases.append(Lease(claim.token, ids, until))
 
     def _slice(self, data: st.DataObject) -> tuple[Lease, list[int]]:
-        """A claim (maybe stale) and a contiguous slice of its ids, as the flusher gives."""
+        """A claim (maybe stale) and a contiguous slice of its ids, as the flusher gives,
+        or any subset of them: a method acts on exactly the ids it is given."""
         lease = data.draw(st.sampled_from(self.leases))
+        if data.draw(st.booleans()):
+            ids = data.draw(st.lists(st.sampled_from(lease.ids), min_size=1, unique=True))
+            return lease, sorted(ids)
         start = data.draw(st.integers(0, len(lease.ids) - 1))
         end = data.draw(st.integers(start + 1, len(lease.ids)))
         return lease, lease.ids[start:end]
