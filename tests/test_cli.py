@@ -714,7 +714,8 @@ def test_the_unit_restarts_as_a_dedicated_user_with_the_key_and_queue_from_files
     assert service["StateDirectory"] == ["segmentry"]
     assert service["StateDirectoryMode"][0].endswith("770")
     assert "-m segmentry.flusher" in service["ExecStart"][0]
-    assert service["ExecStart"][0].startswith("/usr/bin/env python3")
+    assert service["ExecStart"][0].startswith("/opt/segmentry/bin/python ")  # a virtualenv
+    assert service["Type"] == ["notify"] and seconds(service["WatchdogSec"][0]) > 2
     assert not any("--write-key " in v for v in service["ExecStart"])
 
 
