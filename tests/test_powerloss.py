@@ -130,7 +130,8 @@ os._exit(0)
 
 
 def test_sqlite_keeps_synced_commits_and_loses_unsynced_ones(disk):
-    """The filesystem has teeth: SQLite's commits made with synchronous=OFF are lost."""
+    """The filesystem has teeth: SQLite's commits made with synchronous=OFF are lost. The
+    file itself survives: SQLite fsyncs the directory when it first syncs a new WAL."""
     db = str(disk.mnt / "q.db")
     subprocess.run([sys.executable, "-c", SQLITE_WRITER, db], check=True)
     disk.cut()

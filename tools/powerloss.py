@@ -68,6 +68,7 @@ MOUNT_TIMEOUT_S = 20.0
 UNMOUNT_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 120
 EXAMPLES = 5
+PROGRESS_EVERY = 25  # cuts between progress lines
 PROPERTIES = ("F1", "F2", "F3", "F4", "F5", "F6")
 STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime",
                "st_mtime", "st_ctime", "st_blocks", "st_blksize")
@@ -273,7 +274,7 @@ class PowerLossFS:
         """Leave in ``live`` what a disk would hold after a power loss now; say what went."""
         report: dict[str, Any] = {"unsynced": 0, "kept": 0, "files_lost": [],
                                   "files_back": []}
-        for name in set(self.files) | set(self.gone):
+        for name in sorted(set(self.files) | set(self.gone)):  # the seed decides, not hashes
             path = self._path(name)
             log = self.gone.get(name) or self.files[name]
             if name not in self.durable_names:
@@ -513,6 +514,8 @@ class Harness:
         while len(self.cuts) < self.args.cuts and (deadline is None or
                                                     time.monotonic() < deadline):
             self.one_round(len(self.cuts))
+            if len(self.cuts) % PROGRESS_EVERY == 0:
+                self.say(f"{len(self.cuts)} cuts, {time.monotonic() - started:.0f} s")
         self.mount_fs("whole")
         try:
             self.check_recovery()
