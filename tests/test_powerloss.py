@@ -169,6 +169,7 @@ def test_the_run_really_cut_a_busy_queue(short_run):
     """A run that stored nothing, or whose cuts dropped nothing, would pass vacuously."""
     _, report = short_run
     assert report["cuts"] == 12
+    assert report["cuts_by_delivery"] == {"process": 8, "thread": 4}
     assert report["returned"]["full"] > 500 and report["returned"]["normal"] > 500
     assert report["unsynced_writes"] > 0
     assert report["accepted"] > 500

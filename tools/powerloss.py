@@ -3,7 +3,8 @@ fsynced in memory and drops it at a simulated power cut, while producers store e
 and a flusher delivers them; after each cut the queue is recovered and checked.
 
     python tools/powerloss.py [--cuts 100] [--minutes M] [--durability full|normal|both]
-                              [--drop whole|subset|both] [--producers 2] [--seed S] [--json]
+                              [--drop whole|subset|both] [--delivery process|thread|both]
+                              [--producers 2] [--rate 400] [--seed S] [--json]
 
 The filesystem (a passthrough over a directory on the real disk, in a child process: the
 ``serve`` subcommand) models the disk under a power loss, as LazyFS and ALICE do:
@@ -24,8 +25,9 @@ The filesystem (a passthrough over a directory on the real disk, in a child proc
 A cut: SIGKILL every process using the mount (the producers and the flusher), unmount
 (the kernel's page cache of the mount goes with it), let the filesystem process drop
 what the model says and exit; then mount again and recover: ``PRAGMA integrity_check``
-and the messageIds left in the queue. Each round picks its producers' durability and the
-cut's drop mode, arms a receiver fault at times, and cuts at a random moment. After the
+and the messageIds left in the queue. Each round picks its producers' durability, the
+cut's drop mode and who delivers (a flusher process, or the producers' own flusher
+threads), arms a receiver fault at times, and cuts at a random moment. After the
 last cut a flusher drains the recovered queue. Properties:
 
 F1 durability="full": no event whose call returned is lost (each is in the recovered
@@ -75,15 +77,17 @@ STAT_FIELDS = ("st_mode", "st_ino", "st_nlink", "st_uid", "st_gid", "st_size", "
 STATVFS_FIELDS = ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_flag", "f_namemax")
 
-# A producer: a Client in its own process, flusher=None; each returned messageId and the
-# event's sequence number go to stdout, flushed only after the call returned.
+# A producer: a Client in its own process, with its own flusher thread ("thread") or none
+# (a flusher process delivers); each returned messageId and the event's sequence number go
+# to stdout, flushed only after the call returned.
 PRODUCER = r"""
 import sys, time
 import segmentry
-key, queue, url, me, durability, rate = sys.argv[1:]
+key, queue, url, me, durability, rate, delivery = sys.argv[1:]
 rate = float(rate)
-client = segmentry.Client(key, queue_path=queue, api_url=url, flusher=None,
-                          durability=durability, on_full="raise")
+client = segmentry.Client(key, queue_path=queue, api_url=url, durability=durability,
+                          on_full="raise", retry_start=5, retry_expiry=200, batch_every_ms=50,
+                          flusher="thread" if delivery == "thread" else None)
 out, seq, start = sys.stdout, 0, time.monotonic()
 while True:
     mid = client.track("user-%d" % (seq % 97), "Power cut", {"producer": me, "seq": seq})
@@ -420,6 +424,7 @@ class Cut:
     number: int
     durability: str
     drop: str
+    delivery: str  # "process": a flusher process; "thread": the producers' own threads
     fault: str
     seconds: float
     returned: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
@@ -472,8 +477,10 @@ class Harness:
     def start_workload(self, cut: Cut) -> None:
         for i in range(self.args.producers):
             argv = [sys.executable, "-c", PRODUCER, KEY, self.queue, self.srv.url,
-                    f"c{cut.number}p{i}", cut.durability, str(self.args.rate)]
+                    f"c{cut.number}p{i}", cut.durability, str(self.args.rate), cut.delivery]
             self.children.append(Child.start(f"producer c{cut.number}p{i}", argv))
+        if cut.delivery == "thread":
+            return  # one producer's thread delivers, the others' stand by
         argv = [sys.executable, "-m", "segmentry.flusher", "--queue", self.queue,
                 "--api-url", self.srv.url, "--durability", cut.durability,
                 "--retry-start", "5", "--retry-expiry", "200", "--batch-every-ms", "50",
@@ -526,7 +533,9 @@ class Harness:
 
     def one_round(self, number: int) -> None:
         cut = Cut(number, self.pick(self.args.durability, ("full", "normal"), number),
-                  self.pick(self.args.drop, ("whole", "subset"), number // 2), self.arm_fault(),
+                  self.pick(self.args.drop, ("whole", "subset"), number // 2),
+                  self.pick(self.args.delivery, ("process", "thread"), number // 4),
+                  self.arm_fault(),
                   round(self.rng.uniform(self.args.min_s, self.args.max_s), 2))
         self.mount_fs(cut.drop)
         try:
@@ -629,6 +638,8 @@ class Harness:
             "cuts_by_durability": {m: sum(c.durability == m for c in cuts)
                                    for m in ("full", "normal")},
             "cuts_by_drop": {d: sum(c.drop == d for c in cuts) for d in ("whole", "subset")},
+            "cuts_by_delivery": {d: sum(c.delivery == d for c in cuts)
+                                 for d in ("process", "thread")},
             "faults": {k: sum(c.fault == k for c in cuts)
                        for k in ("none", "503", "ambiguous", "drop")},
             "returned": returned,
@@ -676,7 +687,8 @@ def verdict(r: dict[str, Any]) -> str:
 
 def details(r: dict[str, Any]) -> list[str]:
     lines = [
-        f"drops {r['cuts_by_drop']}, receiver faults {r['faults']}",
+        f"drops {r['cuts_by_drop']}, delivery {r['cuts_by_delivery']}, receiver faults "
+        f"{r['faults']}",
         f"unsynced writes at the cuts {r['unsynced_writes']:,}, kept by 'subset' "
         f"{r['unsynced_writes_kept']:,}; files whose entry was not durable, gone "
         f"{r['files_lost']}; unlinked files back {r['files_back']}",
@@ -703,6 +715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the producers' durability (both: alternate by round)")
     p.add_argument("--drop", choices=("whole", "subset", "both"), default="both",
                    help="what a cut drops of each file's unsynced writes")
+    p.add_argument("--delivery", choices=("process", "thread", "both"), default="both",
+                   help="who delivers: a flusher process, or the producers' flusher threads")
     p.add_argument("--producers", type=int, default=2)
     p.add_argument("--rate", type=float, default=400.0, help="events/s per producer")
     p.add_argument("--min-s", type=float, default=0.3, help="shortest round before its cut")
