@@ -23,8 +23,7 @@ REQUIRED = bool(os.environ.get("SEGMENTRY_REQUIRE_FUSE"))  # set by .ci/run: nev
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(WHY is not None and not REQUIRED,
-                       reason=f"power-loss tests need FUSE: {WHY}; apt-get install fuse "
-                              "libfuse2 and pip install -e '.[test]' (as .ci/run does)"),
+                       reason=f"power-loss tests need FUSE: {WHY} (.ci/run installs it)"),
 ]
 
 
