@@ -696,3 +696,26 @@ def test_the_same_call_sends_the_same_payload_as_analytics_python(
     auth = {headers["Authorization"] for _, headers, _ in receiver.recorded}
     assert auth == {"Basic " + base64.b64encode(f"{KEY}:".encode()).decode()}
     assert {path for path, _, _ in receiver.recorded} == {"/v1/batch"}
+
+
+def test_a_fork_while_another_thread_builds_the_default_client_does_not_hang_the_child(
+        tmp_path):
+    import signal
+
+    import segmentry.compat as analytics
+
+    with analytics._default_lock:  # as a thread inside the first call's _default()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang dies of SIGALRM
+                signal.alarm(10)
+                analytics.write_key, analytics.send = "K", False
+                analytics.queue_path = str(tmp_path / "child.db")
+                code = 0 if analytics.track("u", "E")[0] else 1
+            finally:
+                os._exit(code)  # never return into pytest in the forked copy
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
