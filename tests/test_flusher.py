@@ -72,8 +72,8 @@ def test_a_request_body_never_exceeds_500_kb(path):
 def test_a_retryable_failure_keeps_the_rows_and_stores_the_backoff(path):
     enqueue(path, 3)
     errors = []
-    flusher, stub, queue = make(path, lambda r: 503, on_error=lambda e, ev: errors.append(
-        (e.status_code, len(ev))))
+    flusher, stub, queue = make(path, lambda r: 503, retry_expiry=60_000,  # 30 to 60 s
+                                on_error=lambda e, ev: errors.append((e.status_code, len(ev))))
     before = time.time()
     flusher.run_once()
     stats = queue.stats(time.time())
@@ -399,7 +399,7 @@ def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
     def buggy(request):
         raise RuntimeError("a custom adapter's bug")
 
-    flusher, stub, queue = make(path, buggy)
+    flusher, stub, queue = make(path, buggy, retry_expiry=60_000)  # stored: 30 to 60 s
     flusher.run_once()  # no exception: the rows are released as after a network failure
     stats = queue.stats(time.time())
     assert (stats.depth, stats.in_flight, flusher.outcome.released) == (4, 0, 4)
