@@ -11,13 +11,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Protocol
 
 from . import telemetry
 from .config import DEFAULT_API_URL
 from .exceptions import ConfigurationError, StorageError
 from .flusher import destination, holder_pid
-from .storage import Stats, inspect
+from .storage import inspect
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -113,31 +113,23 @@ class Instrumentation:
                                        self.requests, self.duration]
         if queue_path is not None:
             path = os.path.abspath(queue_path)
-            queue = QueueCollector(path, destination, active or _holds_lock(path))
+            queue = QueueCollector(path, destination, active or holds_lock(path))
             registry.register(queue)
             self._collectors.append(queue)
-        telemetry.attach(self.handler_id, EVENTS, self.handle)
+        telemetry.attach(self.handler_id, EVENTS, feed(self))
 
-    def handle(self, event: telemetry.Event, measurements: dict[str, Any],
-               metadata: dict[str, Any]) -> None:
-        name = event[1:]
-        if name[0] in ("batch", "send"):  # a stop or an exception: one request
-            self._request(name, measurements, metadata)
-        elif name == ("dead_letter",):
-            self.dead_lettered.inc(measurements.get("count", 0))
-        elif name == ("enqueue", "drop"):
-            self.dropped.labels(str(metadata.get("reason", "unknown"))).inc(
-                measurements.get("count", 1))
+    def requested(self, code: str, seconds: float) -> None:
+        self.requests.labels(code).inc()
+        self.duration.observe(seconds)
 
-    def _request(self, name: tuple[str, ...], measurements: dict[str, Any],
-                 metadata: dict[str, Any]) -> None:
-        self.duration.observe(measurements.get("duration", 0) / 1e9)
-        if name[1] == "exception":  # the transport raises only when no answer came
-            self.requests.labels("network_error").inc()
-            return
-        self.requests.labels(str(metadata["result"].status_code)).inc()
-        if metadata.get("status") == "ok":
-            self.sent.inc(len(metadata.get("events", ())) if name[0] == "batch" else 1)
+    def delivered(self, count: int) -> None:
+        self.sent.inc(count)
+
+    def buried(self, count: int) -> None:
+        self.dead_lettered.inc(count)
+
+    def refused(self, reason: str, count: int) -> None:
+        self.dropped.labels(reason).inc(count)
 
     def detach(self) -> None:
         """Stop feeding the metrics and take them out of the registry."""
@@ -148,8 +140,7 @@ class Instrumentation:
 
 
 class QueueCollector:
-    """The queue's gauges, read from the file at each scrape by a read-only connection of
-    its own: a scrape never writes the file, nor waits on the producers' connection."""
+    """The queue's gauges and ``segmentry_flusher_active``, read at each scrape."""
 
     def __init__(self, path: str, destination: str, active: Active) -> None:
         self.path = path
@@ -157,39 +148,90 @@ class QueueCollector:
         self.active = active
 
     def collect(self) -> Iterator[Any]:
-        yield from self._queue(time.time())
+        reading = read_queue(self.path, time.time())
+        if reading is not None:  # else the gauges go missing; the counters are still served
+            for (name, text), value in zip(_GAUGES, reading):  # file_bytes is not one of them
+                gauge = GaugeMetricFamily(name, text, labels=["destination"])
+                gauge.add_metric([self.destination], float(value))
+                yield gauge
+            disk = GaugeMetricFamily("segmentry_queue_file_bytes",
+                                     "Disk used by the queue file and its WAL.")
+            disk.add_metric([], float(reading.file_bytes))
+            yield disk
         flusher = GaugeMetricFamily(
             "segmentry_flusher_active", "1 while this process holds the queue's flusher "
             "lock, 0 on standby.")
         flusher.add_metric([], 1.0 if self.active() else 0.0)
         yield flusher
 
-    def _queue(self, now: float) -> Iterator[Any]:
-        try:
-            seen = inspect(self.path, now)
-        except StorageError as exc:  # the gauges go missing; the counters are still served
-            logger.warning("metrics: cannot read the queue: %s", exc)
-            return
-        stats = seen.stats if seen is not None else Stats(0, 0, None, 0, 0)
-        age = 0.0 if stats.oldest_created is None else max(0.0, now - stats.oldest_created)
-        for name, text, value in (
-                ("segmentry_queue_events", "Events in the queue, waiting or in flight.",
-                 stats.depth),
-                ("segmentry_queue_bytes", "Bytes of event JSON in the queue.", stats.bytes),
-                ("segmentry_queue_oldest_age_seconds", "Age of the oldest event in the "
-                 "queue (0 when empty).", age),
-                ("segmentry_dead_letters", "Events refused by the receiver, kept aside.",
-                 stats.dead_letters)):
-            gauge = GaugeMetricFamily(name, text, labels=["destination"])
-            gauge.add_metric([self.destination], float(value))
-            yield gauge
-        disk = GaugeMetricFamily("segmentry_queue_file_bytes",
-                                 "Disk used by the queue file and its WAL.")
-        disk.add_metric([], float(seen.disk_bytes if seen is not None else 0))
-        yield disk
+
+# -- what the Prometheus and OpenTelemetry handlers share (no foreign import) ------------
 
 
-def _holds_lock(path: str) -> Active:
+class Sink(Protocol):
+    """Where ``feed`` puts what the telemetry events say."""
+
+    def requested(self, code: str, seconds: float) -> None: ...  # one request's answer
+    def delivered(self, count: int) -> None: ...  # events accepted (2xx)
+    def buried(self, count: int) -> None: ...  # events dead-lettered
+    def refused(self, reason: str, count: int) -> None: ...  # events a producer dropped
+
+
+def feed(sink: Sink) -> telemetry.Handler:
+    """A telemetry handler for ``EVENTS`` that tells ``sink`` what they measure."""
+
+    def handle(event: telemetry.Event, measurements: dict[str, Any],
+               metadata: dict[str, Any]) -> None:
+        kind, phase = event[1], event[-1]
+        if kind in ("batch", "send"):  # a stop or an exception: one request
+            seconds = measurements.get("duration", 0) / 1e9
+            if phase == "exception":  # the transport raises only when no answer came
+                sink.requested("network_error", seconds)
+                return
+            sink.requested(str(metadata["result"].status_code), seconds)
+            if metadata.get("status") == "ok":
+                sink.delivered(len(metadata.get("events", ())) if kind == "batch" else 1)
+        elif kind == "dead_letter":
+            sink.buried(int(measurements.get("count", 0)))
+        elif kind == "enqueue":
+            sink.refused(str(metadata.get("reason", "unknown")), int(measurements.get("count", 1)))
+
+    return handle
+
+
+class Reading(NamedTuple):
+    """The queue's gauges: per destination, but for the file's size."""
+
+    events: int
+    bytes: int
+    oldest_age_s: float
+    dead_letters: int
+    file_bytes: int = 0
+
+
+_GAUGES = (("segmentry_queue_events", "Events in the queue, waiting or in flight."),
+           ("segmentry_queue_bytes", "Bytes of event JSON in the queue."),
+           ("segmentry_queue_oldest_age_seconds", "Age of the oldest event in the queue "
+            "(0 when empty)."),
+           ("segmentry_dead_letters", "Events refused by the receiver, kept aside."))
+
+
+def read_queue(path: str, now: float) -> Reading | None:
+    """The queue file's gauges, read by a read-only connection of its own: never a write,
+    never a new file, no wait on the producers' connection. None (logged) if unreadable."""
+    try:
+        seen = inspect(path, now)
+    except StorageError as exc:
+        logger.warning("metrics: cannot read the queue: %s", exc)
+        return None
+    if seen is None:  # no file yet: an empty queue
+        return Reading(0, 0, 0.0, 0)
+    stats = seen.stats
+    age = 0.0 if stats.oldest_created is None else max(0.0, now - stats.oldest_created)
+    return Reading(stats.depth, stats.bytes, age, stats.dead_letters, seen.disk_bytes)
+
+
+def holds_lock(path: str) -> Active:
     """Whether this process is the one the queue's pid file names (the flusher lock's
     holder writes it on taking the lock and removes it on letting go)."""
     return lambda: holder_pid(path) == os.getpid()

@@ -281,3 +281,73 @@ def test_instrument_without_prometheus_client_names_the_extra(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"pip install 'segmentry\[prometheus\]'"):
         prometheus.instrument(CollectorRegistry())
     assert not telemetry.attached(("segmentry", "batch", "stop"))
+
+
+# -- in-process: OpenTelemetry ------------------------------------------------------------
+
+
+@pytest.fixture
+def reader():
+    """An OpenTelemetry SDK reader of what segmentry.otel feeds; detached after the test."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from segmentry import otel
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    attached = []
+
+    def instrument(*args, **kwargs):
+        attached.append(otel.instrument(provider, *args, **kwargs))
+        return attached[-1]
+
+    reader.instrument = instrument
+    yield reader
+    for metrics in attached:
+        metrics.detach()
+    provider.shutdown()
+
+
+def points(reader):
+    """{(metric name, sorted attributes): value, or a histogram's count}."""
+    data = reader.get_metrics_data()  # None when there is nothing to report
+    return {(metric.name, tuple(sorted(point.attributes.items()))):
+            getattr(point, "value", getattr(point, "count", None))
+            for resource in (data.resource_metrics if data else ())
+            for scope in resource.scope_metrics for metric in scope.metrics
+            for point in metric.data.data_points}
+
+
+def test_an_in_process_client_feeds_opentelemetry(reader, queue_path):
+    stub = Stub(sequence(503, 200))
+    reader.instrument(queue_path, write_key="K")
+    where = (("destination", destination(DEFAULT_API_URL, "K")),)
+    with segmentry.Client("K", queue_path=queue_path, requests_options={"adapter": stub},
+                          batch_every_ms=10, retry_start=1, retry_expiry=5) as client:
+        for i in range(25):
+            client.track("u", "E", {"i": i})
+        assert client.flush(timeout=30)
+        assert points(reader)[("segmentry.flusher.active", ())] == 1
+    seen = points(reader)
+    assert seen[("segmentry.events.sent", ())] == 25
+    assert seen[("segmentry.requests", (("code", "503"),))] == 1
+    assert seen[("segmentry.requests", (("code", "200"),))] >= 1
+    assert seen[("segmentry.request.duration", ())] >= 2
+    assert seen[("segmentry.queue.events", where)] == 0
+    assert seen[("segmentry.flusher.active", ())] == 0  # closed: the lock is let go
+
+
+def test_opentelemetry_gauges_read_the_queue_and_stop_at_detach(reader, queue_path):
+    enqueue(queue_path, 7)
+    metrics = reader.instrument(queue_path, write_key=KEY)
+    where = (("destination", destination(DEFAULT_API_URL, KEY)),)
+    seen = points(reader)
+    assert seen[("segmentry.queue.events", where)] == 7
+    assert seen[("segmentry.queue.bytes", where)] > 0
+    assert seen[("segmentry.queue.oldest_age", where)] > 0
+    assert seen[("segmentry.dead_letters", where)] == 0
+    assert seen[("segmentry.flusher.active", ())] == 0  # no flusher here
+    metrics.detach()
+    assert not telemetry.attached(("segmentry", "batch", "stop"))
+    assert ("segmentry.queue.events", where) not in points(reader)
