@@ -1,6 +1,7 @@
 """Prometheus metrics: telemetry handlers feed the counters and the request histogram, and a
 collector reads the queue file at scrape time for the gauges. ``instrument()`` puts them in
 an application's registry; ``serve_flusher()`` is the flusher service's ``--metrics-port``.
+What ``segmentry.otel`` shares with it (``feed``, ``read_queue``) imports nothing foreign.
 The only importer of ``prometheus_client`` (the optional extra ``segmentry[prometheus]``).
 """
 
@@ -79,7 +80,8 @@ def serve_flusher(port: int | None, address: str | None, queue_path: str, api_ur
         why = exc.strerror or str(exc)
         raise ConfigurationError(
             f"--metrics-port: cannot listen on {address} port {port}: {why}") from None
-    logger.info("serving metrics on http://%s:%d/metrics", address, server.server_port)
+    host = f"[{address}]" if ":" in address else address  # an IPv6 address
+    logger.info("serving metrics on http://%s:%d/metrics", host, server.server_port)
     return Endpoint(server, thread, metrics)
 
 
