@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 LEASE_S = 600.0  # a backstop only: a new lock holder resets every lease at once
 RENEW_S = LEASE_S / 4  # the leases of batches in flight are renewed this often
+TICK_S = 1.0  # with an on_cycle hook, the loop calls it at least this often, even idle
 CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
 # late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
@@ -117,6 +118,9 @@ class Flusher:
         self.hurry = threading.Event()
         self._claimed_at = -math.inf  # time.monotonic() of the last claim that found rows
         self._renewed_at = clock()  # self.clock() of the last renewal of leases in flight
+        # Called by the loop at every turn and at least every TICK_S while it waits (the
+        # service's systemd watchdog and status): a loop that stops turning stops calling.
+        self.on_cycle: Callable[[], None] | None = None
 
     # -- one cycle ----------------------------------------------------------------------
 
@@ -349,6 +353,7 @@ class Flusher:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             self._renew_leases()
+            self._tick()
             if drain and self.outcome.misconfigured:
                 return False
             if self._paused(stop):
@@ -452,13 +457,29 @@ class Flusher:
         flight or delivered, delete them every DELETE_LAG_S."""
         end = time.monotonic() + seconds
         while not stop.is_set() and (left := end - time.monotonic()) > 0:
-            if not self._unsettled():
+            unsettled = self._unsettled()
+            if not unsettled and self.on_cycle is None:
                 return event.wait(left)
-            if event.wait(min(left, DELETE_LAG_S)):
+            if event.wait(min(left, DELETE_LAG_S if unsettled else TICK_S)):
                 return True
-            self._delete_delivered()
-            self._renew_leases()
+            if unsettled:
+                self._delete_delivered()
+                self._renew_leases()
+            self._tick()
         return event.is_set()
+
+    def _tick(self) -> None:
+        if self.on_cycle is not None:
+            try:
+                self.on_cycle()
+            except Exception:  # a status line must never stop delivery
+                logger.exception("the flusher's on_cycle hook failed")
+
+    def paused_until(self) -> float:
+        """Until when (epoch seconds, ``clock()``) no batch goes: a stored backoff, an
+        outage or a Retry-After; in the past when nothing holds delivery."""
+        gate = self.http.paused_until() - self.http.clock()
+        return max(self.pause_until, self.clock() + gate)
 
     def _renew_leases(self) -> None:
         """A sender may hold its batch longer than a lease (retry_attempts waits of up to

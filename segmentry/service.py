@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from . import telemetry
+from ._systemd import Notifier
 from .config import (
     DEFAULT_API_URL,
     PROXY_SCHEMES,
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             serve_flusher(args.metrics_port, args.metrics_address,
                           options.queue_path or default_queue_path(), options.api_url,
                           write_key or "")
-        return run(args, options, write_key or "")
+        return run(args, options, write_key or "", Notifier(env))
     except ConfigurationError as exc:
         print(f"segmentry: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -244,7 +245,7 @@ def setup_logging(level: str) -> None:
                          telemetry.log_bridge(logging.DEBUG))
 
 
-def run(args: Any, options: Options, write_key: str) -> int:
+def run(args: Any, options: Options, write_key: str, notifier: Notifier | None = None) -> int:
     # Built first: a setting requests refuses fails now, not when a standby takes over,
     # and before a mistyped --queue creates a file.
     http_client = make_http(write_key, options)
@@ -255,14 +256,20 @@ def run(args: Any, options: Options, write_key: str) -> int:
     queue.stats(time.time())  # open now: a bad file is refused before we take the lock
     lock = Lock(path)
     stop = _stop_on_signals()
+    notifier = notifier or Notifier({})
+    notifier.status(f"standby: waiting for the lock of {path}")
     if not _acquire(lock, args.wait, stop, path):
         return EXIT_OK if stop.is_set() else EXIT_UNDELIVERED  # a standby told to stop
     flusher = Flusher(queue, http_client, options)
     deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
     try:
         flusher.take_over()
+        notifier.ready(_state(flusher))  # the queue is open and its lock ours
+        if notifier.enabled:
+            flusher.on_cycle = lambda: _report(notifier, flusher)
         return _work(args, flusher, stop, deadline)
     finally:
+        notifier.stopping()
         # --drain-timeout bounds the whole run: past it, no grace for batches in flight
         # (finish gives their rows back at once, for the next flusher).
         grace = GRACE_S if deadline is None else min(GRACE_S, deadline - time.monotonic())
@@ -271,6 +278,24 @@ def run(args: Any, options: Options, write_key: str) -> int:
         queue.close()
         logger.info("stopped: %d sent, %d dead-lettered", flusher.outcome.sent,
                     flusher.outcome.buried)
+
+
+def _report(notifier: Notifier, flusher: Flusher) -> None:
+    """From the loop: systemd's watchdog, and the state when it changes."""
+    notifier.alive()
+    notifier.status(_state(flusher))
+
+
+def _state(flusher: Flusher) -> str:
+    """The service's state in a few words, for `systemctl status` (never a key)."""
+    code = flusher.outcome.misconfigured
+    if code:
+        return (f"misconfigured: the receiver answers HTTP {code}; check the write key "
+                "and --api-url")
+    until = flusher.paused_until()
+    if until > flusher.clock():
+        return f"paused until {time.strftime('%H:%M:%S', time.gmtime(until))} UTC"
+    return "delivering"
 
 
 def _check_directory(path: str) -> None:

@@ -714,7 +714,8 @@ def test_the_unit_restarts_as_a_dedicated_user_with_the_key_and_queue_from_files
     assert service["StateDirectory"] == ["segmentry"]
     assert service["StateDirectoryMode"][0].endswith("770")
     assert "-m segmentry.flusher" in service["ExecStart"][0]
-    assert service["ExecStart"][0].startswith("/usr/bin/env python3")
+    assert service["ExecStart"][0].startswith("/opt/segmentry/bin/python ")  # a virtualenv
+    assert service["Type"] == ["notify"] and seconds(service["WatchdogSec"][0]) > 2
     assert not any("--write-key " in v for v in service["ExecStart"])
 
 
@@ -748,14 +749,3 @@ def test_the_units_start_step_creates_a_group_writable_queue_and_never_truncates
     before = path.read_bytes()
     subprocess.run(step, env={"SEGMENTRY_QUEUE": str(path)}, check=True)
     assert path.read_bytes() == before and len(before) > 0
-
-
-def test_systemd_analyze_verifies_the_unit():
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    proc = subprocess.run([analyze, "verify", str(UNIT)], capture_output=True, text=True,
-                          timeout=60)
-    # verify exits 0 on ignored bad keys too: any line about our file is a finding.
-    assert proc.returncode == 0, proc.stderr
-    assert UNIT.name not in proc.stdout + proc.stderr, proc.stdout + proc.stderr

@@ -384,3 +384,34 @@ def test_start_with_a_wrong_key_then_flush_returns_false_instead_of_hanging(rece
     assert proc.stdout.strip() == "False", (proc.stdout, proc.stderr)
     assert "segmentry: flush() gives up: the receiver answered HTTP 401" in proc.stderr
     assert "WRONG" not in proc.stderr and depth(queue_path).depth == 1
+
+
+def test_under_systemd_the_service_notifies_ready_status_watchdog_and_stopping(
+        receiver, queue_path, tmp_path):
+    """Type=notify: READY=1 once the queue is open and the lock held, STATUS= as the
+    state changes (a 401 makes it misconfigured), WATCHDOG=1 from the loop, STOPPING=1
+    on SIGTERM; datagrams to $NOTIFY_SOCKET, here a socket of the test's own."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(30)
+    enqueue(queue_path, 5)
+    receiver.fail(401)
+    proc = flusher(queue_path, receiver.url, env={
+        "NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "2000000"})
+    seen: list[str] = []
+    try:
+        while not (any(m.startswith("READY=1") for m in seen)
+                   and any("misconfigured: the receiver answers HTTP 401" in m for m in seen)
+                   and sum(m == "WATCHDOG=1" for m in seen) >= 2):
+            seen.append(sock.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while not seen[-1].startswith("STOPPING=1"):
+            seen.append(sock.recv(4096).decode())
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        sock.close()
+    assert seen[0].startswith("STATUS=standby")
+    assert depth(queue_path).depth == 5  # the 401 kept everything
