@@ -133,6 +133,11 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
     p.add_argument("--summary-every", type=seconds, default=60.0, metavar="S",
                    help="running as a service: one summary log line every S seconds "
                         "(default: %(default)g)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics; needs "
+                        "segmentry[prometheus] (default: none)")
+    p.add_argument("--metrics-address", metavar="ADDR",
+                   help="with --metrics-port: the address to listen on (default: 127.0.0.1)")
     return p
 
 
@@ -212,6 +217,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                 "no write key: set SEGMENT_WRITE_KEY or pass --write-key-file PATH")
         if args.drain_timeout is not None and not args.drain:
             raise ConfigurationError("--drain-timeout goes with --drain")
+        if args.metrics_port is not None or args.metrics_address is not None:
+            from .prometheus import serve_flusher  # an optional extra: loaded only when asked
+            serve_flusher(args.metrics_port, args.metrics_address,
+                          options.queue_path or default_queue_path(), options.api_url,
+                          write_key or "")
         return run(args, options, write_key or "", Notifier(env))
     except ConfigurationError as exc:
         print(f"segmentry: configuration error: {exc}", file=sys.stderr)
