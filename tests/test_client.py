@@ -540,7 +540,7 @@ def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
 
 
 def test_producers_beside_the_flusher_thread_never_run_checkpoints(tmp_path):
-    # DESIGN: checkpoints are the flusher's job. The flusher thread shares the Client's
+    # Checkpoints are the flusher's job. The flusher thread shares the Client's
     # connection for claims and deletes, so it must not raise that connection's
     # autocheckpoint (a producer's commit would then run it); it checkpoints on its own.
     from segmentry.storage import PRODUCER_AUTOCHECKPOINT
