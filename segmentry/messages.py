@@ -378,8 +378,8 @@ def _refuse_lone_surrogates(body: str) -> None:
     path = _find_surrogate(json.loads(body), "") or "message"
     raise InvalidMessage(
         f"{path}: contains a lone surrogate (half of a UTF-16 pair), which is not valid "
-        f"Unicode and which Segment refuses; fix the text (e.g. text.encode('utf-8', "
-        f"'replace').decode())", path)
+        f"Unicode and which the receiver refuses or alters; fix the text (e.g. "
+        f"text.encode('utf-8', 'replace').decode())", path)
 
 
 def _has_lone_surrogate(body: str) -> bool:
