@@ -442,26 +442,36 @@ def _is_unicode(text: str) -> bool:
 
 def _find_cycle(value: Any, path: str) -> str | None:
     """The path of the first container found inside itself, without recursion (the
-    encoder already ran out of stack on it)."""
-    inside: set[int] = set()  # ids of the containers on the path walked
-    stack: list[tuple[Any, str, bool]] = [(value, path, False)]
+    encoder already ran out of stack on it). Each member carries its trail, a link to
+    its container's: a path built at every level would be quadratic in the depth."""
+    inside: set[int] = set()  # ids of the containers on the trail walked
+    stack: list[tuple[Any, Any, bool]] = [(value, None, False)]
     while stack:
-        item, where, leaving = stack.pop()
+        item, trail, leaving = stack.pop()
         if leaving:
             inside.discard(id(item))
             continue
         if isinstance(item, Mapping):
-            members = [(v, f"{where}.{k}" if where else str(k)) for k, v in item.items()]
+            members = [(v, (trail, f".{k}")) for k, v in item.items()]
         elif isinstance(item, (list, tuple)):
-            members = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+            members = [(v, (trail, f"[{i}]")) for i, v in enumerate(item)]
         else:
             continue
         if id(item) in inside:
-            return where
+            return _trail_path(path, trail)
         inside.add(id(item))
-        stack.append((item, where, True))
-        stack.extend((v, p, False) for v, p in reversed(members))
+        stack.append((item, trail, True))
+        stack.extend((v, member_trail, False) for v, member_trail in reversed(members))
     return None
+
+
+def _trail_path(path: str, trail: Any) -> str:
+    steps = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(step)
+    text = path + "".join(reversed(steps))
+    return text[1:] if text.startswith(".") else text  # no container path: a bare key
 
 
 def _find_bad(value: Any, path: str) -> str | None:
