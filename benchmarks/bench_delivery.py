@@ -16,7 +16,7 @@ every table shows the median (min–max) of the runs; ratios are paired within a
   max_queue_size=N + 10, upload_size=100)``, N tracks, ``flush()``. Drops = N - unique.
   Also reported, not used for the target: segmentry with ``flusher=None`` while a
   ``python -m segmentry.flusher --batch-every-ms 50`` process, started beforehand, delivers
-  (the deployment DESIGN.md describes for operators); its CPU is ``flusher_cpu_s``.
+  (the service deployment the README describes for operators); its CPU is ``flusher_cpu_s``.
 - replay: ``python -m segmentry.flusher --drain --max-in-flight 8`` on a copy of a cached
   queue file of ``--backlog`` real event bodies (made by ``segmentry.messages.encode``),
   timed from spawn to exit; ``rate`` subtracts the start-up cost measured in the same round

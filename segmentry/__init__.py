@@ -6,6 +6,7 @@ flusher (a thread here, or ``python -m segmentry.flusher``) delivers it in batch
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import threading
@@ -100,6 +101,23 @@ def stop(timeout: float = 5.0) -> None:
         if _default is not None:
             _default.close(timeout)
             _default = None
+
+
+# Submodules that import requests (some 50 ms): loaded on first use, so that a producer,
+# which never sends, does not pay for them.
+_LAZY_SUBMODULES = ("http", "testing")
+
+
+def __getattr__(name: str) -> Any:
+    """``segmentry.http`` and ``segmentry.testing`` after a bare ``import segmentry``
+    (PEP 562)."""
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")  # also sets the attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY_SUBMODULES})
 
 
 __all__ = [

@@ -255,7 +255,7 @@ def test_telemetry_spans_around_claim_and_batch_in_order(path):
     (_, start, _), (_, stop, claim_meta), _, (_, batch_stop, batch_meta) = seen
     assert isinstance(start["system_time"], int) and isinstance(stop["duration"], int)
     assert claim_meta["claimed"] == 2 and claim_meta["queue_path"] == path
-    assert claim_meta["status"] == "ok"  # every stop carries a status (README, Telemetry)
+    assert claim_meta["status"] == "ok"  # every stop span carries a status
     assert batch_meta["status"] == "ok" and len(batch_meta["events"]) == 2
     assert batch_meta["result"].status_code == 200 and batch_stop["duration"] > 0
 

@@ -10,7 +10,10 @@ import json
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+import segmentry
 from segmentry import messages as m
 from segmentry.exceptions import InvalidMessage, MessageTooLarge
 
@@ -152,11 +155,110 @@ def test_an_empty_message_id_gets_a_fresh_one_not_one_shared_by_all():
     assert len(ids) == 3 and all(uuid.UUID(i).version == 4 for i in ids)
 
 
-def test_a_container_that_contains_itself_is_refused():
+def test_a_container_that_contains_itself_is_refused_as_a_circular_reference():
     loop: dict = {}
     loop["self"] = loop
-    with pytest.raises(InvalidMessage):
+    with pytest.raises(InvalidMessage, match="circular reference") as info:
         track(properties=loop)
+    assert info.value.field.startswith("properties.self")
+    items: list = []
+    items.append({"again": items})
+    with pytest.raises(InvalidMessage, match=r"properties\.list\[0\]\.again: circular"):
+        track(properties={"list": items})
+
+
+def test_a_value_nested_too_deeply_says_so():
+    deep: dict = {}
+    inner = deep
+    for _ in range(100_000):  # deeper than any Python's encoder goes (3.13 goes past 5000)
+        inner["n"] = inner = {}
+    with pytest.raises(InvalidMessage, match="nested too deeply"):
+        track(properties=deep)
+
+
+@pytest.mark.parametrize("year", [1, 999, 1000])
+def test_a_timestamp_before_year_1000_is_written_with_four_digits(year):
+    when = dt.datetime(year, 3, 4, 5, 6, 7, 8000, tzinfo=dt.timezone.utc)
+    assert decode(track(timestamp=when))["timestamp"] == f"{year:04d}-03-04T05:06:07.008Z"
+
+
+def test_datetime_min_as_a_timestamp_is_readable_iso_8601():
+    text = decode(track(timestamp=dt.datetime.min.replace(tzinfo=dt.timezone.utc)))["timestamp"]
+    assert text == "0001-01-01T00:00:00.000Z"
+    assert dt.datetime.fromisoformat(text.replace("Z", "+00:00")).year == 1
+
+
+LONE = "bad \ud800"
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"user_id": LONE}, "user_id"),
+    ({"user_id": None, "anonymous_id": "x\udfff"}, "anonymous_id"),
+    ({"event": LONE}, "event"),
+    ({"properties": {"plan": LONE}}, "properties.plan"),
+    ({"properties": {LONE: 1}}, "properties.bad \\ud800"),
+    ({"properties": {"a": {"b": ["ok", "\udc00 low"]}}}, "properties.a.b[1]"),
+    ({"properties": {"set": {"\udbff"}}}, "properties.set[0]"),
+    ({"properties": {"pair reversed": "\udc00\ud800"}}, "properties.pair reversed"),
+    ({"context": {"traits": {"name": LONE}}}, "context.traits.name"),
+    ({"integrations": {"Amplitude": {"id": LONE}}}, "integrations.Amplitude.id"),
+    ({"message_id": "m-\ud800"}, "message_id"),
+])
+def test_a_lone_surrogate_is_refused_naming_the_field(kw, field):
+    with pytest.raises(InvalidMessage, match="lone surrogate") as info:
+        track(**kw)
+    assert info.value.field == field
+    str(info.value).encode("utf-8")  # the message itself can be logged
+
+
+@pytest.mark.parametrize("text", [
+    "thumbs \U0001F44D", "\U0001F44D\U0001F44D", "text \\ud800 that only looks like one",
+    "\\\U0001F44D", "\ud7ff\ue000 around the range", "中文",
+])
+def test_valid_text_near_a_surrogate_is_kept_as_given(text):
+    event = decode(track(user_id=text, event=text, properties={text: text}))
+    assert event["userId"] == event["event"] == text and event["properties"] == {text: text}
+
+
+@given(st.text(st.sampled_from(["\\", "u", "d", "8", "c", "0", '"', "a", "\ud800", "\udbff",
+                                "\udc00", "\udfff", "\U0001F44D", "\ud7ff"]), max_size=8))
+def test_an_event_is_refused_exactly_when_the_receiver_could_not_read_it_as_utf8(text):
+    try:
+        json.loads(json.dumps(text)).encode("utf-8")  # what the receiver reads
+        readable = True
+    except UnicodeEncodeError:
+        readable = False
+    try:
+        body = track(properties={"p": text}).body
+    except InvalidMessage as exc:
+        assert not readable and exc.field == "properties.p"
+    else:
+        assert readable
+        assert json.loads(body)["properties"]["p"] == json.loads(json.dumps(text))
+
+
+@pytest.mark.parametrize("msg, call, right", [
+    (m.Identify(user_id="u1"), "track", "identify"),
+    (m.Track(user_id="u1", event="E"), "identify", "track"),
+    (m.Alias(user_id="u1", previous_id="p"), "page", "alias"),
+])
+def test_a_message_given_to_another_call_names_the_call_to_use(msg, call, right):
+    fields = {"event": "E"} if call == "track" else {}
+    with pytest.raises(InvalidMessage) as info:
+        m.encode(call, msg, fields, NOW)
+    text = str(info.value)
+    assert f"{call}() was given a" in text and type(msg).__name__ in text
+    assert f"client.{right}(msg)" in text and "client.send(msg)" in text
+    assert info.value.field == "user_id"
+
+
+def test_client_track_given_an_identify_names_the_mistake(tmp_path):
+    client = segmentry.Client("K", queue_path=str(tmp_path / "q.db"), flusher=None)
+    try:
+        with pytest.raises(InvalidMessage, match=r"track\(\) was given an Identify message"):
+            client.track(segmentry.Identify(user_id="u1"))
+    finally:
+        client.close()
 
 
 def test_splice_batch_is_valid_json_without_decoding_events():

@@ -1,6 +1,7 @@
 """Chaos run: real producer processes and a real flusher process are SIGKILLed at random
 while a local receiver (tools/fake_segment.py, in this process) fails on purpose; then the
-queue is drained and "the promise" of DESIGN.md is checked, property by property.
+queue is drained and the promise (no event whose call returned is lost) is checked,
+property by property.
 
     python tools/chaos.py [--seconds 45] [--producers 4] [--kills N] [--minutes M]
                           [--seed S] [--max-in-flight 8] [--batch 100] [--queue PATH] [--json]
@@ -15,7 +16,7 @@ The details, then ONE verdict line; ``--json`` prints one JSON object on stdout 
 (the details go to stderr). Exit 0 only if every property holds. Traffic goes to 127.0.0.1
 only; every child is killed on exit, Ctrl-C and SIGTERM included. This process never
 imports segmentry, so the read-only SQLite checks here cannot disturb a producer's locks
-(DESIGN.md, "Pitfalls").
+(SQLite's POSIX locks are per process: closing any descriptor of the file drops them all).
 """
 
 from __future__ import annotations
