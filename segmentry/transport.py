@@ -127,7 +127,7 @@ class Pool:
     def exchange(self, request: requests.PreparedRequest, timeout: Timeout,
                  adapter: Transport) -> requests.Response:
         connect_s, read_s = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         head = _head(request, self.host_header)
         if self.scheme == "https":
             self._tls()  # a missing CA bundle stays an OSError: not a connection to retry
@@ -403,7 +403,7 @@ class Connection:
             self._timeout = wait
 
 
-def _deadline(timeout: Timeout) -> float | None:
+def deadline_of(timeout: Timeout) -> float | None:
     """When the whole exchange must be over: the timeout from now (a pair's sum)."""
     if isinstance(timeout, tuple):
         if None in timeout:
