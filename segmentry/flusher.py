@@ -549,7 +549,7 @@ def _answer(post: Callable[[], Any]) -> Any:
 
 def _text(answer: Any) -> str:
     try:
-        return str(answer.text)[:2000]
+        return http.printable(str(answer.text)[:2000])  # a server's bytes, for logs
     except Exception:
         return ""
 

@@ -463,10 +463,10 @@ def _network_error(exc: BaseException) -> NetworkError:
     refused, a bad header, a redirect loop, a missing CA bundle)."""
     tls = _tls_error(exc)
     if tls is not None:
-        reason = tls.verify_message if isinstance(tls, ssl.SSLCertVerificationError) else None
+        why = f"certificate verify failed: {tls.verify_message}" \
+            if isinstance(tls, ssl.SSLCertVerificationError) else tls.reason or str(tls)
         error = NetworkError(printable(
-            f"TLS failed ({tls.reason or type(tls).__name__}{': ' + reason if reason else ''}): "
-            f"check api_url and the CA bundle (verify=)"))
+            f"TLS failed, {why}: check api_url and the CA bundle (verify=)"))
         error.retryable = tls.reason not in _TLS_MISCONFIGURED \
             and not isinstance(tls, ssl.SSLCertVerificationError)
         return error
