@@ -651,8 +651,9 @@ def _read(response: requests.Response, deadline: float | None = None) -> request
         _ = response.content  # a caller's adapter's own stream: read as requests reads it
         return response
     # urllib3 hands a connection back as soon as its body is read: keep it out of the pool.
-    detached = None if 200 <= response.status_code < 300 else raw._connection
-    raw._connection = None if detached is not None else raw._connection
+    detached = None
+    if not 200 <= response.status_code < 300:
+        detached, raw._connection = raw._connection, None
     try:
         response._content, whole = _read_raw(raw, deadline)
         response._content_consumed = True  # type: ignore[attr-defined]
