@@ -557,6 +557,8 @@ def _text(answer: Any) -> str:
 def _describe(error: Exception) -> str:
     if isinstance(error, HTTPStatusError):
         return f"HTTP {error.status_code}"
+    if isinstance(error, NetworkError) and not error.retryable:
+        return str(error)  # why no retry can help: a refused certificate, a bad header
     return type(error).__name__
 
 

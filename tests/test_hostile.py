@@ -302,3 +302,20 @@ def test_a_rotated_ca_bundle_is_read_again_for_new_connections(ca, tmp_path):
     finally:
         stop.set()
     assert response.status_code == 200
+
+
+def test_the_flusher_logs_why_a_certificate_was_refused(ca, tmp_path, path, caplog):
+    url, stop = tls_receiver(ca, identities=("elsewhere.test",))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    enqueue(path)
+    opts = Options(queue_path=path, api_url=url, retry_attempts=3,
+                   requests_options={"verify": str(ca_file)})
+    flusher = Flusher(SQLiteQueue(path), make_http("K", opts), opts)
+    try:
+        flusher.run_once()
+    finally:
+        flusher.http.close()
+        stop.set()
+    assert fate(flusher.queue) == KEPT
+    assert "certificate verify failed: IP address mismatch" in caplog.text
