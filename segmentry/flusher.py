@@ -619,7 +619,7 @@ def _answer(post: Callable[[], Any]) -> Any:
 
 def _text(answer: Any) -> str:
     try:
-        return str(answer.text)[:2000]
+        return http.printable(str(answer.text)[:2000])  # a server's bytes, for logs
     except Exception:
         return ""
 
@@ -629,6 +629,8 @@ def _describe(error: Exception, api_url: str = "") -> str:
     way of an answer."""
     if isinstance(error, HTTPStatusError):
         return f"HTTP {error.status_code}"
+    if isinstance(error, NetworkError) and not error.retryable:
+        return str(error)  # why no retry can help: a refused certificate, a bad header
     cause = _cause(error, api_url)
     return f"{type(error).__name__}: {cause}" if cause else type(error).__name__
 

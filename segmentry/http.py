@@ -14,6 +14,7 @@ import gzip as gzip_module
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,7 +38,7 @@ from .exceptions import (
     NetworkError,
 )
 from .pacing import Pacer
-from .transport import Transport
+from .transport import MAX_BODY, Transport, deadline_of
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,14 @@ _TRANSIENT_ERRORS = (
     ConnectionError,
     TimeoutError,
 )
+
+# TLS failures that no retry mends: the certificate, or no protocol version in common.
+_TLS_MISCONFIGURED = frozenset({
+    "CERTIFICATE_VERIFY_FAILED", "TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL",
+    "WRONG_VERSION_NUMBER", "NO_PROTOCOLS_AVAILABLE", "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "TLSV1_ALERT_BAD_CERTIFICATE"})
+# Control characters (C0, DEL, C1) a server could put into our logs through an error text.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
 
 Outcome = Union[requests.Response, NetworkError]
 MessageLike = Union[messages.Message, Mapping[str, Any], messages.Encoded]
@@ -276,20 +285,26 @@ class HTTPClient:
             data = gzip_module.compress(data, compresslevel=6, mtime=0)
             request.headers["Content-Encoding"] = "gzip"
         request.prepare_body(data, None)
-        options = self.request_options
         try:
-            if self._transport is not None:
-                response = self._transport.exchange(request, options)
-                return _follow_redirects(self.session, response, request, options)
-            if self._adapter is not None:  # see _session: no redirect is followed here
-                return _read(self._adapter.send(request, **options))
-            response = self.session.send(request, allow_redirects=False, **options)
-            return _follow_redirects(self.session, response, request, options)
+            return _final(self._send(request))
         except _TRANSPORT_ERRORS as exc:
             raise _network_error(exc) from exc
         finally:
             if self.closing.is_set() and self._owns_session:
                 self.session.close()  # a request made after close() leaves no socket open
+
+    def _send(self, request: requests.PreparedRequest) -> requests.Response:
+        """One way to send (ours, a caller's adapter, a caller's session), each read
+        within the timeout's deadline as far as its transport allows."""
+        options = self.request_options
+        if self._transport is not None:  # bounds the whole exchange itself
+            response = self._transport.exchange(request, options)
+            return _follow_redirects(self.session, response, request, options)
+        deadline = deadline_of(options.get("timeout"))
+        if self._adapter is not None:  # see _session: no redirect is followed here
+            return _read(self._adapter.send(request, stream=True, **options), deadline)
+        response = self.session.send(request, allow_redirects=False, stream=True, **options)
+        return _follow_redirects(self.session, response, request, options, deadline)
 
     def _prepared(self, url: str) -> requests.PreparedRequest:
         """The request as requests prepares it (headers, auth, hooks), made once per URL
@@ -437,16 +452,57 @@ def _stop_metadata(response: requests.Response) -> dict[str, Any]:
     if 200 <= status < 300:
         return {"status": "ok", "result": response}
     # Decoding only 500 bytes: response.text may run charset detection over the whole body.
-    text = response.content[:500].decode("utf-8", "replace")
+    text = printable(response.content[:500].decode("utf-8", "replace"))
     error = HTTPStatusError(status, classify(status) == RETRY, text)
     return {"status": "error", "result": response, "error": error}
 
 
 def _network_error(exc: BaseException) -> NetworkError:
-    error = NetworkError(f"no response from the receiver: {type(exc).__name__}: {exc}")
+    """No answer, and why; not retryable when retrying cannot help (a TLS certificate
+    refused, a bad header, a redirect loop, a missing CA bundle)."""
+    tls = _tls_error(exc)
+    if tls is not None:
+        why = f"certificate verify failed: {tls.verify_message}" \
+            if isinstance(tls, ssl.SSLCertVerificationError) else tls.reason or str(tls)
+        error = NetworkError(printable(
+            f"TLS failed, {why}: check api_url and the CA bundle (verify=)"))
+        error.retryable = tls.reason not in _TLS_MISCONFIGURED \
+            and not isinstance(tls, ssl.SSLCertVerificationError)
+        return error
+    error = NetworkError(printable(f"no response from the receiver: {type(exc).__name__}: {exc}"))
     if not isinstance(exc, _TRANSIENT_ERRORS):
         error.retryable = False
     return error
+
+
+def _tls_error(exc: BaseException | None) -> ssl.SSLError | None:
+    """The ssl error under what requests and urllib3 wrapped it in (args, reason, cause)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen and len(seen) < 8:
+        if isinstance(exc, ssl.SSLError):
+            return exc
+        seen.append(exc)
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None)
+        exc = inner if inner is not None else exc.__cause__ or exc.__context__
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, CR, LF, NUL...) escaped as \\xNN: what a
+    server wrote must not move a terminal's cursor or forge a log line."""
+    return text.translate(_ESCAPES)
+
+
+def _final(response: requests.Response) -> requests.Response:
+    """The answer, if it is one: a status below 200 (an informational answer taken for
+    the final one, as http.client takes a 103) or past 599 says the exchange went wrong;
+    its connection has been closed (see _read)."""
+    if not 200 <= response.status_code <= 599:
+        raise requests.exceptions.ConnectionError(
+            f"HTTP {response.status_code} is not a final answer")
+    return response
 
 
 _PHASES = ("start", "stop", "exception")
@@ -529,15 +585,15 @@ def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
 
 
 def _follow_redirects(session: requests.Session, response: requests.Response,
-                     request: requests.PreparedRequest, options: Mapping[str, Any]
-                     ) -> requests.Response:
+                      request: requests.PreparedRequest, options: Mapping[str, Any],
+                      deadline: float | None = None) -> requests.Response:
     """Follow 307 and 308 as requests does (same method and body, no Authorization to
     another host), and stop at any other redirect: requests would follow 301, 302 and 303
     as a GET without the body, and a 2xx to that GET would count the batch as delivered.
     The redirect left is final; classify() calls it a misconfiguration."""
     if response.status_code in _KEEP_BODY and response.is_redirect:
         history = []
-        hops = session.resolve_redirects(response, request, **options)
+        hops = session.resolve_redirects(response, request, stream=True, **options)
         try:
             for hop in hops:  # each is sent only when asked for
                 history.append(response)
@@ -547,12 +603,54 @@ def _follow_redirects(session: requests.Session, response: requests.Response,
         finally:
             hops.close()
         response.history = history
-    return _read(response)
+    return _read(response, deadline)
 
 
-def _read(response: requests.Response) -> requests.Response:
-    _ = response.content  # read it whole: the connection goes back to the pool
+def _read(response: requests.Response, deadline: float | None = None) -> requests.Response:
+    """The body, read now: at most MAX_BODY bytes of it, inflated, by the deadline (each
+    read of urllib3's is bounded by the timeout only). The connection goes back to the
+    pool only after a clean 2xx read whole: after anything else, bytes the server left
+    could answer the next request. (Ours read and closed it already: _content is set.)"""
+    if getattr(response, "_content_consumed", False):
+        if response._content and len(response._content) > MAX_BODY:
+            response._content = response._content[:MAX_BODY]
+        return response
+    raw = response.raw
+    if not isinstance(raw, urllib3.HTTPResponse):
+        _ = response.content  # a caller's adapter's own stream: read as requests reads it
+        return response
+    # urllib3 hands a connection back as soon as its body is read: keep it out of the pool.
+    detached = None
+    if not 200 <= response.status_code < 300:
+        detached, raw._connection = raw._connection, None
+    try:
+        response._content, whole = _read_raw(raw, deadline)
+        response._content_consumed = True  # type: ignore[attr-defined]
+    finally:
+        if detached is not None:
+            detached.close()
+    if not whole:
+        raw.close()  # the connection too, when it is still attached
     return response
+
+
+def _read_raw(raw: urllib3.HTTPResponse, deadline: float | None) -> tuple[bytes, bool]:
+    """Up to MAX_BODY bytes of a body, inflated, and whether that was all of it."""
+    parts: list[bytes] = []
+    room = MAX_BODY
+    try:
+        while room > 0:
+            if deadline is not None and time.monotonic() > deadline:
+                raise requests.exceptions.ReadTimeout("the answer outlived its timeout")
+            chunk = raw.read1(room, decode_content=True)
+            if not chunk:
+                return b"".join(parts), True
+            parts.append(chunk)
+            room -= len(chunk)
+    except BaseException:
+        raw.close()
+        raise
+    return b"".join(parts), False
 
 
 class LocalAdapter(BaseAdapter):

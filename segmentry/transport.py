@@ -7,6 +7,12 @@ urllib3's layers (its pool, Retry and Timeout objects, response wrappers) were a
 of a batch POST's CPU (366 -> 294 µs, loopback, 100 events), http.client's half of
 what was left (415 -> 190 µs of CPU a POST, user and system). Errors are requests' own,
 as HTTPAdapter raises them, and answers are decoded as it decodes them.
+
+What a server cannot make the exchange do: last past one deadline (connect, send and the
+whole answer within the timeout, a (connect, read) pair adding up), take a head without
+its closing empty line, a length given twice or a malformed header line for an answer,
+hand more than MAX_BODY bytes of a body (read or inflated) to its caller, or answer the
+next request on a connection after anything but a clean 2xx.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import datetime as dt
 import http.client
 import io
 import os
+import re
 import select
 import socket
 import ssl
@@ -39,6 +46,12 @@ POOL_MAXSIZE = 64  # kept-alive connections per origin: max_in_flight's upper bo
 MAX_LINE = 65536  # http.client's limits on an answer's lines and headers
 MAX_HEADERS = 100
 READ_SIZE = 65536
+MAX_BODY = 65536  # of an answer, read or inflated; segmentry uses 500 bytes of an error's
+DEADLINE_SLACK_S = 0.1  # how far a read may outlast the deadline, to spare settimeout() calls
+
+_STATUS_LINE = re.compile(rb"(HTTP/[0-9]\.[0-9])[ \t]+([0-9]{3})(?:[ \t]([^\r\n]*))?\r?\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a header name (RFC 9110)
+_DIGITS = re.compile(r"[0-9]+")
 
 Timeout = Union[None, float, tuple[Union[float, None], Union[float, None]]]
 
@@ -108,18 +121,22 @@ class Pool:
         self._lock = threading.Lock()
         self._closed = False
         self._context: ssl.SSLContext | None = None
+        self._where = ""  # the CA bundle's path, and its _stamp when it was loaded
+        self._stamp: tuple[int, int, int] | None = None
 
     def exchange(self, request: requests.PreparedRequest, timeout: Timeout,
                  adapter: Transport) -> requests.Response:
         connect_s, read_s = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+        deadline = deadline_of(timeout)
         head = _head(request, self.host_header)
         if self.scheme == "https":
             self._tls()  # a missing CA bundle stays an OSError: not a connection to retry
         conn = self._take()
         try:
             if conn is None:
-                conn = self._open(connect_s, request)
-            conn.send(head, request.body if isinstance(request.body, bytes) else b"", read_s)
+                conn = self._open(connect_s, deadline, request)
+            conn.send(head, request.body if isinstance(request.body, bytes) else b"", read_s,
+                      deadline)
             status, reason, headers, body, keep = conn.reply()
         except BaseException as exc:
             if conn is not None:
@@ -127,10 +144,10 @@ class Pool:
             if isinstance(exc, (OSError, http.client.HTTPException)):
                 raise _error(exc, request) from exc
             raise
-        if keep:
+        if keep and 200 <= status < 300:
             self._give_back(conn)
-        else:
-            conn.close()  # "Connection: close", or a body that ended with the connection
+        else:  # "Connection: close", a body cut short, or an answer that may hide another
+            conn.close()
         return _response(request, status, reason, headers, body, adapter)
 
     def close(self) -> None:
@@ -148,15 +165,18 @@ class Pool:
                 idle.close()  # the receiver closed it while it was idle
         return None
 
-    def _open(self, connect_s: float | None, request: requests.PreparedRequest) -> Connection:
+    def _open(self, connect_s: float | None, deadline: float | None,
+              request: requests.PreparedRequest) -> Connection:
         """A new connection within the connect timeout, the TLS handshake included (as
         http.client's connect())."""
         sock = None
+        if deadline is not None:
+            connect_s = _left(deadline, connect_s)
         try:
             sock = socket.create_connection((self.host, self.port), connect_s)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.scheme == "https":
-                sock = self._tls().wrap_socket(sock, server_hostname=self.host)
+                sock = self._tls(fresh=True).wrap_socket(sock, server_hostname=self.host)
         except BaseException as exc:
             if sock is not None:
                 sock.close()
@@ -172,11 +192,15 @@ class Pool:
                 return
         conn.close()  # closed by close(), or one too many
 
-    def _tls(self) -> ssl.SSLContext:
-        """Made once (loading a CA bundle takes milliseconds); the hostname is checked."""
+    def _tls(self, fresh: bool = False) -> ssl.SSLContext:
+        """Made once (loading a CA bundle takes milliseconds), and again for a new
+        connection when the bundle's file changed (a rotated CA); the hostname is checked."""
+        if fresh and self._context is not None and _stamp(self._where) != self._stamp:
+            self._context = None
         if self._context is None:
-            where = self.verify if isinstance(self.verify, str) else \
+            where = self._where = self.verify if isinstance(self.verify, str) else \
                 extract_zipped_paths(DEFAULT_CA_BUNDLE_PATH)  # type: ignore[no-untyped-call]
+            self._stamp = _stamp(where)
             try:
                 if os.path.isdir(where):
                     self._context = ssl.create_default_context(capath=where)
@@ -196,11 +220,15 @@ class Connection:
     """One kept-alive HTTP/1.1 connection, and what was read from it but not used yet.
     It reads an answer as http.client does (its exceptions, limits and keep-alive rule)
     without what made http.client half of a batch POST's CPU: a file object per
-    answer, headers parsed by the email package, the head and the body in two writes."""
+    answer, headers parsed by the email package, the head and the body in two writes.
+    Stricter than http.client where a lenient reading would take a broken answer for a
+    2xx (see the module's docstring), and bounded by the exchange's deadline."""
 
     def __init__(self, sock: socket.socket, timeout: float | None) -> None:
         self.sock: socket.socket | None = sock
-        self._timeout = timeout
+        self._timeout = timeout  # the socket's
+        self._read_s = timeout  # the longest wait for one read
+        self._deadline: float | None = None  # time.monotonic()'s, for the whole exchange
         self._buffer = bytearray()
 
     def close(self) -> None:
@@ -208,69 +236,85 @@ class Connection:
             self.sock.close()
             self.sock = None
 
-    def send(self, head: bytes, body: bytes, timeout: float | None) -> None:
+    def send(self, head: bytes, body: bytes, timeout: float | None,
+             deadline: float | None = None) -> None:
         assert self.sock is not None
-        if timeout != self._timeout:  # settimeout() is a system call even when unchanged
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        self._read_s, self._deadline = timeout, deadline
+        self._bound()
         try:
-            self.sock.sendall(head + body)
+            self.sock.sendall(head + body)  # bounded as a whole (Python >= 3.5)
         except (BrokenPipeError, ConnectionResetError):
             pass  # it may have answered before reading it all (a 413), then closed
 
     def reply(self) -> Reply:
         """The final answer. Informational ones are skipped: http.client skips 100 only,
-        and a 103 taken for the answer left the real one to the next request."""
+        and a 103 taken for the answer left the real one to the next request. A 101
+        is final (the caller refuses it). The connection may be kept only when the
+        whole answer was read and nothing follows it."""
         while True:
             version, status, reason = self._status()
             headers = self._headers()
             if not 100 <= status < 200 or status == 101:
                 break
         fields: dict[str, str] = {}
+        lengths: set[str] = set()
         for name, value in headers:  # the first of repeated ones, as http.client reads them
-            fields.setdefault(name.lower(), value.lower())
+            key = name.lower()
+            if key == "content-length":
+                lengths.update(v.strip() for v in value.split(","))
+            fields.setdefault(key, value.lower())
         keep = _keeps_alive(version, fields)
-        if status in (101, 204, 304):
-            body = b""
-        elif "chunked" in fields.get("transfer-encoding", ""):
-            body = self._chunked()
+        if status < 200 or status in (204, 304):
+            body, whole = b"", True
+        elif "transfer-encoding" in fields:
+            if lengths:  # a length and a coding: framed two ways (RFC 9112 6.3)
+                raise http.client.HTTPException("both Transfer-Encoding and Content-Length")
+            if _chunked(fields["transfer-encoding"]):
+                body, whole = self._chunked()
+            else:  # a coding we do not know: the body ends with the connection (RFC 9112)
+                body, whole = self._until_closed(), False
         else:
-            length = _length(fields.get("content-length"))
+            length = _length(lengths)
             if length is None:  # the body ends when the receiver closes
-                body, keep = self._until_closed(), False
+                body, whole = self._until_closed(), False
             else:
-                body = self._exactly(length)
-        return status, reason, headers, body, keep and not self._buffer
+                body, whole = self._exactly(min(length, MAX_BODY)), length <= MAX_BODY
+        return status, reason, headers, body, keep and whole and not self._buffer
 
     def _status(self) -> tuple[int, int, str]:
-        """(version, status, reason), read and checked as http.client does."""
-        line = self._line(first=True).decode("iso-8859-1")
-        words = line.split(None, 2) + ["", ""]
-        version, code, reason = words[0], words[1], words[2].strip()
-        try:
-            status = int(code) if version.startswith("HTTP/") else 0
-        except ValueError:
-            status = 0
-        if not 100 <= status <= 999:
-            raise http.client.BadStatusLine(line)
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            return 10, status, reason
-        if not version.startswith("HTTP/1."):
-            raise http.client.UnknownProtocol(version)
-        return 11, status, reason
+        """(version, status, reason): three digits, a head line ended by its LF."""
+        line = self._line(first=True)
+        match = _STATUS_LINE.fullmatch(line)
+        if match is None:
+            if not line.endswith(b"\n"):
+                raise http.client.IncompleteRead(line)  # closed inside the status line
+            raise http.client.BadStatusLine(line.decode("iso-8859-1"))
+        version = match.group(1)
+        reason = (match.group(3) or b"").decode("iso-8859-1").strip()
+        if version in (b"HTTP/1.0", b"HTTP/0.9"):
+            return 10, int(match.group(2)), reason
+        if not version.startswith(b"HTTP/1."):
+            raise http.client.UnknownProtocol(version.decode("iso-8859-1"))
+        return 11, int(match.group(2)), reason
 
     def _headers(self) -> list[tuple[str, str]]:
+        """Header lines up to the empty one that ends the head: an answer cut before it
+        is incomplete, whatever it said so far (RFC 9112)."""
         headers: list[tuple[str, str]] = []
         for _ in range(MAX_HEADERS + 1):
             line = self._line().decode("iso-8859-1")
-            if line in ("\r\n", "\n", ""):
+            if line in ("\r\n", "\n"):
                 return headers
+            if not line.endswith("\n"):
+                raise http.client.IncompleteRead(line.encode("iso-8859-1"))
             if line[0] in " \t" and headers:  # an obsolete folded line continues the last
                 name, value = headers.pop()
                 headers.append((name, f"{value} {line.strip()}"))
                 continue
-            name, _, value = line.partition(":")
-            headers.append((name.strip(), value.strip()))
+            name, colon, value = line.partition(":")
+            if not colon or not _TOKEN.fullmatch(name):  # "a b: c", "a : b", "no colon"
+                raise http.client.HTTPException(f"malformed header line {line!r}")
+            headers.append((name, value.strip()))
         raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
 
     def _line(self, first: bool = False) -> bytes:
@@ -296,43 +340,93 @@ class Connection:
     def _exactly(self, size: int) -> bytes:
         while len(self._buffer) < size:
             if not self._fill():
-                raise http.client.IncompleteRead(bytes(self._buffer), size - len(self._buffer))
+                raise http.client.IncompleteRead(bytes(self._buffer[:MAX_BODY]),
+                                                 size - len(self._buffer))
         data = bytes(self._buffer[:size])
         del self._buffer[:size]
         return data
 
-    def _chunked(self) -> bytes:
+    def _chunked(self) -> tuple[bytes, bool]:
+        """The chunks' data, and False when it went past MAX_BODY (the rest unread)."""
         parts: list[bytes] = []
+        room = MAX_BODY
         while True:
-            try:
-                size = int(self._line().split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise http.client.IncompleteRead(b"".join(parts)) from None
-            if size <= 0:
-                if size < 0:
-                    raise http.client.IncompleteRead(b"".join(parts))
-                break
-            parts.append(self._exactly(size))
-            if self._line().strip():  # each chunk ends with a CRLF, nothing else
+            line = self._line().split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", line):
                 raise http.client.IncompleteRead(b"".join(parts))
-        while self._line().strip():  # trailers, up to the empty line: dropped
-            pass
-        return b"".join(parts)
+            size = int(line, 16)
+            if size == 0:
+                break
+            if size > room:
+                parts.append(self._exactly(room))
+                return b"".join(parts), False
+            parts.append(self._exactly(size))
+            room -= size
+            if self._line() not in (b"\r\n", b"\n"):  # each chunk ends with a CRLF
+                raise http.client.IncompleteRead(b"".join(parts))
+        for _ in range(MAX_HEADERS + 1):  # trailers, up to the empty line: dropped
+            line = self._line()
+            if line in (b"\r\n", b"\n"):
+                return b"".join(parts), True
+            if not line.endswith(b"\n"):
+                raise http.client.IncompleteRead(b"".join(parts))
+        raise http.client.HTTPException(f"got more than {MAX_HEADERS} trailer lines")
 
     def _until_closed(self) -> bytes:
-        while self._fill():
+        """Up to MAX_BODY bytes, or what came before the receiver closed."""
+        while len(self._buffer) < MAX_BODY and self._fill():
             pass
-        data = bytes(self._buffer)
+        data = bytes(self._buffer[:MAX_BODY])
         self._buffer.clear()
         return data
 
     def _fill(self) -> bool:
-        """Add what has arrived (waiting up to the timeout); False when the receiver has
-        closed the connection."""
+        """Add what has arrived (waiting up to the timeout, never past the deadline);
+        False when the receiver has closed the connection."""
         assert self.sock is not None
+        self._bound()
         data = self.sock.recv(READ_SIZE)
         self._buffer += data
         return bool(data)
+
+    def _bound(self) -> None:
+        """Set the socket's timeout to the shorter of one read's and what is left until
+        the deadline; settimeout() is a system call, so only when it moved by more than
+        DEADLINE_SLACK_S."""
+        wait = self._read_s
+        if self._deadline is not None:
+            wait = _left(self._deadline, wait)
+        now = self._timeout
+        if wait != now and (wait is None or now is None or abs(wait - now) > DEADLINE_SLACK_S):
+            assert self.sock is not None
+            self.sock.settimeout(wait)
+            self._timeout = wait
+
+
+def deadline_of(timeout: Timeout) -> float | None:
+    """When the whole exchange must be over: the timeout from now (a pair's sum)."""
+    if isinstance(timeout, tuple):
+        if None in timeout:
+            return None
+        timeout = sum(timeout)  # type: ignore[arg-type]
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _left(deadline: float, wait: float | None) -> float:
+    """The longest wait that ends by the deadline; a timeout when it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out: the exchange outlived its timeout")
+    return left if wait is None else min(wait, left)
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten; None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _head(request: requests.PreparedRequest, host: str) -> bytes:
@@ -349,7 +443,25 @@ def _head(request: requests.PreparedRequest, host: str) -> bytes:
     for name, value in request.headers.items():  # one by one: an error shows one header only
         head += name.encode("latin-1") + b": " + \
             (value if isinstance(value, bytes) else value.encode("latin-1")) + b"\r\n"
+    breaks = head.count(b"\n")
+    if breaks != len(lines) + len(request.headers) or head.count(b"\r") != breaks:
+        _refuse_line_breaks(request)  # two counts spare a scan of each header
     return head + b"\r\n"
+
+
+def _refuse_line_breaks(request: requests.PreparedRequest) -> None:
+    """A CR or LF in a header or the path would end the line there: what follows would
+    be a header (or a request) of its own. The value is never shown: it may be a secret."""
+    parts = [("the path", request.path_url)]
+    parts += [(f"header {_text(name)!r}", _text(name) + _text(value))
+              for name, value in request.headers.items()]
+    for where, text in parts:
+        if "\r" in text or "\n" in text:
+            raise rex.InvalidHeader(f"a line break in {where}: refused")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 def _keeps_alive(version: int, fields: dict[str, str]) -> bool:
@@ -360,13 +472,23 @@ def _keeps_alive(version: int, fields: dict[str, str]) -> bool:
         or "keep-alive" in fields.get("proxy-connection", "")
 
 
-def _length(value: str | None) -> int | None:
-    """Content-Length as http.client reads it: None (read to the close) if not a number."""
-    try:
-        length = None if value is None else int(value)
-    except ValueError:
+def _length(values: set[str]) -> int | None:
+    """The one Content-Length, or None (the body ends with the connection) without one.
+    Two different values, or one that is not digits ("+5", "0x5", "5_0"), frame the answer
+    two ways: an error, not a guess."""
+    if not values:
         return None
-    return None if length is None or length < 0 else length
+    if len(values) > 1:
+        raise http.client.HTTPException(f"two Content-Length values: {sorted(values)}")
+    value = next(iter(values))
+    if not _DIGITS.fullmatch(value):
+        raise http.client.HTTPException(f"bad Content-Length {value!r}")
+    return int(value)
+
+
+def _chunked(coding: str) -> bool:
+    """Whether the last transfer coding is chunked ("gzip, chunked"; not "xchunked")."""
+    return coding.rsplit(",", 1)[-1].strip() == "chunked"
 
 
 def _error(exc: BaseException, request: requests.PreparedRequest) -> requests.RequestException:
@@ -414,13 +536,14 @@ def _response(request: requests.PreparedRequest, status: int, reason: str,
 
 def _decoded(body: bytes, encoding: str, request: requests.PreparedRequest) -> bytes:
     """The body as requests would hand it over: urllib3's decoders (an empty body, gzip
-    members, "gzip, br", brotli/zstd when installed), only when it is encoded."""
+    members, "gzip, br", brotli/zstd when installed), only when it is encoded; at most
+    MAX_BODY bytes of it."""
     encoding = encoding.strip().lower()
     if not body or encoding in ("", "identity"):
         return body
     reply = urllib3.HTTPResponse(body=io.BytesIO(body), headers={"Content-Encoding": encoding},
                                  preload_content=False, decode_content=True)
     try:
-        return bytes(reply.read())
+        return bytes(reply.read(MAX_BODY))  # never inflated further: a gzip bomb stays small
     except urllib3.exceptions.DecodeError as exc:
         raise rex.ContentDecodingError(exc, request=request) from exc

@@ -1201,12 +1201,16 @@ def scripted(*replies: tuple[bytes, bool]) -> type[Receiver]:
     (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n{}", False, b"{}",
      True),
     (b"HTTP/1.1 204 No Content\r\n\r\n", False, b"", True),
+    # a coding that is not chunked: the body ends with the connection, as it came
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", True,
+     b"2\r\n{}\r\n0\r\n\r\n", False),
     # bytes past the answer: the connection is out of step, never reused
     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n", False, b"{}", False),
     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}",
      True),
-    # of repeated framing headers the first counts, as with http.client
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}", False, b"{}", True),
+    # a length repeated, the same; of repeated Connection headers the first counts
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\n{}", False, b"{}",
+     True),
     (b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 2"
      b"\r\n\r\n{}", False, b"{}", False),
     (b"HTTP/1.1\t200\tOK\r\nContent-Length: 2\r\n\r\n{}", False, b"{}", True),
@@ -1241,6 +1245,26 @@ def test_each_way_an_answer_can_end_is_read_and_the_connection_reused_only_when_
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx\r\n0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n",
     b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70_000 + b"\r\n\r\n",
+    # framed two ways, or not framed at all (http.client takes the first, or reads to the close)
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2, 5\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: xchunked\r\n\r\n{}",
+    # header lines without a colon, or with whitespace before it
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Bad\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\n Content-Length: 2\r\n\r\n{}",
+    # unfinished: a head without its empty line is no answer, whatever it said
+    b"HTTP/1.1 200",
+    b"HTTP/1.1 200 OK\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Type: appl",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: 1\r\n",
+    # statuses that are not three ASCII digits
+    b"HTTP/1.1 +200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 0200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 2_00 OK\r\nContent-Length: 2\r\n\r\n{}",
 ])
 def test_a_broken_answer_is_a_retryable_network_error_and_its_connection_dropped(server, reply):
     server.RequestHandlerClass = scripted((reply, True), (OK_REPLY, False))
