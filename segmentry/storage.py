@@ -403,7 +403,7 @@ class SQLiteQueue:
         """A PASSIVE checkpoint on this connection, under its lock: the producers that
         share it (a Client's calls) cannot commit meanwhile, so unless another connection
         writes it catches up with the WAL's end, and the next write starts the WAL over
-        (see Flusher._maintain)."""
+        (see Upkeep.run)."""
         self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     # -- status and dead letters -----------------------------------------------------
@@ -573,6 +573,54 @@ class SQLiteQueue:
         self._autocheckpoint = pages
         with self._lock:
             self._close()
+
+
+
+MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
+# And beside this process's producers (the flusher thread). At 25 k events/s they write
+# ~140 MB of WAL a second (a page per commit); it must start over before their own
+# checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT), a 75 ms stall with their lock held.
+THREAD_MAINTAIN_EVERY_S = 0.25
+TAIL_FRAMES = 2048  # what that checkpoint may leave undone for the one under their lock
+FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
+
+
+class Upkeep:
+    """The WAL upkeep a flusher does for its queue, so that producers see no checkpoint
+    stalls. ``checkpoints``: a second connection to run them on when ``queue`` is shared
+    with producers (a Client's thread); on the shared one they would stall every
+    producer of the process."""
+
+    def __init__(self, queue: SQLiteQueue, checkpoints: SQLiteQueue | None = None) -> None:
+        self.queue, self.checkpoints = queue, checkpoints
+        self.every_s = MAINTAIN_EVERY_S if checkpoints is None else THREAD_MAINTAIN_EVERY_S
+        self.last = -math.inf  # the clock's time of the last upkeep
+
+    def start(self) -> None:
+        """The flusher has the queue: its own connection's commits checkpoint, not the
+        producers' (with a checkpoints connection, that one's run() does)."""
+        if self.checkpoints is None:
+            self.queue.set_autocheckpoint(FLUSHER_AUTOCHECKPOINT)
+
+    def due(self, now: float) -> bool:
+        return now - self.last >= self.every_s
+
+    def run(self, empty: bool, now: float) -> None:
+        """Checkpoint the WAL if due (always when the queue is ``empty``, which also gives
+        space back: see SQLiteQueue.maintain). A failure is logged: tried again later."""
+        if not empty and not self.due(now):
+            return
+        self.last = now
+        try:
+            left = (self.checkpoints or self.queue).maintain(empty)
+            if self.checkpoints is not None and left is not None and left <= TAIL_FRAMES:
+                # The checkpoint above ran beside this process's producers and never
+                # reaches the WAL's end while they commit, so the WAL never started over.
+                # The frames they added meanwhile, checkpointed under their lock, take a
+                # few ms; the WAL starts over at the next write.
+                self.queue.checkpoint()
+        except StorageError as exc:
+            logger.warning("queue maintenance failed: %s", exc)
 
 
 def _batches(rows: Iterable[tuple[Any, ...]], count: int, limit: int, max_bytes: int,
