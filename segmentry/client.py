@@ -19,7 +19,7 @@ from typing import Any
 from . import config, messages, telemetry
 from .exceptions import ConfigurationError, QueueFull, StorageError
 from .messages import ContextLike, Message
-from .storage import SQLiteQueue, default_queue_path, wal_reuse_bytes
+from .storage import Queue, SQLiteQueue, default_queue_path, wal_reuse_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class Client:
                 "and let `python -m segmentry.flusher` deliver)")
         # Only the default per-user directory is created: a missing directory in a path
         # given on purpose is more likely a typo than a wish for a new queue.
-        self.queue = SQLiteQueue(self.queue_path, self.options.durability,
-                                 wal_reuse_bytes(self.options.max_queue_bytes),
-                                 create_dirs=self.options.queue_path is None)
+        self.queue: Queue = SQLiteQueue(self.queue_path, self.options.durability,
+                                        wal_reuse_bytes(self.options.max_queue_bytes),
+                                        create_dirs=self.options.queue_path is None)
         self._check_destination()
         self.queue.open()  # a queue we cannot use is a configuration error, found now
         self.dropped = 0  # events refused (on_full="drop") since the client was made

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from .storage import Queue
+
 logger = logging.getLogger("segmentry.flusher")
 
 BAR_EVERY_S = 0.5
@@ -79,7 +81,7 @@ class Progress:
             logger.info("%s", line)
 
 
-def waiting_out(queue: Any, now: float) -> str:
+def waiting_out(queue: Queue, now: float) -> str:
     """What the drain waits for when the next event is not ready: a backoff stored with it
     (a restart keeps it), named with its end, so "sent 0" is not a silent stall."""
     ready = queue.next_ready_at(now)

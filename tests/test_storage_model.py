@@ -18,7 +18,8 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from segmentry.storage import Claim, SQLiteQueue, _batches, _cuts
+from segmentry._batching import _batches, _cuts
+from segmentry.storage import Claim, SQLiteQueue
 
 START = 1_800_000_000.0  # epoch seconds; time is an argument, never the wall clock
 STATUS = 400

@@ -10,7 +10,7 @@ import time
 
 from .. import http
 from ..config import Options
-from ..storage import SQLiteQueue
+from ..storage import Queue, SQLiteQueue
 from ._lock import Lock
 from ._loop import Flusher
 
@@ -34,7 +34,7 @@ class Background:
     """The in-process flusher of a Client: a daemon thread that stands by until it
     holds the queue's lock, then runs the Flusher loop until stopped."""
 
-    def __init__(self, write_key: str, queue: SQLiteQueue, options: Options) -> None:
+    def __init__(self, write_key: str, queue: Queue, options: Options) -> None:
         self.options = options
         self._key = write_key
         # Claims and deletes go through the Client's own queue object. A second connection

@@ -14,7 +14,7 @@ from typing import Callable
 from .. import http, messages, telemetry
 from ..config import Options
 from ..exceptions import SegmentryError
-from ..storage import Claim, SQLiteQueue, Upkeep
+from ..storage import Claim, Queue, Upkeep
 from ._settle import Counts, Settler
 
 logger = logging.getLogger("segmentry.flusher")  # the package's name: one logger for users
@@ -36,9 +36,9 @@ CLAIM_BYTES = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD
 class Flusher:
     """Delivers one queue file. Only the holder of the queue's lock runs one (see Lock)."""
 
-    def __init__(self, queue: SQLiteQueue, client: http.HTTPClient, options: Options,
+    def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
                  clock: Callable[[], float] = time.time,
-                 checkpoints: SQLiteQueue | None = None) -> None:
+                 checkpoints: Queue | None = None) -> None:
         self.queue, self.http, self.options, self.clock = queue, client, options, clock
         self.upkeep = Upkeep(queue, checkpoints)
         self.window = Window(options.max_in_flight)

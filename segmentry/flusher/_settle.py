@@ -18,7 +18,7 @@ import requests
 from .. import http, messages, telemetry
 from ..config import Options
 from ..exceptions import HTTPStatusError, NetworkError
-from ..storage import Claim, Delivered, Row, SQLiteQueue
+from ..storage import Claim, Delivered, Queue, Row
 from ._failures import describe
 from ._policy import MISCONFIGURED_DELAY_S, Action, Answer, decide
 
@@ -86,7 +86,7 @@ class Settler:
     """Sends claims and settles them by the policy. ``pause_until`` (epoch seconds): no
     claim before it, set by failures (an outage pauses everything) and a stored backoff."""
 
-    def __init__(self, queue: SQLiteQueue, client: http.HTTPClient, options: Options,
+    def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
                  clock: Callable[[], float], grow: Callable[[], None]) -> None:
         self.queue, self.http, self.options, self.clock = queue, client, options, clock
         self._grow = grow  # a delivered batch widens the window of batches in flight
