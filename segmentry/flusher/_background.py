@@ -96,7 +96,7 @@ class Background:
             while not self._stop.is_set():
                 try:
                     if self.lock.acquire(timeout=LOCK_POLL_S):
-                        self._deliver()
+                        self._run_while_locked()
                 except Exception:
                     logger.exception("segmentry flusher failed; restarting in %.0f s",
                                      RESTART_S)
@@ -112,7 +112,7 @@ class Background:
         return Flusher(self.queue, make_http(self._key, self.options), self.options,
                        checkpoints=self._checkpoints)
 
-    def _deliver(self) -> None:
+    def _run_while_locked(self) -> None:
         try:
             self.flusher.take_over()
             self.flusher.run(self._stop, self._wake)

@@ -39,7 +39,7 @@ class Flusher:
     def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
                  clock: Callable[[], float] = time.time,
                  checkpoints: Queue | None = None) -> None:
-        self.queue, self.http, self.options, self.clock = queue, client, options, clock
+        self.queue, self.http_client, self.options, self.clock = queue, client, options, clock
         self.upkeep = Upkeep(queue, checkpoints)
         self.window = Window(options.max_in_flight)
         self.settler = Settler(queue, client, options, clock, self.window.grow)
@@ -158,13 +158,13 @@ class Flusher:
 
     def _paused(self, stop: threading.Event) -> bool:
         """Wait out a stored backoff or a Retry-After; a new pause halves the window."""
-        gate = self.http.paused_until()
+        gate = self.http_client.paused_until()
         if gate > self._gate_seen:
             self._gate_seen = gate
             self.window.shrink()
         # Each deadline against its own clock: the stored backoff is epoch time, the HTTP
         # client's shared pause is on its clock (injectable, monotonic by default).
-        pause = max(self.pause_until - self.clock(), gate - self.http.clock())
+        pause = max(self.pause_until - self.clock(), gate - self.http_client.clock())
         if pause > 0:
             self._wait_and_delete(stop, stop, min(pause, 1.0))
         return pause > 0
@@ -259,7 +259,7 @@ class Flusher:
     def paused_until(self) -> float:
         """Until when (epoch seconds, ``clock()``) no batch goes: a stored backoff, an
         outage or a Retry-After; in the past when nothing holds delivery."""
-        gate = self.http.paused_until() - self.http.clock()
+        gate = self.http_client.paused_until() - self.http_client.clock()
         return max(self.pause_until, self.clock() + gate)
 
     def _renew_leases(self) -> None:
@@ -294,13 +294,13 @@ class Flusher:
         their retries and give their rows back (a sender still busy with one can only
         make it sent twice, never lost: its settle finds the lease gone)."""
         end = time.monotonic() + grace
-        if self.http.paused_until() - self.http.clock() >= grace:
-            self.http.close()  # a Retry-After outlasts the grace: give the rows back now
+        if self.http_client.paused_until() - self.http_client.clock() >= grace:
+            self.http_client.close()  # a Retry-After outlasts the grace: give the rows back now
         with self._settled:
             while self._flying and time.monotonic() < end:
                 self._settled.wait(end - time.monotonic())
             unsettled = list(self._flying.values())
-        self.http.close()
+        self.http_client.close()
         for claim in unsettled:  # given back now, not left leased for LEASE_S
             try:
                 self.settler.hand_back(claim.token, claim.rows)

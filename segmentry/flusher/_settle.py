@@ -88,7 +88,7 @@ class Settler:
 
     def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
                  clock: Callable[[], float], grow: Callable[[], None]) -> None:
-        self.queue, self.http, self.options, self.clock = queue, client, options, clock
+        self.queue, self.http_client, self.options, self.clock = queue, client, options, clock
         self._grow = grow  # a delivered batch widens the window of batches in flight
         self.counts = Counts()
         self.deferred = Deferred()
@@ -122,7 +122,7 @@ class Settler:
             return
         self.pause_until = max(self.pause_until, ready_at)
         logger.warning("waiting out the backoff stored after the last failures to %s: "
-                       "next attempt at %s (in %.0f s)", self.http.api_url,
+                       "next attempt at %s (in %.0f s)", self.http_client.api_url,
                        time.strftime("%H:%M:%S", time.localtime(ready_at)), ready_at - now)
 
     def deliver(self, claim: Claim) -> None:
@@ -138,11 +138,12 @@ class Settler:
 
     def _request_batch(self, bodies: list[str]) -> Answer:
         self.counts.add("requests", 1)
-        return _answer(lambda: http.post_batch(self.http, bodies))
+        return _answer(lambda: http.post_batch(self.http_client, bodies))
 
     def _request_event(self, row: Row) -> Answer:
         self.counts.add("requests", 1)
-        return _answer(lambda: http.post_event(self.http, messages.type_of(row.body), row.body))
+        type_ = messages.type_of(row.body)
+        return _answer(lambda: http.post_event(self.http_client, type_, row.body))
 
     def _settle(self, token: int, rows: list[Row], answer: Answer) -> None:
         """Ask the policy once, then do what it decided."""
@@ -157,7 +158,7 @@ class Settler:
             self._release(token, rows, error, decision.delay_s)
         elif action is Action.MISCONFIGURED:
             self._misconfigured(token, rows, answer, decision.delay_s)
-        elif self.http.closing.is_set():  # stopping: no new requests, nothing buried
+        elif self.http_client.closing.is_set():  # stopping: no new requests, nothing buried
             self.hand_back(token, rows)
         elif action is Action.SPLIT:
             half = len(rows) // 2
@@ -190,7 +191,7 @@ class Settler:
         telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
                           {"status_code": status, "queue_path": self.queue.path})
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
-                       describe(error, self.http.api_url), len(rows), delay)
+                       describe(error, self.http_client.api_url), len(rows), delay)
         self._on_error(error, rows)
 
     def _recovered(self) -> None:
@@ -214,7 +215,7 @@ class Settler:
         if self.counts.misconfigured != status:
             logger.error("receiver answered HTTP %d: check the write key and api_url (%s); "
                          "nothing is dropped, retrying every %.0f s at most",
-                         status, self.http.api_url, MISCONFIGURED_DELAY_S[1])
+                         status, self.http_client.api_url, MISCONFIGURED_DELAY_S[1])
         self.counts.misconfigured = status
         telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
                           {"status_code": status, "queue_path": self.queue.path})
