@@ -168,6 +168,8 @@ class Settler:
             self._bury(token, rows, answer)
 
     def _delivered(self, token: int, rows: list[Row]) -> None:
+        """The receiver took these rows: delete them, in the loop's next claim while it
+        runs (see Deferred), else now; and the receiver is well: widen, resume."""
         ids = [r.id for r in rows]
         if not self.deferred.add(token, ids):  # the loop has stopped: delete them now
             self.counts.add("sent", self.queue.delete(token, ids))
