@@ -178,7 +178,7 @@ def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(
     stop = threading.Event()
     loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
     loop.start()
-    assert wait_until(lambda: len(stub.requests) >= 1 and len(flusher._flying) == 1)
+    assert wait_until(lambda: len(stub.requests) >= 1 and flusher.in_flight.count() == 1)
     stop.set()
     loop.join(30)
     flusher.finish(grace=0.1)  # the half being sent is still in the sender's hands

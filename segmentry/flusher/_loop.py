@@ -46,9 +46,7 @@ class Flusher:
         self.counts: Counts = self.settler.counts
         self.deferred = self.settler.deferred
         self._gate_seen = client.paused_until()  # the shared pause last noticed
-        self._pool: Senders | None = None
-        self._settled = threading.Condition()
-        self._flying: dict[int, Claim] = {}  # the claims in the senders' hands, by id()
+        self.in_flight = InFlight()
         # A batch that is not full waits for batch_every_ms to pass since the last wait
         # (``_due``) or for flush() (``hurry``); full ones go at once. In a producer's
         # process the loop is woken at every max_batch_size events, and claiming the
@@ -92,7 +90,7 @@ class Flusher:
             raise
         self.counts.add("sent", claims.deleted)
         if delivered:
-            self._notify_settled()  # flush() waits for those deletes
+            self.in_flight.notify()  # flush() waits for those deletes
         return claims.batches
 
     def run_once(self) -> int:
@@ -107,11 +105,7 @@ class Flusher:
         delivered = self.deferred.take()
         if delivered:
             self.counts.add("sent", self.queue.delete_many(delivered))
-            self._notify_settled()
-
-    def _notify_settled(self) -> None:
-        with self._settled:
-            self._settled.notify_all()
+            self.in_flight.notify()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -119,17 +113,17 @@ class Flusher:
             deadline: float | None = None) -> bool:
         """Claim and send until ``stop`` (or, with ``drain``, until the queue is empty,
         a misconfiguration, or the monotonic ``deadline``). Return whether it drained."""
-        self._pool = Senders(self.options.max_in_flight, self.settler.deliver, self._done)
+        senders = Senders(self.options.max_in_flight, self.settler.deliver, self.in_flight)
         self.deferred.switch(True)
         try:
-            return self._loop(stop, wake, drain, deadline)
+            return self._loop(senders, stop, wake, drain, deadline)
         finally:
-            self._pool.shutdown()
+            senders.shutdown()
             self.deferred.switch(False)
             self._delete_delivered()  # what was left for a claim that will not come
 
-    def _loop(self, stop: threading.Event, wake: threading.Event, drain: bool,
-              deadline: float | None) -> bool:
+    def _loop(self, senders: Senders, stop: threading.Event, wake: threading.Event,
+              drain: bool, deadline: float | None) -> bool:
         while not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 return False
@@ -139,7 +133,7 @@ class Flusher:
                 return False
             if self._paused(stop):
                 continue
-            free = self._free_slots()
+            free = self.in_flight.free_slots(self.window)
             if not free:
                 continue
             claims = self._delete_and_claim(free, partial=self._partial_ok(drain))
@@ -150,7 +144,7 @@ class Flusher:
                 continue
             self._claimed_at = time.monotonic()
             for claim in claims:
-                self._submit(claim)
+                senders.submit(claim)
             self.upkeep.run(empty=False, now=self.clock())
             if not drain and len(claims) < free:  # nothing more is ready to go now
                 self._wait(stop, wake, drain)
@@ -169,36 +163,15 @@ class Flusher:
             self._wait_and_delete(stop, stop, min(pause, 1.0))
         return pause > 0
 
-    def _free_slots(self) -> int:
-        """How many batches the window lets us claim now (waits a little when none)."""
-        with self._settled:
-            free = self.window.free(len(self._flying))
-            if not free:
-                self._settled.wait(0.2)
-        return free
-
     def _partial_ok(self, drain: bool) -> bool:
         """Whether a batch that is not full may go now (see ``_due``)."""
         hurry = self.hurry.is_set()
         self.hurry.clear()
         return drain or self._due or hurry
 
-    def _submit(self, claim: Claim) -> None:
-        with self._settled:
-            self._flying[id(claim)] = claim
-        assert self._pool is not None
-        self._pool.submit(claim)
-
-    def _done(self, claim: Claim) -> None:
-        with self._settled:
-            self._flying.pop(id(claim), None)
-            self._settled.notify_all()
-
     def _idle(self, drain: bool) -> bool:
         """Nothing ready. Return True when a drain is complete (the queue is empty)."""
-        with self._settled:
-            flying = len(self._flying)
-        if flying:
+        if self.in_flight.count():
             return False
         self._delete_delivered()  # what settled since the claim, so empty means empty
         empty = not self.queue.pending(0, 2**63 - 1)
@@ -209,11 +182,8 @@ class Flusher:
         """Between cycles: until batch_every_ms passes, a producer wakes us, or (draining)
         a batch in flight settles."""
         if drain:
-            with self._settled:
-                if self._flying:
-                    self._settled.wait(0.5)
-                    return
-            stop.wait(0.05)  # only rows in backoff are left: look again shortly
+            if not self.in_flight.wait_if_any(0.5):
+                stop.wait(0.05)  # only rows in backoff are left: look again shortly
             return
         self._due = not self._wait_and_delete(stop, wake, self.options.batch_every_ms / 1000.0)
         wake.clear()
@@ -270,24 +240,18 @@ class Flusher:
         if now - self._renewed_at < RENEW_S:
             return
         self._renewed_at = now
-        with self._settled:
-            tokens = {claim.token for claim in self._flying.values()}
         try:
-            self.queue.renew(tokens, now + LEASE_S)
+            self.queue.renew(self.in_flight.tokens(), now + LEASE_S)
         except SegmentryError as exc:  # tried again at the next cycle
             logger.warning("could not renew the leases of batches in flight: %s", exc)
 
     def _unsettled(self) -> bool:
         """Whether a batch is in flight or delivered but not yet deleted."""
-        with self._settled:
-            if self._flying:
-                return True
-        return self.deferred.pending()
+        return self.in_flight.count() > 0 or self.deferred.pending()
 
     def wait_settled(self, timeout: float) -> None:
         """Block until a batch in flight settles (or timeout)."""
-        with self._settled:
-            self._settled.wait(timeout)
+        self.in_flight.wait(timeout)
 
     def finish(self, grace: float) -> None:
         """Let the batches in flight settle for up to ``grace`` seconds, then abort
@@ -296,10 +260,7 @@ class Flusher:
         end = time.monotonic() + grace
         if self.http_client.paused_until() - self.http_client.clock() >= grace:
             self.http_client.close()  # a Retry-After outlasts the grace: give the rows back now
-        with self._settled:
-            while self._flying and time.monotonic() < end:
-                self._settled.wait(end - time.monotonic())
-            unsettled = list(self._flying.values())
+        unsettled = self.in_flight.wait_settled(end)
         self.http_client.close()
         for claim in unsettled:  # given back now, not left leased for LEASE_S
             try:
@@ -331,21 +292,79 @@ class Window:
             self.size = max(1.0, self.size / 2)
 
 
+class InFlight:
+    """The claims in the senders' hands, and the condition their settling signals: the
+    loop waits on it for a free slot, flush() for a settled batch, finish() for all."""
+
+    def __init__(self) -> None:
+        self._claims: dict[int, Claim] = {}  # by id()
+        self._settled = threading.Condition()
+
+    def add(self, claim: Claim) -> None:
+        with self._settled:
+            self._claims[id(claim)] = claim
+
+    def remove(self, claim: Claim) -> None:
+        with self._settled:
+            self._claims.pop(id(claim), None)
+            self._settled.notify_all()
+
+    def count(self) -> int:
+        with self._settled:
+            return len(self._claims)
+
+    def tokens(self) -> set[int]:
+        with self._settled:
+            return {claim.token for claim in self._claims.values()}
+
+    def notify(self) -> None:
+        with self._settled:
+            self._settled.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self._settled:
+            self._settled.wait(timeout)
+
+    def free_slots(self, window: Window) -> int:
+        """How many batches the window lets us claim now (waits a little when none)."""
+        with self._settled:
+            free = window.free(len(self._claims))
+            if not free:
+                self._settled.wait(0.2)
+        return free
+
+    def wait_if_any(self, timeout: float) -> bool:
+        """Wait for one to settle, if any is in flight; return whether one was."""
+        with self._settled:
+            if self._claims:
+                self._settled.wait(timeout)
+                return True
+        return False
+
+    def wait_settled(self, end: float) -> list[Claim]:
+        """Wait until none is in flight or the monotonic ``end``; return those left."""
+        with self._settled:
+            while self._claims and time.monotonic() < end:
+                self._settled.wait(end - time.monotonic())
+            return list(self._claims.values())
+
+
 class Senders:
     """``size`` daemon threads that deliver claims. Daemons, unlike ThreadPoolExecutor's
     workers, never hold up a process exit behind a hung request: Flusher.finish gives
     their rows back (or, if the process dies, the next flusher resets their leases)."""
 
     def __init__(self, size: int, deliver: Callable[[Claim], None],
-                 done: Callable[[Claim], None]) -> None:
+                 in_flight: InFlight) -> None:
         self._work: queue.SimpleQueue[Claim | None] = queue.SimpleQueue()
-        self._deliver, self._done = deliver, done
+        self._deliver, self._in_flight = deliver, in_flight
         self._threads = [threading.Thread(target=self._serve, name=f"segmentry-send-{i}",
                                           daemon=True) for i in range(size)]
         for thread in self._threads:
             thread.start()
 
     def submit(self, claim: Claim) -> None:
+        self._in_flight.add(claim)
         self._work.put(claim)
 
     def shutdown(self) -> None:
@@ -360,6 +379,6 @@ class Senders:
             except Exception:  # a storage failure while settling: the lease stays
                 logger.exception("delivering a batch failed")
             finally:
-                self._done(claim)
+                self._in_flight.remove(claim)
 
 
