@@ -152,7 +152,7 @@ class Settler:
                           random.uniform(0.5, 1.0), self._misconfigured_in_a_row)
         action = decision.action
         if action is Action.DELETE:
-            self._delivered(token, rows)
+            self._settle_delivered(token, rows)
         elif action is Action.RELEASE:
             error = answer.error or HTTPStatusError(answer.status or 0, True, answer.text)
             self._release(token, rows, error, decision.delay_s)
@@ -167,7 +167,7 @@ class Settler:
         else:
             self._bury(token, rows, answer)
 
-    def _delivered(self, token: int, rows: list[Row]) -> None:
+    def _settle_delivered(self, token: int, rows: list[Row]) -> None:
         """The receiver took these rows: delete them, in the loop's next claim while it
         runs (see Deferred), else now; and the receiver is well: widen, resume."""
         ids = [r.id for r in rows]
