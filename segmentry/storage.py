@@ -1,9 +1,9 @@
 """The durable queue: its contract (the ``Queue`` protocol, written once here, that the
 client, the flusher and the command line are typed against) and its implementation,
 ``SQLiteQueue``: one SQLite file in WAL mode. The file's schema and upgrades are in
-``_schema``, the cutting of a claim's batches in ``_batching``; with those, this is the
-only importer of sqlite3, and every ``sqlite3.Error`` is translated into
-``StorageError`` here.
+``_schema``, the cutting of a claim's batches in ``_batching``, the file's creation and
+what stands in its way in ``_files``; with those, this is the only importer of sqlite3,
+and every ``sqlite3.Error`` is translated into ``StorageError`` here.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Protocol, TypeVar
 
 from . import _batching
 from ._batching import Row as Row  # re-exported: the type a claim carries
+from ._files import create_file, identity, open_failure
 from ._schema import APPLICATION_ID as APPLICATION_ID  # re-exported with the version
 from ._schema import COVERED, header, initialize, upgrade
 from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
@@ -446,14 +447,14 @@ class SQLiteQueue:
                                 f"process using it and move it aside to start a new queue: "
                                 f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
         if "unable to open database file" in text:
-            return StorageError(f"cannot open queue file {self.path}: {_open_failure(self.path)}")
+            return StorageError(f"cannot open queue file {self.path}: {open_failure(self.path)}")
         if "readonly" in text:  # opened, but SQLite could not write it or its -wal/-shm
             return StorageError(f"cannot write queue file {self.path}: "
-                                f"{_open_failure(self.path, text)}")
+                                f"{open_failure(self.path, text)}")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
-        self._create_file()
+        create_file(self.path, self.create_dirs)
         conn = sqlite3.connect(self.path, timeout=0, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -465,7 +466,7 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
-        self._identity = _identity(self.path)
+        self._identity = identity(self.path)
         return conn
 
     def reopen_if_replaced(self) -> int | None:
@@ -474,7 +475,7 @@ class SQLiteQueue:
         closed), move the events still in it into the file now at the path, created if
         need be, and return how many; None when it was not replaced. A stat() a call."""
         with self._lock:
-            if self._conn is None or _identity(self.path) == self._identity:
+            if self._conn is None or identity(self.path) == self._identity:
                 return None
             try:
                 rows = self._conn.execute(
@@ -485,36 +486,6 @@ class SQLiteQueue:
         # Events of a batch in flight are moved too: sent twice at worst, never lost.
         self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
         return len(rows)
-
-    def _create_file(self) -> None:
-        """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
-        directory = os.path.dirname(self.path)
-        if self.create_dirs:
-            self._create_dirs(directory)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            return  # the file (or, see _open_failure, a file where a directory should be)
-        except OSError as exc:
-            # "create" only for a file known to be missing: one in a directory we cannot
-            # search may exist (lexists() cannot tell), and is not one we failed to create.
-            known_missing = os.access(directory, os.X_OK) and not os.path.lexists(self.path)
-            verb = "create" if known_missing else "open"
-            reason = _open_failure(self.path, exc.strerror or str(exc))
-            raise StorageError(f"cannot {verb} queue file {self.path}: {reason}") from exc
-        os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
-
-    def _create_dirs(self, directory: str) -> None:
-        missing = _missing_ancestor(directory)
-        if missing is None:
-            return  # there, or a file in the way (which the open then names)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create directory {missing} for queue file {self.path}: "
-                f"{exc.strerror}; create it for this user, or choose another queue path "
-                "(queue_path, SEGMENTRY_QUEUE or XDG_STATE_HOME)") from exc
 
     def _check_or_init(self, conn: sqlite3.Connection) -> None:
         app_id, version, tables = header(conn)
@@ -738,58 +709,6 @@ def _after_fork_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
                         after_in_child=_after_fork_child)
-
-
-def _open_failure(path: str, fallback: str = "unable to open database file") -> str:
-    """Why ``path`` cannot be opened or created, and the fix, as far as the file system
-    tells (SQLite says only "unable to open database file")."""
-    directory = os.path.dirname(path)
-    missing = _missing_ancestor(directory)
-    if os.path.isdir(path):
-        return f"it is a directory; give a file name inside it, e.g. {path}/queue.db"
-    if missing is not None:
-        return (f"directory {missing} does not exist; create it (mkdir -p {directory}) "
-                "or fix the queue path")
-    if not os.path.isdir(directory):
-        return f"{_first_file(directory)} is not a directory; fix the queue path"
-    if not os.access(directory, os.X_OK):
-        return (f"permission denied: cannot search directory {directory}; run as a user "
-                "who can, or choose another queue path")
-    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        info = os.stat(path)
-        return (f"permission denied (owner uid {info.st_uid}, mode "
-                f"{stat.S_IMODE(info.st_mode):o}); run as its owner or a member of its group")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return (f"permission denied on {directory}, where SQLite creates the -wal and -shm "
-                "files beside the queue; make it writable or choose another queue path")
-    return fallback
-
-
-def _missing_ancestor(directory: str) -> str | None:
-    """The topmost missing directory on the way to ``directory`` (None: it exists, or a
-    file stands in the way)."""
-    missing = None
-    while directory and not os.path.lexists(directory):
-        missing, directory = directory, os.path.dirname(directory)
-        if directory == missing:
-            break
-    return missing if directory and os.path.isdir(directory) else None
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _first_file(directory: str) -> str:
-    """The ancestor of ``directory`` that exists but is not a directory."""
-    path = directory
-    while (parent := os.path.dirname(path)) != path and not os.path.isdir(parent):
-        path = parent
-    return path
 
 
 def default_queue_path() -> str:
