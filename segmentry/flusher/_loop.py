@@ -1,6 +1,7 @@
-"""The flusher loop: claim batches, hand them to sender threads, settle what came back
-(delete, release, split, bury) as the policy decides; up to max_in_flight batches in
-flight, paced by an AIMD window."""
+"""The flusher loop: claim batches, hand them to sender threads (each settles its own:
+see _settle), wait; up to max_in_flight batches in flight, paced by an AIMD window.
+Also the in-flight bookkeeping and the lease renewal that keeps a slow sender's rows
+its own."""
 
 from __future__ import annotations
 
