@@ -18,7 +18,7 @@ from . import service
 from .client import Client
 from .exceptions import ConfigurationError, InvalidMessage, QueueFull, StorageError
 from .flusher import holder_pid
-from .storage import DeadLetter, SQLiteQueue, default_queue_path, inspect
+from .storage import DeadLetter, Queue, SQLiteQueue, default_queue_path, inspect
 from .version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -200,7 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- dead letters ---------------------------------------------------------------------------
 
 
-def _existing_queue(path: str) -> SQLiteQueue:
+def _existing_queue(path: str) -> Queue:
     """Open a queue that must exist: a typo in --queue must not create a new, empty one."""
     if not os.path.exists(path):
         raise StorageError(f"no queue file at {path}; check --queue or $SEGMENTRY_QUEUE")
@@ -273,7 +273,7 @@ def _chosen_ids(args: argparse.Namespace) -> list[int] | None:
     return None if args.all else sorted(set(args.ids))
 
 
-def _act(args: argparse.Namespace, verb: str, act: Callable[[SQLiteQueue, Any], int]) -> int:
+def _act(args: argparse.Namespace, verb: str, act: Callable[[Queue, Any], int]) -> int:
     ids = _chosen_ids(args)
     queue = _existing_queue(queue_path(args))
     try:
@@ -288,11 +288,11 @@ def _act(args: argparse.Namespace, verb: str, act: Callable[[SQLiteQueue, Any], 
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    return _act(args, "requeued", SQLiteQueue.requeue)
+    return _act(args, "requeued", lambda queue, ids: queue.requeue(ids))
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    return _act(args, "purged", SQLiteQueue.purge)
+    return _act(args, "purged", lambda queue, ids: queue.purge(ids))
 
 
 # -- track and identify ---------------------------------------------------------------------

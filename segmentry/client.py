@@ -14,12 +14,15 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import config, messages, telemetry
 from .exceptions import ConfigurationError, QueueFull, StorageError
 from .messages import ContextLike, Message
-from .storage import SQLiteQueue, default_queue_path, wal_reuse_bytes
+from .storage import Queue, SQLiteQueue, default_queue_path, wal_reuse_bytes
+
+if TYPE_CHECKING:  # imported when first needed: it loads requests
+    from .flusher import Background
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +52,9 @@ class Client:
                 "and let `python -m segmentry.flusher` deliver)")
         # Only the default per-user directory is created: a missing directory in a path
         # given on purpose is more likely a typo than a wish for a new queue.
-        self.queue = SQLiteQueue(self.queue_path, self.options.durability,
-                                 wal_reuse_bytes(self.options.max_queue_bytes),
-                                 create_dirs=self.options.queue_path is None)
+        self.queue: Queue = SQLiteQueue(self.queue_path, self.options.durability,
+                                        wal_reuse_bytes(self.options.max_queue_bytes),
+                                        create_dirs=self.options.queue_path is None)
         self._check_destination()
         self.queue.open()  # a queue we cannot use is a configuration error, found now
         self.dropped = 0  # events refused (on_full="drop") since the client was made
@@ -65,7 +68,7 @@ class Client:
         self._puts_since_stat = CAP_RESTAT_EVERY
         self._disk_bytes = 0
         self._last_drop_log = -math.inf
-        self._flusher: Any = None  # flusher.Background, started on the first event
+        self._flusher: Background | None = None  # started on the first event
         self._flusher_lock = threading.Lock()
         self._closed = False
         _clients.add(self)
@@ -240,7 +243,7 @@ class Client:
             self._check_cap(len(event.body))
             row_id = self.queue.put(event.body, now)
         except (QueueFull, StorageError) as exc:
-            self._delivery()  # a queue found full must still drain
+            self._flusher_thread()  # a queue found full must still drain
             if self.options.on_full == "raise":
                 raise
             self._drop(event, exc)
@@ -251,7 +254,7 @@ class Client:
                 self._first_id = row_id
             self._last_id = max(self._last_id, row_id)
             self._puts += 1
-        background = self._delivery()
+        background = self._flusher_thread()
         if background is not None:
             background.enqueued()
         return event.message_id
@@ -331,7 +334,7 @@ class Client:
                           "(and so will every later one); record events before close(), "
                           "or make a new Client", RuntimeWarning, stacklevel=6)
 
-    def _delivery(self) -> Any:
+    def _flusher_thread(self) -> Background | None:
         """This client's flusher thread, started at the first event, stored or refused (a
         client whose queue was full from the start must still drain it); None without one
         (flusher=None, closed, or it could not start: the call must not fail for that)."""
@@ -343,7 +346,7 @@ class Client:
             logger.exception("segmentry could not start its flusher thread")
             return None
 
-    def _start_flusher(self) -> Any:
+    def _start_flusher(self) -> Background | None:
         """The flusher thread, started on the first event; None once closed (a call that
         raced close() stored its event, which the next flusher delivers)."""
         from .flusher import Background  # flusher imports http and requests: load on demand

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from .storage import Queue
+
 logger = logging.getLogger("segmentry.flusher")
 
 BAR_EVERY_S = 0.5
@@ -50,7 +52,7 @@ class Progress:
             self.report()
 
     def report(self, final: bool = False) -> None:
-        sent = self.flusher.outcome.sent
+        sent = self.flusher.counts.sent
         try:
             remaining = self.flusher.queue.stats(time.time()).depth
         except Exception:  # a status line must never stop a drain
@@ -66,10 +68,10 @@ class Progress:
         self._last = (now, sent)
         rate = (sent - sent_then) / max(now - since, 1e-6)
         eta = f"{remaining / rate:.0f}s" if rate > 0 and remaining else "-"
-        outcome = self.flusher.outcome
+        counts = self.flusher.counts
         line = f"sent {sent}  remaining {remaining}  {rate:,.0f} events/s  ETA {eta}"
-        if outcome.buried or outcome.released:
-            line += f"  dead-lettered {outcome.buried}  retried later {outcome.released}"
+        if counts.buried or counts.released:
+            line += f"  dead-lettered {counts.buried}  retried later {counts.released}"
         if waiting and not final:
             line += f"  {waiting}"
         if self.mode == "bar":
@@ -79,7 +81,7 @@ class Progress:
             logger.info("%s", line)
 
 
-def waiting_out(queue: Any, now: float) -> str:
+def waiting_out(queue: Queue, now: float) -> str:
     """What the drain waits for when the next event is not ready: a backoff stored with it
     (a restart keeps it), named with its end, so "sent 0" is not a silent stall."""
     ready = queue.next_ready_at(now)

@@ -276,8 +276,8 @@ def run(args: Any, options: Options, write_key: str, notifier: Notifier | None =
         flusher.finish(max(0.0, grace))
         lock.release()
         queue.close()
-        logger.info("stopped: %d sent, %d dead-lettered", flusher.outcome.sent,
-                    flusher.outcome.buried)
+        logger.info("stopped: %d sent, %d dead-lettered", flusher.counts.sent,
+                    flusher.counts.buried)
 
 
 def _report(notifier: Notifier, flusher: Flusher) -> None:
@@ -288,7 +288,7 @@ def _report(notifier: Notifier, flusher: Flusher) -> None:
 
 def _state(flusher: Flusher) -> str:
     """The service's state in a few words, for `systemctl status` (never a key)."""
-    code = flusher.outcome.misconfigured
+    code = flusher.counts.misconfigured
     if code:
         return (f"misconfigured: the receiver answers HTTP {code}; check the write key "
                 "and --api-url")
@@ -325,7 +325,7 @@ def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
 def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | None) -> int:
     if args.once:
         flusher.run_once()
-        failed = flusher.outcome.misconfigured or flusher.outcome.released
+        failed = flusher.counts.misconfigured or flusher.counts.released
         return EXIT_UNDELIVERED if failed or _buried(flusher) else EXIT_OK
     if not args.drain:
         with Progress(flusher, "log", every=args.summary_every):  # one line per interval
@@ -333,8 +333,8 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
         return EXIT_OK
     with Progress(flusher, args.progress):
         drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
-    if flusher.outcome.misconfigured:
-        print(f"segmentry: receiver answered HTTP {flusher.outcome.misconfigured}: check the "
+    if flusher.counts.misconfigured:
+        print(f"segmentry: receiver answered HTTP {flusher.counts.misconfigured}: check the "
               "write key and --api-url; nothing was dropped", file=sys.stderr)
         return EXIT_UNDELIVERED
     if not drained:  # a drain that stops short did not deliver: scripts must not go on
@@ -347,7 +347,7 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
 
 def _buried(flusher: Flusher) -> bool:
     """Events the receiver refused are not delivered: say so, and where they are."""
-    buried = flusher.outcome.buried
+    buried = flusher.counts.buried
     if buried:
         print(f"segmentry: {buried} events were refused by the receiver and dead-lettered; "
               "see `segmentry dead-letters list`", file=sys.stderr)

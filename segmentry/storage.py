@@ -1,18 +1,15 @@
-"""The durable queue: one SQLite file in WAL mode, and the only importer of sqlite3.
-
-Producers ``put`` one event per short write transaction. A flusher ``claim``s the
-oldest ready rows under a lease token in a short transaction (never across a network
-call), then ``delete``s, ``release``s or ``bury``s them by that token, so a flusher
-whose lease was reclaimed cannot touch rows that are no longer its own.
-Every ``sqlite3.Error`` is translated into ``StorageError`` here.
+"""The durable queue: its contract (the ``Queue`` protocol, written once here, that the
+client, the flusher and the command line are typed against) and its implementation,
+``SQLiteQueue``: one SQLite file in WAL mode. The file's schema and upgrades are in
+``_schema``, the cutting of a claim's batches in ``_batching``, the file's creation and
+what stands in its way in ``_files``; with those, this is the only importer of sqlite3,
+and every ``sqlite3.Error`` is translated into ``StorageError`` here.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import operator
 import os
 import random
 import sqlite3
@@ -21,16 +18,20 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Callable, NamedTuple, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, TypeVar
 
+from . import _batching
+from ._batching import Row as Row  # re-exported: the type a claim carries
+from ._files import create_file, identity, open_failure
+from ._schema import APPLICATION_ID as APPLICATION_ID  # re-exported with the version
+from ._schema import COVERED, header, initialize, upgrade
+from ._schema import SCHEMA_VERSION as SCHEMA_VERSION
+from ._schema import write as _write
 from .exceptions import ConfigurationError, StorageError
 
 logger = logging.getLogger(__name__)
 
-APPLICATION_ID = 0x53474D54  # "SGMT" in the file header: marks a segmentry queue
-SCHEMA_VERSION = 3  # 3: a lease per batch (2: a lease row per event; 1: in the events rows)
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}  # never OFF: a power loss must not corrupt
 # No SQLite busy handler: its first wait is a whole millisecond, 5-10 times the write
 # transaction it waits for (a producer waiting on its own process's flusher lost a third
@@ -47,83 +48,12 @@ WAL_KEEP_BYTES = 4 << 20  # what an empty queue's WAL may keep
 SHRINK_EVERY_S = 60.0  # an emptied queue's WAL is given back at most this often
 VACUUM_PAGES = 1024  # free pages (4 MiB) worth giving back once the queue is empty
 
-# A claim adds one row here per batch: the id range [lo, hi] of its rows. The events'
-# rows (their bodies' pages) are not rewritten between their insert and their delete
-# (schema 1 did: claim + delete 7.1 µs an event), nor is a row added per event (schema
-# 2: 4.3 µs; now 2.9, against 2.5 for the bare read and delete). An event is leased
-# while a lease with a future ``until`` covers its id. Invariants, kept by claim and by
-# _settle: live ranges never overlap, every event inside a range is one the claim took,
-# and the events at lo and hi exist; so a new event's id (max(id) + 1) never falls
-# inside a range. Schema 1 kept lease columns in events; an upgraded file keeps them,
-# unused.
-_LEASES_SCHEMA = """
-CREATE TABLE leases (
-    lo INTEGER PRIMARY KEY,                 -- the batch's first event id
-    hi INTEGER NOT NULL,                    -- and its last
-    token INTEGER NOT NULL,
-    until REAL NOT NULL
-);
-"""
-
-_SCHEMA = """
-CREATE TABLE events (
-    -- enqueue order. Not AUTOINCREMENT (+6 µs a commit): an id is reused only after
-    -- the queue emptied up to it, and leases are checked by token, not by id alone.
-    id INTEGER PRIMARY KEY,
-    body TEXT NOT NULL,                     -- the event's final JSON text
-    size INTEGER NOT NULL,
-    created REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0      -- backoff survives restarts
-);
-CREATE TABLE dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created REAL NOT NULL,
-    attempts INTEGER NOT NULL,
-    buried_at REAL NOT NULL,
-    status INTEGER,
-    response TEXT NOT NULL
-);
-""" + _LEASES_SCHEMA
-
 _INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
-_COVERED = "SELECT 1 FROM leases WHERE lo <= events.id AND hi >= events.id"
-_LEASED = f"EXISTS ({_COVERED} AND until > :now)"
-# Every row past :start, oldest first, with its body only when it can be claimed: a row
-# that cannot (leased, or waiting out a backoff) ends the batch before it, so that a
-# batch's id range holds its own rows only. Claims delete expired leases first, so every
-# lease left is live; :hi is the highest id under one (no row past it is leased).
-_READY = f"not_before <= :now AND (id > :hi OR NOT EXISTS ({_COVERED}))"
-_SCAN = (f"SELECT id, CASE WHEN {_READY} THEN body END, size, attempts FROM events "
-         f"WHERE id > :start ORDER BY id")
-# The same rows but their bodies, the first :n of them, in one aggregate row: one
-# sqlite3 step instead of one per row (see _window). Then one step per batch for its
-# bodies: a batch's id range holds its own rows only.
-_WINDOW = (f"SELECT COUNT(*), group_concat(id), group_concat(size), group_concat(attempts), "
-           f"group_concat(ok, '') FROM (SELECT id, size, attempts, {_READY} AS ok "
-           f"FROM events WHERE id > :start ORDER BY id LIMIT :n)")
-# The window's shape in one aggregate row, without per-row text: when its rows are
-# consecutive ids, all ready, never tried and small enough that no batch is cut by bytes
-# (the usual case while producers run), the batches follow by arithmetic (see _plain).
-_PLAIN = (f"SELECT COUNT(*), MIN(id), MAX(id), MAX(size), MIN(ok), MAX(attempts) FROM "
-          f"(SELECT id, size, attempts, {_READY} AS ok FROM events WHERE id > :start "
-          f"ORDER BY id LIMIT :n)")
-_BODIES = ("SELECT group_concat(id), group_concat(body, char(30)) FROM "
-           "(SELECT id, body FROM events WHERE id BETWEEN ? AND ? ORDER BY id)")
-# The ranges of ``token``'s leases that meet [:a, :b] (a settle's ids).
+_LEASED = f"EXISTS ({COVERED} AND until > :now)"
 _HELD = "SELECT lo, hi, until FROM leases WHERE token = :token AND lo <= :b AND hi >= :a"
 # How many events the leases cover (ranges never overlap).
 _COVERED_COUNT = "COALESCE(SUM((SELECT COUNT(*) FROM events WHERE id BETWEEN lo AND hi)), 0)"
 _LEASED_COUNT = f"SELECT {_COVERED_COUNT} FROM leases"
-
-
-class Row(NamedTuple):
-    id: int
-    body: str
-    attempts: int
 
 
 class Claim(NamedTuple):
@@ -156,6 +86,53 @@ class DeadLetter(NamedTuple):
 
 T = TypeVar("T")
 Delivered = tuple[int, Sequence[int]]  # a claim's token and the ids it delivered
+
+
+class Queue(Protocol):
+    """The queue's contract. Producers ``put`` one event per short write transaction. A
+    flusher ``claim``s the oldest ready rows under a lease token, in a short transaction
+    (never across a network call), then ``delete``s, ``release``s or ``bury``s them by
+    that token: a flusher whose lease was reclaimed cannot touch rows no longer its own.
+    Each of those acts on exactly the ids it is given, those the token still holds, and
+    returns how many it acted on. Times are epoch seconds, passed in. Every failure is a
+    StorageError. Only the holder of the queue's flusher lock claims."""
+
+    path: str
+
+    # -- producers
+    def open(self) -> None: ...  # now, so that an unusable file is refused at once
+    def put(self, body: str, now: float) -> int: ...  # the event's JSON; its id
+    def pending(self, first_id: int, last_id: int) -> bool: ...  # any of them still here
+    def used_bytes(self) -> int: ...  # what max_queue_bytes caps
+    def reopen_if_replaced(self) -> int | None: ...  # events moved from a removed file
+    def close(self) -> None: ...
+
+    # -- the flusher
+    def claim_batches(self, count: int, limit: int, max_bytes: int, now: float,
+                      lease_s: float, delivered: Sequence[Delivered] = (),
+                      partial: bool = True) -> Claims: ...
+    def delete(self, token: int, ids: Sequence[int]) -> int: ...  # delivered
+    def delete_many(self, delivered: Sequence[Delivered]) -> int: ...
+    def release(self, token: int, ids: Sequence[int], not_before: float) -> int: ...
+    def bury(self, token: int, ids: Sequence[int], status: int | None, response: str,
+             now: float) -> int: ...  # to the dead letters
+    def renew(self, tokens: Iterable[int], until: float) -> None: ...  # leases in flight
+    def reset_leases(self) -> int: ...  # a new lock holder: every lease left is dead
+    def resume(self, now: float) -> int: ...  # rows waiting out a backoff: ready now
+    def next_ready_at(self, now: float) -> float | None: ...
+    def backoff_owner(self) -> str | None: ...  # who earned the stored backoffs
+    def set_backoff_owner(self, owner: str) -> None: ...
+
+    # -- upkeep, between claims (see Upkeep); a queue that needs none does nothing
+    def set_autocheckpoint(self, pages: int) -> None: ...  # this connection's cadence
+    def maintain(self, empty: bool) -> int | None: ...  # WAL frames left; None: busy
+    def checkpoint(self) -> None: ...  # under the lock producers of this object share
+
+    # -- inspection and dead letters (the command line)
+    def stats(self, now: float) -> Stats: ...
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
+    def requeue(self, ids: Sequence[int] | None = None) -> int: ...
+    def purge(self, ids: Sequence[int] | None = None) -> int: ...
 _queues: weakref.WeakSet[SQLiteQueue] = weakref.WeakSet()
 
 
@@ -266,14 +243,7 @@ class SQLiteQueue:
                 deleted = _delete_all(conn, delivered)
                 start, hi = _leased_prefix(conn, now)
                 args = {"now": now, "hi": hi, "start": start}
-                batches = _window(conn, args, count, limit, max_bytes, partial)
-                if batches is None:  # the window could not tell: read row by row, as cut
-                    cur = conn.execute(_SCAN, args)
-                    try:
-                        batches = [[Row(i, body, tries) for i, body, _, tries in batch]
-                                   for batch in _batches(cur, count, limit, max_bytes, partial)]
-                    finally:
-                        cur.close()
+                batches = _batching.read(conn, args, count, limit, max_bytes, partial)
                 if batches:  # one statement: executemany steps (and gives the GIL) per row
                     values = [(b[0].id, b[-1].id, token, now + lease_s) for b in batches]
                     conn.execute(f"INSERT INTO leases VALUES {_tuples(len(values), 4)}",
@@ -345,7 +315,7 @@ class SQLiteQueue:
 
     def resume(self, now: float) -> int:
         """Make unclaimed rows that wait out a backoff ready now (the receiver is back)."""
-        sql = f"UPDATE events SET not_before = 0 WHERE not_before > ? AND NOT EXISTS ({_COVERED})"
+        sql = f"UPDATE events SET not_before = 0 WHERE not_before > ? AND NOT EXISTS ({COVERED})"
         return self._run(lambda c: c.execute(sql, (now,)).rowcount)
 
     def next_ready_at(self, now: float) -> float | None:
@@ -403,7 +373,7 @@ class SQLiteQueue:
         """A PASSIVE checkpoint on this connection, under its lock: the producers that
         share it (a Client's calls) cannot commit meanwhile, so unless another connection
         writes it catches up with the WAL's end, and the next write starts the WAL over
-        (see Flusher._maintain)."""
+        (see Upkeep.run)."""
         self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
 
     # -- status and dead letters -----------------------------------------------------
@@ -477,14 +447,14 @@ class SQLiteQueue:
                                 f"process using it and move it aside to start a new queue: "
                                 f"mv {p} {p}.corrupt (and {p}-wal, {p}-shm if present)")
         if "unable to open database file" in text:
-            return StorageError(f"cannot open queue file {self.path}: {_open_failure(self.path)}")
+            return StorageError(f"cannot open queue file {self.path}: {open_failure(self.path)}")
         if "readonly" in text:  # opened, but SQLite could not write it or its -wal/-shm
             return StorageError(f"cannot write queue file {self.path}: "
-                                f"{_open_failure(self.path, text)}")
+                                f"{open_failure(self.path, text)}")
         return StorageError(f"queue file {self.path}: {text}")
 
     def _open(self) -> sqlite3.Connection:
-        self._create_file()
+        create_file(self.path, self.create_dirs)
         conn = sqlite3.connect(self.path, timeout=0, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -496,7 +466,7 @@ class SQLiteQueue:
             conn.close()
             raise
         self._conn = conn
-        self._identity = _identity(self.path)
+        self._identity = identity(self.path)
         return conn
 
     def reopen_if_replaced(self) -> int | None:
@@ -505,7 +475,7 @@ class SQLiteQueue:
         closed), move the events still in it into the file now at the path, created if
         need be, and return how many; None when it was not replaced. A stat() a call."""
         with self._lock:
-            if self._conn is None or _identity(self.path) == self._identity:
+            if self._conn is None or identity(self.path) == self._identity:
                 return None
             try:
                 rows = self._conn.execute(
@@ -517,41 +487,11 @@ class SQLiteQueue:
         self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
         return len(rows)
 
-    def _create_file(self) -> None:
-        """Create the file 0600 ourselves; SQLite gives -wal and -shm the same mode."""
-        directory = os.path.dirname(self.path)
-        if self.create_dirs:
-            self._create_dirs(directory)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            return  # the file (or, see _open_failure, a file where a directory should be)
-        except OSError as exc:
-            # "create" only for a file known to be missing: one in a directory we cannot
-            # search may exist (lexists() cannot tell), and is not one we failed to create.
-            known_missing = os.access(directory, os.X_OK) and not os.path.lexists(self.path)
-            verb = "create" if known_missing else "open"
-            reason = _open_failure(self.path, exc.strerror or str(exc))
-            raise StorageError(f"cannot {verb} queue file {self.path}: {reason}") from exc
-        os.close(fd)  # safe: nobody can hold a connection to a file that did not exist
-
-    def _create_dirs(self, directory: str) -> None:
-        missing = _missing_ancestor(directory)
-        if missing is None:
-            return  # there, or a file in the way (which the open then names)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot create directory {missing} for queue file {self.path}: "
-                f"{exc.strerror}; create it for this user, or choose another queue path "
-                "(queue_path, SEGMENTRY_QUEUE or XDG_STATE_HOME)") from exc
-
     def _check_or_init(self, conn: sqlite3.Connection) -> None:
-        app_id, version, tables = _header(conn)
+        app_id, version, tables = header(conn)
         if app_id == 0 and tables == 0:
-            _initialize(conn)
-            app_id, version, tables = _header(conn)
+            initialize(conn)
+            app_id, version, tables = header(conn)
         if app_id != APPLICATION_ID:
             raise StorageError(f"{self.path} is not a segmentry queue (another application's "
                                "SQLite file); it was left untouched")
@@ -559,7 +499,7 @@ class SQLiteQueue:
             raise StorageError(f"{self.path} has queue schema {version}, newer than this "
                                f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
         if version < SCHEMA_VERSION:
-            _upgrade(conn)
+            upgrade(conn)
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -575,128 +515,52 @@ class SQLiteQueue:
             self._close()
 
 
-def _batches(rows: Iterable[tuple[Any, ...]], count: int, limit: int, max_bytes: int,
-             partial: bool = True) -> list[list[tuple[Any, ...]]]:
-    """Up to ``count`` batches of consecutive rows (id, body, size, attempts), each of at
-    most ``limit`` rows whose sizes plus a comma each fit in max_bytes (at least one row);
-    a row whose body is None (it cannot go) ends a batch and is skipped. Without
-    ``partial``, a last batch that is not full is left out."""
-    batches: list[list[tuple[Any, ...]]] = []
-    batch: list[tuple[Any, ...]] = []
-    total = 0
-    for row in rows:
-        if batch and (row[1] is None or len(batch) == limit or total + row[2] + 1 > max_bytes):
-            batches.append(batch)  # full, or the next row cannot join it
-            if len(batches) == count:
-                return batches
-            batch, total = [], 0
-        if row[1] is not None:
-            batch.append(row)
-            total += row[2] + 1
-    if batch and (partial or len(batch) == limit):
-        batches.append(batch)
-    return batches
+
+MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
+# And beside this process's producers (the flusher thread). At 25 k events/s they write
+# ~140 MB of WAL a second (a page per commit); it must start over before their own
+# checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT), a 75 ms stall with their lock held.
+THREAD_MAINTAIN_EVERY_S = 0.25
+TAIL_FRAMES = 2048  # what that checkpoint may leave undone for the one under their lock
+FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
 
 
-def _window(conn: sqlite3.Connection, args: dict[str, float], count: int, limit: int,
-            max_bytes: int, partial: bool) -> list[list[Row]] | None:
-    """The claim's batches: a plain window's (see _plain), else read in two sqlite3 steps
-    (or count + 2); None when the next count * limit + 1 rows do not settle them (rows
-    that cannot go used the window up) or what was read is not as it must be (never
-    seen; checked, because SQLite does not promise group_concat's order before 3.44).
-    Read row by row, each step gave the GIL away, and with eight sender threads taking
-    it the claim loop spent 1.6 ms a batch (cProfile of a 200 k drain) on work that
-    takes 0.3 ms alone."""
-    n = count * limit + 1  # a row past the last batch tells whether that one is full
-    plain = _plain(conn, {**args, "n": n}, count, limit, max_bytes, partial)
-    if plain is not None:
-        return plain
-    (rows, ids, sizes, attempts, ready), = conn.execute(_WINDOW, {**args, "n": n})
-    if not rows:
-        return []
-    id_list = list(map(int, ids.split(",")))
-    if not all(map(operator.lt, id_list, itertools.islice(id_list, 1, None))):
-        return None
-    cuts = _cuts(list(map(int, sizes.split(","))), ready, count, limit, max_bytes,
-                 partial if rows < n else False)
-    if rows == n and len(cuts) < count:
-        return None  # the last batch may go on past the window
-    if not cuts:
-        return []
-    first, last = cuts[0][0], cuts[-1][1]
-    if all(a[1] == b[0] for a, b in zip(cuts, cuts[1:])):  # nothing lies between them
-        whole = _bodies(conn, id_list[first:last])
-        parts = [whole and whole[s - first:e - first] for s, e in cuts]
-    else:
-        parts = [_bodies(conn, id_list[s:e]) for s, e in cuts]
-    if any(part is None for part in parts):
-        return None
-    tries = attempts.split(",")
-    return [_rows(id_list[s:e], part or (), map(int, tries[s:e]))
-            for (s, e), part in zip(cuts, parts)]
+class Upkeep:
+    """The WAL upkeep a flusher does for its queue, so that producers see no checkpoint
+    stalls. ``checkpoints``: a second connection to run them on when ``queue`` is shared
+    with producers (a Client's thread); on the shared one they would stall every
+    producer of the process."""
 
+    def __init__(self, queue: Queue, checkpoints: Queue | None = None) -> None:
+        self.queue, self.checkpoints = queue, checkpoints
+        self.every_s = MAINTAIN_EVERY_S if checkpoints is None else THREAD_MAINTAIN_EVERY_S
+        self.last = -math.inf  # the clock's time of the last upkeep
 
-def _plain(conn: sqlite3.Connection, args: dict[str, float], count: int, limit: int,
-           max_bytes: int, partial: bool) -> list[list[Row]] | None:
-    """``_window``'s batches when the window is plain (see _PLAIN), else None. Reading
-    the window as text and parsing it took half of a 500-row claim."""
-    rows, lo, hi, biggest, ok, tried = conn.execute(_PLAIN, args).fetchone()
-    if not rows:
-        return []
-    # (Ids that are not consecutive would fail _bodies' check too: this saves the query.)
-    if hi - lo + 1 != rows or not ok or tried or (biggest + 1) * limit > max_bytes:
-        return None
-    full, rest = divmod(rows, limit)
-    sizes = [limit] * min(full, count)
-    if len(sizes) < count and rest and partial:  # a window that is not full: the end
-        sizes.append(rest)
-    if not sizes:
-        return []
-    ids = list(range(lo, lo + sum(sizes)))
-    bodies = _bodies(conn, ids)
-    if bodies is None:
-        return None
-    ends = list(itertools.accumulate(sizes, initial=0))
-    return [_rows(ids[s:e], bodies[s:e], itertools.repeat(0)) for s, e in zip(ends, ends[1:])]
+    def start(self) -> None:
+        """The flusher has the queue: its own connection's commits checkpoint, not the
+        producers' (with a checkpoints connection, that one's run() does)."""
+        if self.checkpoints is None:
+            self.queue.set_autocheckpoint(FLUSHER_AUTOCHECKPOINT)
 
+    def due(self, now: float) -> bool:
+        return now - self.last >= self.every_s
 
-def _rows(ids: Iterable[int], bodies: Iterable[str], attempts: Iterable[int]) -> list[Row]:
-    # tuple.__new__ makes each Row in C; Row(...) runs a Python __new__ (140 vs 350 ns).
-    return list(map(tuple.__new__, itertools.repeat(Row), zip(ids, bodies, attempts)))
-
-
-def _cuts(sizes: list[int], ready: str, count: int, limit: int, max_bytes: int,
-          partial: bool) -> list[tuple[int, int]]:
-    """``_batches`` on a window, as index ranges [s, e): ``ready`` has a "1" for each row
-    that can go. A batch is a slice, summed in C, unless the byte cap cuts it: a Python
-    loop over 100 k rows was a fifth of the claim loop's CPU."""
-    cuts: list[tuple[int, int]] = []
-    n = len(sizes)
-    s = ready.find("1")
-    while s != -1 and len(cuts) < count:
-        e = min(s + limit, n)
-        blocked = ready.find("0", s, e)
-        e = e if blocked == -1 else blocked
-        if sum(sizes[s:e]) + e - s > max_bytes:  # keep the rows that fit, at least one
-            total, k = sizes[s] + 1, s + 1
-            while k < e and total + sizes[k] + 1 <= max_bytes:
-                total, k = total + sizes[k] + 1, k + 1
-            e = k
-        if e == n and not partial and e - s < limit:
-            break  # it may go on past what was read
-        cuts.append((s, e))
-        s = ready.find("1", e)
-    return cuts
-
-
-def _bodies(conn: sqlite3.Connection, ids: list[int]) -> list[str] | None:
-    """The bodies of rows ``ids``, in order; None unless the id range from the first
-    to the last holds exactly those rows, in that order."""
-    found, bodies = conn.execute(_BODIES, (ids[0], ids[-1])).fetchone()
-    if found != ",".join(map(str, ids)):
-        return None
-    parts = bodies.split("\x1e")  # JSON text escapes every control character
-    return parts if len(parts) == len(ids) else None
+    def run(self, empty: bool, now: float) -> None:
+        """Checkpoint the WAL if due (always when the queue is ``empty``, which also gives
+        space back: see SQLiteQueue.maintain). A failure is logged: tried again later."""
+        if not empty and not self.due(now):
+            return
+        self.last = now
+        try:
+            left = (self.checkpoints or self.queue).maintain(empty)
+            if self.checkpoints is not None and left is not None and left <= TAIL_FRAMES:
+                # The checkpoint above ran beside this process's producers and never
+                # reaches the WAL's end while they commit, so the WAL never started over.
+                # The frames they added meanwhile, checkpointed under their lock, take a
+                # few ms; the WAL starts over at the next write.
+                self.queue.checkpoint()
+        except StorageError as exc:
+            logger.warning("queue maintenance failed: %s", exc)
 
 
 def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int]:
@@ -801,60 +665,6 @@ def _settle_range(conn: sqlite3.Connection, token: int, a: int, b: int,
     return done
 
 
-def _header(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    # One statement, so one snapshot: read one by one, a file another process is
-    # initializing could show application_id 0 (before its commit) and tables (after).
-    row = conn.execute("SELECT (SELECT application_id FROM pragma_application_id), "
-                       "(SELECT user_version FROM pragma_user_version), "
-                       "(SELECT COUNT(*) FROM sqlite_master)").fetchone()
-    return row[0], row[1], row[2]
-
-
-def _initialize(conn: sqlite3.Connection) -> None:
-    # auto_vacuum must be set before the first table exists; WAL outside a transaction.
-    conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-    conn.execute("PRAGMA journal_mode=WAL").fetchall()
-    with _write(conn):
-        if _header(conn) != (0, 0, 0):
-            return  # another process initialized it first
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Schema 1 or 2 -> 3: a lease per batch, in a table of its own. The leases a file
-    holds are dropped: they are a dead flusher's, which the next one would reset anyway
-    (a running older flusher fails on the new table: every process sharing a queue is
-    upgraded together, as the README says)."""
-    with _write(conn):
-        version = _header(conn)[1]
-        if version >= SCHEMA_VERSION:
-            return  # another process upgraded it first
-        if version == 2:
-            conn.execute("DROP TABLE leases")
-        conn.execute(_LEASES_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-
-
-@contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    """An explicit BEGIN IMMEDIATE: the write lock is taken up front (a busy file is
-    retried by _run), instead of a deferred read that cannot upgrade when another wrote."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        # Never leave a transaction open, even after a failed COMMIT: the producers'
-        # autocommit INSERTs on this connection would silently join it.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 def _in_write(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
     with _write(conn):
         return fn()
@@ -899,58 +709,6 @@ def _after_fork_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
                         after_in_child=_after_fork_child)
-
-
-def _open_failure(path: str, fallback: str = "unable to open database file") -> str:
-    """Why ``path`` cannot be opened or created, and the fix, as far as the file system
-    tells (SQLite says only "unable to open database file")."""
-    directory = os.path.dirname(path)
-    missing = _missing_ancestor(directory)
-    if os.path.isdir(path):
-        return f"it is a directory; give a file name inside it, e.g. {path}/queue.db"
-    if missing is not None:
-        return (f"directory {missing} does not exist; create it (mkdir -p {directory}) "
-                "or fix the queue path")
-    if not os.path.isdir(directory):
-        return f"{_first_file(directory)} is not a directory; fix the queue path"
-    if not os.access(directory, os.X_OK):
-        return (f"permission denied: cannot search directory {directory}; run as a user "
-                "who can, or choose another queue path")
-    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
-        info = os.stat(path)
-        return (f"permission denied (owner uid {info.st_uid}, mode "
-                f"{stat.S_IMODE(info.st_mode):o}); run as its owner or a member of its group")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return (f"permission denied on {directory}, where SQLite creates the -wal and -shm "
-                "files beside the queue; make it writable or choose another queue path")
-    return fallback
-
-
-def _missing_ancestor(directory: str) -> str | None:
-    """The topmost missing directory on the way to ``directory`` (None: it exists, or a
-    file stands in the way)."""
-    missing = None
-    while directory and not os.path.lexists(directory):
-        missing, directory = directory, os.path.dirname(directory)
-        if directory == missing:
-            break
-    return missing if directory and os.path.isdir(directory) else None
-
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _first_file(directory: str) -> str:
-    """The ancestor of ``directory`` that exists but is not a directory."""
-    path = directory
-    while (parent := os.path.dirname(path)) != path and not os.path.isdir(parent):
-        path = parent
-    return path
 
 
 def default_queue_path() -> str:
@@ -1023,7 +781,7 @@ def _open_read_only(path: str) -> sqlite3.Connection:
 def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> Inspection:
     disk = sum(os.stat(path + s).st_size for s in ("", "-wal") if os.path.exists(path + s))
     conn.execute("BEGIN")  # one snapshot for every count
-    app_id, version, tables = _header(conn)
+    app_id, version, tables = header(conn)
     if app_id == 0 and tables == 0:
         return Inspection(Stats(0, 0, None, 0, 0), [], disk)
     if app_id != APPLICATION_ID:

@@ -540,7 +540,7 @@ def test_version_prints_the_package_version(env, command):
 
 
 def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(queue_path):
-    from segmentry.flusher import Outcome
+    from segmentry.flusher import Counts
     from segmentry.progress import Progress
 
     enqueue(queue_path, 2)
@@ -549,7 +549,7 @@ def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(q
     ready = time.time() + 300
     queue.release(claim.token, [row.id for row in claim.rows], ready)
     stream = io.StringIO()
-    Progress(types.SimpleNamespace(outcome=Outcome(), queue=queue), "bar", stream).report()
+    Progress(types.SimpleNamespace(counts=Counts(), queue=queue), "bar", stream).report()
     queue.close()
     until = dt.datetime.fromtimestamp(ready, dt.timezone.utc).strftime("%H:%M:%S")
     assert f"waiting out a backoff until {until} UTC" in stream.getvalue()

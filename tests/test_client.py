@@ -672,16 +672,16 @@ def test_a_user_who_cannot_write_the_queue_gets_a_storage_error_not_silence():
 
 def test_a_user_who_cannot_write_the_queue_is_told_why_and_how_to_fix_it(tmp_path,
                                                                           monkeypatch):
-    from segmentry import storage
+    from segmentry import _files
 
     target = tmp_path / "q.db"
     target.write_text("")
     # As a user outside the file's group (root passes every check, so it is simulated).
-    monkeypatch.setattr(storage.os, "access", lambda path, mode: path != str(target))
-    reason = storage._open_failure(str(target))
+    monkeypatch.setattr(_files.os, "access", lambda path, mode: path != str(target))
+    reason = _files.open_failure(str(target))
     assert "permission denied (owner uid" in reason and "member of its group" in reason
-    monkeypatch.setattr(storage.os, "access", lambda path, mode: path != str(tmp_path))
-    assert "cannot search directory" in storage._open_failure(str(tmp_path / "other.db"))
+    monkeypatch.setattr(_files.os, "access", lambda path, mode: path != str(tmp_path))
+    assert "cannot search directory" in _files.open_failure(str(tmp_path / "other.db"))
 
 
 FULL_DISK = textwrap.dedent("""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ import segmentry
 from segmentry import flusher as flusher_module
 from segmentry import telemetry
 from segmentry.config import Options
-from segmentry.flusher import Flusher, Lock, make_http
+from segmentry.flusher import Flusher, Lock, _background, _failures, _loop, make_http
 from segmentry.http import HTTPClient
 from segmentry.storage import SQLiteQueue
 from segmentry.testing import Stub, sequence
@@ -47,7 +49,7 @@ def test_a_2xx_deletes_the_batch_and_sends_it_spliced_in_order(path):
     flusher, stub, queue = make(path)
     assert flusher.run_once() == 5
     assert [e["messageId"] for e in stub.events] == ids
-    assert queue.stats(time.time()).depth == 0 and flusher.outcome.sent == 5
+    assert queue.stats(time.time()).depth == 0 and flusher.counts.sent == 5
 
 
 def test_a_cycle_claims_at_most_max_batch_size(path):
@@ -147,7 +149,7 @@ def test_a_401_keeps_everything_and_pauses_without_storing_a_backoff(path):
         telemetry.detach("mis")
     assert queue.stats(time.time()).depth == 4
     assert queue.next_ready_at(time.time()) == 0
-    assert flusher.outcome.misconfigured == 401 and flusher.pause_until > time.time()
+    assert flusher.counts.misconfigured == 401 and flusher.pause_until > time.time()
     assert seen == [401]
 
 
@@ -157,7 +159,7 @@ def test_a_redirect_that_would_drop_the_body_keeps_every_event(path, status):
     flusher, stub, queue = make(path, lambda r: (status, "", {"Location": "/login"}))
     flusher.run_once()
     assert queue.stats(time.time()).depth == 4 and queue.dead_letters() == []
-    assert flusher.outcome.misconfigured == status and len(stub.requests) == 1
+    assert flusher.counts.misconfigured == status and len(stub.requests) == 1
 
 
 def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(path):
@@ -176,7 +178,7 @@ def test_batches_still_in_flight_after_the_grace_are_given_back_not_left_leased(
     stop = threading.Event()
     loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
     loop.start()
-    assert wait_until(lambda: len(stub.requests) >= 1 and len(flusher._flying) == 1)
+    assert wait_until(lambda: len(stub.requests) >= 1 and flusher.in_flight.count() == 1)
     stop.set()
     loop.join(30)
     flusher.finish(grace=0.1)  # the half being sent is still in the sender's hands
@@ -291,7 +293,7 @@ def test_a_network_error_keeps_the_rows(path):
     enqueue(path, 2)
     flusher, stub, queue = make(path, sequence(requests.ConnectionError))
     flusher.run_once()
-    assert queue.stats(time.time()).depth == 2 and flusher.outcome.released == 2
+    assert queue.stats(time.time()).depth == 2 and flusher.counts.released == 2
 
 
 def test_immediate_sender_posts_each_event_to_its_type(path):
@@ -402,7 +404,7 @@ def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
     flusher, stub, queue = make(path, buggy, retry_expiry=60_000)  # stored: 30 to 60 s
     flusher.run_once()  # no exception: the rows are released as after a network failure
     stats = queue.stats(time.time())
-    assert (stats.depth, stats.in_flight, flusher.outcome.released) == (4, 0, 4)
+    assert (stats.depth, stats.in_flight, flusher.counts.released) == (4, 0, 4)
     assert flusher.pause_until > time.time()
 
 
@@ -433,9 +435,7 @@ def test_a_retry_after_shrinks_how_many_batches_fly_at_once(path):
 
 
 def test_the_flusher_thread_restarts_after_an_unexpected_error(path, monkeypatch):
-    import segmentry.flusher as flusher_module
-
-    monkeypatch.setattr(flusher_module, "RESTART_S", 0.01)
+    monkeypatch.setattr(_background, "RESTART_S", 0.01)
     real_claim = SQLiteQueue.claim_batches
     failures = []
 
@@ -479,7 +479,7 @@ def test_a_batch_delivered_while_the_loop_waits_is_deleted_at_once(path):
     loop.start()
     try:
         assert wait_until(lambda: queue.stats(time.time()).depth == 0, timeout=20)
-        assert flusher.outcome.sent == 3 and len(stub.events) == 3
+        assert flusher.counts.sent == 3 and len(stub.events) == 3
     finally:
         stop.set()
         wake.set()
@@ -490,7 +490,7 @@ def test_while_producers_keep_waking_the_loop_deletes_ride_on_the_next_claim(
         path, monkeypatch):
     # Half the write transactions (each one holds the producers up): a delivered batch
     # is deleted inside the claim of the next one, not in a transaction of its own.
-    monkeypatch.setattr(flusher_module, "DELETE_LAG_S", 600.0)  # no lull in this test
+    monkeypatch.setattr(_loop, "DELETE_LAG_S", 600.0)  # no lull in this test
     first = enqueue(path, 100)
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     own_deletes = []
@@ -506,7 +506,7 @@ def test_while_producers_keep_waking_the_loop_deletes_ride_on_the_next_claim(
         wake.set()  # a producer filled the next batch
         assert wait_until(lambda: len(stub.events) == 200)
         assert [e["messageId"] for e in stub.events[:100]] == first
-        assert wait_until(lambda: flusher.outcome.sent == 100)
+        assert wait_until(lambda: flusher.counts.sent == 100)
         assert queue.stats(time.time()).depth == 100  # the second batch's rows
         assert own_deletes == []
     finally:
@@ -532,7 +532,7 @@ def test_what_was_delivered_when_the_loop_stops_is_deleted_not_sent_again(path):
         lambda c: c.execute("SELECT body FROM events").fetchall())}
     assert 30 <= len(received) < 1000
     assert not received & left and len(left) == 1000 - len(received)
-    assert flusher.outcome.sent == len(received)
+    assert flusher.counts.sent == len(received)
 
 
 @pytest.fixture
@@ -592,7 +592,7 @@ def test_between_cycles_only_full_batches_go_until_batch_every_ms_or_flush(path,
 @pytest.mark.parametrize("gather_s", [1.0, 2.0])
 def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_longer(
         path, monkeypatch, claims, gather_s):
-    monkeypatch.setattr(flusher_module, "GATHER_S", gather_s)
+    monkeypatch.setattr(_loop, "GATHER_S", gather_s)
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     with _looping(flusher) as wake:
         assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
@@ -611,7 +611,7 @@ def test_full_batches_of_one_gather_interval_go_in_one_claim_and_none_waits_long
 
 def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(
         path, monkeypatch, claims):
-    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    monkeypatch.setattr(_loop, "GATHER_S", 600.0)
     flusher, stub, queue = make(path, batch_every_ms=600_000)
     with _looping(flusher) as wake:
         assert wait_until(lambda: _rows(claims) == [0])  # the queue was empty: the loop waits
@@ -625,7 +625,7 @@ def test_a_full_batch_goes_at_once_when_none_went_for_a_gather_interval(
 
 
 def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch, claims):
-    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    monkeypatch.setattr(_loop, "GATHER_S", 600.0)
     options = Options(queue_path=path, batch_every_ms=600_000,
                       requests_options={"adapter": Stub()})
     background = flusher_module.Background("K", SQLiteQueue(path), options)
@@ -648,7 +648,7 @@ def test_stopping_the_flusher_thread_ends_a_gather_under_way(path, monkeypatch, 
 @pytest.mark.parametrize("how", ["flush", "immediate"])
 def test_flush_and_the_immediate_sender_never_wait_for_the_gather(
         path, monkeypatch, claims, how):
-    monkeypatch.setattr(flusher_module, "GATHER_S", 600.0)
+    monkeypatch.setattr(_loop, "GATHER_S", 600.0)
     options = {"sender": "immediate"} if how == "immediate" else {}
     flusher, stub, queue = make(path, batch_every_ms=600_000, **options)
     with _looping(flusher) as wake:
@@ -675,14 +675,14 @@ def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkey
     from segmentry import progress
 
     class Fake:  # a flusher that sent 60,000 in its first minute, then nothing
-        outcome = flusher_module.Outcome()
+        counts = flusher_module.Counts()
         queue = type("Q", (), {"stats": lambda self, now: type("S", (), {"depth": 120_000})})()
 
     now = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     report = progress.Progress(Fake(), mode="log")
     caplog.set_level("INFO", logger="segmentry.flusher")
-    Fake.outcome.sent, now[0] = 60_000, 1060.0
+    Fake.counts.sent, now[0] = 60_000, 1060.0
     report.report()
     now[0] = 1660.0  # ten minutes of outage
     report.report()
@@ -690,59 +690,6 @@ def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkey
     assert "1,000 events/s" in lines[0]
     assert "0 events/s  ETA -" in lines[1]
 
-
-
-def wal_frames(path):
-    """The frames in the WAL now, read on a connection of its own."""
-    queue = SQLiteQueue(path)
-    try:
-        return queue._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
-    finally:
-        queue.close()
-
-
-def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(path):
-    # Beside the flusher thread the checkpoint runs on a connection of its own while this
-    # process's producers commit on theirs: it never reaches the WAL's end, so the WAL
-    # grew until a producer's commit checkpointed it (a 75 ms stall at 64 MB). The frames
-    # added meanwhile are then checkpointed under the producers' lock.
-    opts = Options(queue_path=path, requests_options={"adapter": Stub()})
-    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
-    flusher = Flusher(producers, make_http("K", opts), opts, checkpoints=checkpoints)
-    for _ in range(500):
-        producers.put("{}", 0.0)
-    alone = checkpoints.maintain
-
-    def producers_commit_meanwhile(empty: bool) -> int:
-        left = alone(empty)
-        for _ in range(100):
-            producers.put("{}", 0.0)
-        return left + 100  # what it leaves when they commit during it
-
-    checkpoints.maintain = producers_commit_meanwhile
-    flusher._maintain(empty=False)
-    producers.put("{}", 0.0)  # the first write after: the WAL starts over
-    assert wal_frames(path) < 10
-    producers.close()
-    checkpoints.close()
-
-
-@pytest.mark.parametrize("left", [None, flusher_module.TAIL_FRAMES + 1])
-def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_far_behind(
-        path, left):
-    opts = Options(queue_path=path, requests_options={"adapter": Stub()})
-    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
-    flusher = Flusher(producers, make_http("K", opts), opts, checkpoints=checkpoints)
-    held = []
-    checkpoints.maintain = lambda empty: left
-    producers.checkpoint = lambda: held.append(1)
-    flusher._maintain(empty=False)
-    assert held == []  # it would checkpoint the whole WAL with the producers' lock held
-    for done in (0, 5):  # all it saw checkpointed, or nearly: the rest under the lock
-        checkpoints.maintain = lambda empty, done=done: done
-        flusher._last_maintain = 0.0
-        flusher._maintain(empty=False)
-    assert held == [1, 1]
 
 
 # -- nothing dropped or waited on in silence ------------------------------------------------
@@ -852,5 +799,20 @@ def _chained(*errors):
     (segmentry.NetworkError("sending failed: KeyError"), None),
 ])
 def test_a_network_failure_is_described_by_its_cause(error, said):
-    described = flusher_module._describe(error, "https://h.example:8443/v1/")
+    described = _failures.describe(error, "https://h.example:8443/v1/")
     assert described == "NetworkError" if said is None else said in described, described
+
+
+def test_python_m_segmentry_flusher_loads_the_flusher_once():
+    """As ``__main__`` and again as segmentry.flusher (through service), its classes
+    would exist twice: two Flusher types, two sets of module constants."""
+    code = ("import gc, runpy, sys\n"
+            "sys.argv = ['segmentry.flusher', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('segmentry.flusher', run_name='__main__', alter_sys=True)\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sum(isinstance(o, type) and o.__name__ == 'Flusher' for o in gc.get_objects()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert proc.stdout.split()[-1] == "1"

@@ -120,7 +120,7 @@ def cycle(path: str, mode: str, via: str, **options) -> tuple[str, float, Flushe
         start = time.monotonic()
         flusher.run_once()
         elapsed = time.monotonic() - start
-        flusher.http.close()
+        flusher.http_client.close()
     return fate(queue), elapsed, flusher
 
 
@@ -159,7 +159,7 @@ def test_a_stray_200_after_a_503_never_answers_the_retry(path, via):
     """The server answers 503, keeps the connection, and sends a 200 nobody asked for a
     moment later: a retry sent on that connection would take it for its answer."""
     outcome, _, flusher = cycle(path, "stray_200", via, retry_attempts=3)
-    assert outcome == KEPT and flusher.outcome.sent == 0
+    assert outcome == KEPT and flusher.counts.sent == 0
 
 
 @pytest.mark.parametrize("via", PATHS)
@@ -174,7 +174,7 @@ def test_the_servers_bytes_reach_on_error_escaped(path, via):
         with HostileServer(mode) as server:
             flusher, _ = flusher_for(path, server.url, via, on_error=on_error)
             flusher.run_once()
-            flusher.http.close()
+            flusher.http_client.close()
     assert len(errors) == 1 + EVENTS and "FORGED" in "".join(errors)
     assert not any(c in text for text in errors for c in "\x1b\r\n\x07\x00")
     assert "\\x1b" in errors[0]
@@ -313,7 +313,7 @@ def test_the_flusher_logs_why_a_certificate_was_refused(ca, tmp_path, path, capl
     try:
         flusher.run_once()
     finally:
-        flusher.http.close()
+        flusher.http_client.close()
         stop.set()
     assert fate(flusher.queue) == KEPT
     assert "certificate verify failed: IP address mismatch" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 import pytest
 
@@ -14,8 +15,10 @@ from segmentry.storage import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     SHRINK_EVERY_S,
+    TAIL_FRAMES,
     WAL_KEEP_BYTES,
     SQLiteQueue,
+    Upkeep,
 )
 
 NOW = 1_800_000_000.0
@@ -537,3 +540,59 @@ def test_reading_the_backoff_owner_never_writes_the_file(tmp_path):
     before = (os.stat(path).st_mtime_ns, os.stat(path + "-wal").st_size)
     assert SQLiteQueue(path).backoff_owner() is None
     assert (os.stat(path).st_mtime_ns, os.stat(path + "-wal").st_size) == before
+
+
+# -- WAL upkeep by the flusher ------------------------------------------------------------
+
+
+def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(tmp_path):
+    path = str(tmp_path / "q.db")
+    # Beside the flusher thread the checkpoint runs on a connection of its own while this
+    # process's producers commit on theirs: it never reaches the WAL's end, so the WAL
+    # grew until a producer's commit checkpointed it (a 75 ms stall at 64 MB). The frames
+    # added meanwhile are then checkpointed under the producers' lock.
+    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
+    upkeep = Upkeep(producers, checkpoints)
+    for _ in range(500):
+        producers.put("{}", 0.0)
+    alone = checkpoints.maintain
+
+    def producers_commit_meanwhile(empty: bool) -> int:
+        left = alone(empty)
+        for _ in range(100):
+            producers.put("{}", 0.0)
+        return left + 100  # what it leaves when they commit during it
+
+    checkpoints.maintain = producers_commit_meanwhile
+    upkeep.run(empty=False, now=time.time())
+    producers.put("{}", 0.0)  # the first write after: the WAL starts over
+    assert wal_frames(path) < 10
+    producers.close()
+    checkpoints.close()
+
+
+@pytest.mark.parametrize("left", [None, TAIL_FRAMES + 1])
+def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_far_behind(
+        tmp_path, left):
+    path = str(tmp_path / "q.db")
+    producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
+    upkeep = Upkeep(producers, checkpoints)
+    held = []
+    checkpoints.maintain = lambda empty: left
+    producers.checkpoint = lambda: held.append(1)
+    upkeep.run(empty=False, now=time.time())
+    assert held == []  # it would checkpoint the whole WAL with the producers' lock held
+    for done in (0, 5):  # all it saw checkpointed, or nearly: the rest under the lock
+        checkpoints.maintain = lambda empty, done=done: done
+        upkeep.last = 0.0
+        upkeep.run(empty=False, now=time.time())
+    assert held == [1, 1]
+
+
+def wal_frames(path):
+    """The frames in the WAL now, read on a connection of its own."""
+    queue = SQLiteQueue(path)
+    try:
+        return queue._run(lambda c: c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
+    finally:
+        queue.close()

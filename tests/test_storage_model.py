@@ -15,10 +15,10 @@ import sqlite3
 import tempfile
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from segmentry.storage import Claim, SQLiteQueue, _batches, _cuts
+from segmentry.storage import Claim, SQLiteQueue
 
 START = 1_800_000_000.0  # epoch seconds; time is an argument, never the wall clock
 STATUS = 400
@@ -331,20 +331,3 @@ QueueModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=50, deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestQueueModel = QueueModel.TestCase
-
-
-@given(sizes=st.lists(st.integers(1, 40), max_size=40), data=st.data(),
-       count=st.integers(1, 4), limit=st.integers(1, 6), max_bytes=st.integers(1, 120),
-       partial=st.booleans())
-@settings(max_examples=500, deadline=None)
-def test_window_cuts_are_the_row_by_row_batches(sizes, data, count, limit, max_bytes,
-                                                partial) -> None:
-    """The claim's fast path (index ranges over a window) cuts exactly the batches that
-    the row-by-row scan cuts, rows that cannot go included."""
-    ready = "".join(data.draw(st.sampled_from("0111"), label="ready") for _ in sizes)
-    rows = [(i, "b" if ok == "1" else None, size, 0)
-            for i, (ok, size) in enumerate(zip(ready, sizes))]
-    expected = [[row[0] for row in batch]
-                for batch in _batches(rows, count, limit, max_bytes, partial)]
-    cuts = _cuts(sizes, ready, count, limit, max_bytes, partial)
-    assert [list(range(s, e)) for s, e in cuts] == expected

@@ -1,0 +1,278 @@
+"""Sending a claimed batch and settling its rows: the request, its Answer (made in one
+place, ``_answer``), the policy's decision (``_policy.decide``) and what it does to the
+stored rows (delete, release, bury), the pause it sets, the log line, telemetry and
+on_error. Senders call it from their threads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from typing import Callable
+
+import requests
+
+from .. import http, messages, telemetry
+from ..config import Options
+from ..exceptions import HTTPStatusError, NetworkError
+from ..storage import Claim, Delivered, Queue, Row
+from ._failures import describe
+from ._policy import MISCONFIGURED_DELAY_S, Action, Answer, decide
+
+logger = logging.getLogger("segmentry.flusher")  # the package's name: one logger for users
+
+
+class Counts:
+    """Counters of what the flusher did, for the CLI and tests."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.buried = 0
+        self.released = 0
+        self.requests = 0
+        self.misconfigured: int | None = None  # the status, while it lasts
+        self._lock = threading.Lock()
+
+    def add(self, name: str, count: int) -> None:
+        """Count from any sender thread (a bare += would lose updates)."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + count)
+
+    def __repr__(self) -> str:
+        return (f"Counts(sent={self.sent}, buried={self.buried}, released={self.released}, "
+                f"misconfigured={self.misconfigured})")
+
+
+class Deferred:
+    """The deletes the senders leave for the loop while it runs flat out: the next claim
+    deletes them in its own transaction. A sender deleting them itself took the queue
+    connection's lock once more per batch, and a thread holding that lock waits for the
+    GIL behind the other senders: claims and deletes took 2-4 ms each."""
+
+    def __init__(self) -> None:
+        self._items: list[Delivered] = []
+        self._lock = threading.Lock()
+        self._on = False  # True while the loop runs
+
+    def switch(self, on: bool) -> None:
+        with self._lock:
+            self._on = on
+
+    def add(self, token: int, ids: list[int]) -> bool:
+        """Leave these for the loop; False when it is not running (delete them now)."""
+        with self._lock:
+            if self._on:
+                self._items.append((token, ids))
+            return self._on
+
+    def take(self) -> list[Delivered]:
+        with self._lock:
+            items, self._items = self._items, []
+        return items
+
+    def give_back(self, items: list[Delivered]) -> None:
+        with self._lock:
+            self._items[:0] = items
+
+    def pending(self) -> bool:
+        with self._lock:
+            return bool(self._items)
+
+
+class Settler:
+    """Sends claims and settles them by the policy. ``pause_until`` (epoch seconds): no
+    claim before it, set by failures (an outage pauses everything) and a stored backoff."""
+
+    def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
+                 clock: Callable[[], float], grow: Callable[[], None]) -> None:
+        self.queue, self.http_client, self.options, self.clock = queue, client, options, clock
+        self._grow = grow  # a delivered batch widens the window of batches in flight
+        self.counts = Counts()
+        self.deferred = Deferred()
+        self.pause_until = 0.0
+        self.destination = destination(getattr(client, "api_url", ""),
+                                       getattr(client, "write_key", ""))
+        self._owns_backoffs = False  # whether the file names us as the backoffs' owner
+        self._failing = False  # a transient failure since the last 2xx
+        self._misconfigured_in_a_row = 0
+
+    def take_over(self) -> None:
+        """The queue's lock is ours: leases left are a dead flusher's, and an ongoing
+        backoff stored in the file is honoured (a restart does not forget it)."""
+        reclaimed = self.queue.reset_leases()
+        if reclaimed:
+            logger.info("reclaimed %d events from a flusher that stopped mid-send", reclaimed)
+        self._owns_backoffs = False
+        now = self.clock()
+        ready_at = self.queue.next_ready_at(now)
+        if ready_at and ready_at > now:
+            self._stored_backoff(ready_at, now)
+
+    def _stored_backoff(self, ready_at: float, now: float) -> None:
+        """Wait out a backoff this destination earned; one earned by another (a wrong URL
+        or key, fixed since) says nothing of ours: its events go at once."""
+        owner = self.queue.backoff_owner()
+        if owner != self.destination:
+            resumed = self.queue.resume(now)
+            logger.info("%d events waited out a backoff earned by another destination "
+                        "(%s): they go now", resumed, owner or "not recorded")
+            return
+        self.pause_until = max(self.pause_until, ready_at)
+        logger.warning("waiting out the backoff stored after the last failures to %s: "
+                       "next attempt at %s (in %.0f s)", self.http_client.api_url,
+                       time.strftime("%H:%M:%S", time.localtime(ready_at)), ready_at - now)
+
+    def deliver(self, claim: Claim) -> None:
+        """Send a claimed batch and settle its rows by the answer."""
+        if self.options.sender == "immediate":
+            for row in claim.rows:
+                self._settle(claim.token, [row], self._request_event(row))
+        else:
+            self._send_and_settle(claim.token, claim.rows)
+
+    def _send_and_settle(self, token: int, rows: list[Row]) -> None:
+        self._settle(token, rows, self._request_batch([r.body for r in rows]))
+
+    def _request_batch(self, bodies: list[str]) -> Answer:
+        self.counts.add("requests", 1)
+        return _answer(lambda: http.post_batch(self.http_client, bodies))
+
+    def _request_event(self, row: Row) -> Answer:
+        self.counts.add("requests", 1)
+        type_ = messages.type_of(row.body)
+        return _answer(lambda: http.post_event(self.http_client, type_, row.body))
+
+    def _settle(self, token: int, rows: list[Row], answer: Answer) -> None:
+        """Ask the policy once, then do what it decided."""
+        attempts = max(r.attempts for r in rows) + 1
+        decision = decide(answer, len(rows), attempts, self.options.retry_expiry / 1000.0,
+                          random.uniform(0.5, 1.0), self._misconfigured_in_a_row)
+        action = decision.action
+        if action is Action.DELETE:
+            self._settle_delivered(token, rows)
+        elif action is Action.RELEASE:
+            error = answer.error or HTTPStatusError(answer.status or 0, True, answer.text)
+            self._release(token, rows, error, decision.delay_s)
+        elif action is Action.MISCONFIGURED:
+            self._misconfigured(token, rows, answer, decision.delay_s)
+        elif self.http_client.closing.is_set():  # stopping: no new requests, nothing buried
+            self.hand_back(token, rows)
+        elif action is Action.SPLIT:
+            half = len(rows) // 2
+            self._send_and_settle(token, rows[:half])
+            self._send_and_settle(token, rows[half:])
+        else:
+            self._bury(token, rows, answer)
+
+    def _settle_delivered(self, token: int, rows: list[Row]) -> None:
+        """The receiver took these rows: delete them, in the loop's next claim while it
+        runs (see Deferred), else now; and the receiver is well: widen, resume."""
+        ids = [r.id for r in rows]
+        if not self.deferred.add(token, ids):  # the loop has stopped: delete them now
+            self.counts.add("sent", self.queue.delete(token, ids))
+        self._grow()
+        if self._failing:
+            self._recovered()
+        self.counts.misconfigured = None
+        self._misconfigured_in_a_row = 0
+
+    def _release(self, token: int, rows: list[Row], error: Exception, delay: float) -> None:
+        """A transient failure outlived this cycle's retries: keep the rows, pause."""
+        not_before = self.clock() + delay
+        if not self._owns_backoffs:  # once per take-over: only we write the file meanwhile
+            self.queue.set_backoff_owner(self.destination)
+            self._owns_backoffs = True
+        released = self.queue.release(token, [r.id for r in rows], not_before)
+        self.counts.add("released", released)
+        self.pause_until = max(self.pause_until, not_before)
+        self._failing = True
+        status = getattr(error, "status_code", None)
+        telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
+                          {"status_code": status, "queue_path": self.queue.path})
+        logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
+                       describe(error, self.http_client.api_url), len(rows), delay)
+        self._on_error(error, rows)
+
+    def _recovered(self) -> None:
+        """A 2xx after failures: the receiver is back. Rows still waiting out a backoff
+        stored during the outage are ready now, so the backlog replays at once."""
+        self._failing = False
+        self.pause_until = min(self.pause_until, self.clock())
+        resumed = self.queue.resume(self.clock())
+        if resumed:
+            logger.info("receiver is back: %d events waiting out a backoff resume now", resumed)
+
+    def _misconfigured(self, token: int, rows: list[Row], answer: Answer,
+                       delay: float) -> None:
+        """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
+        fixed key and a restart replay at once), log, report, retry slowly; on_error is
+        told too (a wrong key is what users alert on), with the events, which stay."""
+        status = answer.status or 0
+        self.queue.release(token, [r.id for r in rows], 0.0)
+        self._misconfigured_in_a_row += 1
+        self.pause_until = max(self.pause_until, self.clock() + delay)
+        if self.counts.misconfigured != status:
+            logger.error("receiver answered HTTP %d: check the write key and api_url (%s); "
+                         "nothing is dropped, retrying every %.0f s at most",
+                         status, self.http_client.api_url, MISCONFIGURED_DELAY_S[1])
+        self.counts.misconfigured = status
+        telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
+                          {"status_code": status, "queue_path": self.queue.path})
+        self._on_error(HTTPStatusError(status, False, answer.text), rows)
+
+    def _bury(self, token: int, rows: list[Row], answer: Answer) -> None:
+        """The receiver refuses this one event (400, 413, another 4xx): dead letters."""
+        status = answer.status or 0
+        moved = self.queue.bury(token, [rows[0].id], status, answer.text, self.clock())
+        self.counts.add("buried", moved)
+        logger.error("receiver refused an event with HTTP %d; moved to dead letters", status)
+        telemetry.execute(("segmentry", "dead_letter"), {"count": moved},
+                          {"status_code": status, "queue_path": self.queue.path})
+        self._on_error(HTTPStatusError(status, False, answer.text), rows)
+
+    def _on_error(self, error: Exception, rows: list[Row]) -> None:
+        callback = self.options.on_error
+        if callback is None:
+            return
+        try:
+            callback(error, [json.loads(r.body) for r in rows])
+        except Exception:
+            logger.exception("on_error callback raised")
+
+    def hand_back(self, token: int, rows: list[Row]) -> None:
+        """Stopping: give the rows back at once, ready for the next flusher."""
+        self.counts.add("released", self.queue.release(token, [r.id for r in rows], 0.0))
+
+
+def _answer(send: Callable[[], requests.Response]) -> Answer:
+    """The one place a request's result becomes an Answer: the response read once, or
+    the NetworkError that stands for it: no answer at all, or an unexpected failure below
+    us (a custom adapter's bug), whose rows are then released and retried like a network
+    failure's, not left leased until the lease runs out."""
+    try:
+        response = send()
+    except NetworkError as exc:
+        return Answer(None, error=exc)
+    except Exception as exc:
+        logger.exception("sending a batch failed unexpectedly; its events are kept")
+        return Answer(None, error=NetworkError(f"sending failed: {type(exc).__name__}"))
+    return Answer(response.status_code, http.retry_after_s(response), _text(response))
+
+
+def _text(response: requests.Response) -> str:
+    try:
+        return http.printable(str(response.text)[:2000])  # a server's bytes, for logs
+    except Exception:
+        return ""
+
+
+def destination(api_url: str, write_key: str) -> str:
+    """Where a flusher sends, as recorded beside the backoffs it stores: the URL and a
+    short hash of the key (never the key)."""
+    digest = hashlib.sha256(write_key.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{api_url} key sha256:{digest}"
+
+
