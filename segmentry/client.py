@@ -180,12 +180,12 @@ class Client:
     def _blocked(self, background: Any, start: float) -> bool:
         """Whether waiting is known to be in vain; if so, say why (once per flush)."""
         if background is not None:
-            status = background.blocked()
-            if status:
-                _say(f"flush() gives up: the receiver answered HTTP {status} at "
-                     f"{self.options.api_url}; check the write key and api_url. The events "
-                     f"stay queued in {self.queue_path}")
-            return bool(status)
+            wrong = background.blocked()
+            if wrong:
+                _say(f"flush() gives up: {wrong} at {self.options.api_url}; check the write "
+                     f"key, api_url and the CA bundle (verify=). The events stay queued in "
+                     f"{self.queue_path}")
+            return bool(wrong)
         if time.monotonic() - start < NO_FLUSHER_GRACE_S:
             return False
         from .flusher import holder_pid  # imports requests: only once this is in doubt

@@ -288,10 +288,9 @@ def _report(notifier: Notifier, flusher: Flusher) -> None:
 
 def _state(flusher: Flusher) -> str:
     """The service's state in a few words, for `systemctl status` (never a key)."""
-    code = flusher.counts.misconfigured
-    if code:
-        return (f"misconfigured: the receiver answers HTTP {code}; check the write key "
-                "and --api-url")
+    wrong = flusher.counts.misconfigured
+    if wrong:
+        return f"misconfigured: {wrong}; check the write key, --api-url and --ca-bundle"
     until = flusher.paused_until()
     if until > flusher.clock():
         return f"paused until {time.strftime('%H:%M:%S', time.gmtime(until))} UTC"
@@ -334,8 +333,8 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
     with Progress(flusher, args.progress):
         drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
     if flusher.counts.misconfigured:
-        print(f"segmentry: receiver answered HTTP {flusher.counts.misconfigured}: check the "
-              "write key and --api-url; nothing was dropped", file=sys.stderr)
+        print(f"segmentry: {flusher.counts.misconfigured}: check the write key, --api-url "
+              "and --ca-bundle; nothing was dropped", file=sys.stderr)
         return EXIT_UNDELIVERED
     if not drained:  # a drain that stops short did not deliver: scripts must not go on
         left = flusher.queue.stats(time.time()).depth

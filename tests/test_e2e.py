@@ -403,7 +403,7 @@ def test_under_systemd_the_service_notifies_ready_status_watchdog_and_stopping(
     seen: list[str] = []
     try:
         while not (any(m.startswith("READY=1") for m in seen)
-                   and any("misconfigured: the receiver answers HTTP 401" in m for m in seen)
+                   and any("misconfigured: the receiver answered HTTP 401" in m for m in seen)
                    and sum(m == "WATCHDOG=1" for m in seen) >= 2):
             seen.append(sock.recv(4096).decode())
         proc.send_signal(signal.SIGTERM)

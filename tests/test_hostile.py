@@ -317,3 +317,5 @@ def test_the_flusher_logs_why_a_certificate_was_refused(ca, tmp_path, path, capl
         stop.set()
     assert fate(flusher.queue) == KEPT
     assert "certificate verify failed: IP address mismatch" in caplog.text
+    # a misconfiguration, as a 401: flush() gives up at once, a drain exits 1
+    assert "certificate verify failed" in (flusher.counts.misconfigured or "")

@@ -18,6 +18,8 @@ from segmentry.flusher._policy import (
 
 EXPIRY_S = 10.0  # retry_expiry
 DOWN = NetworkError("connection refused")
+REFUSED_CERT = NetworkError("TLS failed, certificate verify failed: unable to get local issuer")
+REFUSED_CERT.retryable = False  # as http.py marks a verification failure
 
 
 @pytest.mark.parametrize("answer, rows, expected", [
@@ -38,6 +40,8 @@ DOWN = NetworkError("connection refused")
     (Answer(404), 100, Decision(Action.MISCONFIGURED, 5.0)),
     (Answer(301), 100, Decision(Action.MISCONFIGURED, 5.0)),  # a redirect left unfollowed
     (Answer(401, retry_after_s=1.0), 100, Decision(Action.MISCONFIGURED, 5.0)),
+    # a certificate that fails verification: our CA bundle or URL is wrong, as with a 401
+    (Answer(None, error=REFUSED_CERT), 100, Decision(Action.MISCONFIGURED, 5.0)),
     # refused: a batch is split to find the event refused, one event is buried
     (Answer(400), 100, Decision(Action.SPLIT)),
     (Answer(413), 2, Decision(Action.SPLIT)),

@@ -72,8 +72,9 @@ class Background:
     def wait_cycle(self, timeout: float) -> None:
         self.flusher.wait_settled(timeout)
 
-    def blocked(self) -> int | None:
-        """The status (401/403/404) the receiver keeps answering, while it lasts."""
+    def blocked(self) -> str | None:
+        """What keeps every request from being accepted, while it lasts: "the receiver
+        answered HTTP 401", or why TLS failed."""
         return self.flusher.counts.misconfigured
 
     def stop(self, timeout: float) -> None:

@@ -13,6 +13,7 @@ from ..exceptions import NetworkError
 CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
 # late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
+# (or an answer refused before it came: a certificate that fails verification)
 
 
 class Answer(NamedTuple):
@@ -50,6 +51,10 @@ def decide(answer: Answer, rows: int, attempts: int, retry_expiry_s: float,
     tried the most tried of them. ``jitter`` in [0.5, 1] spreads the retries of many
     hosts; ``misconfigured`` counts the misconfigured answers in a row before this one."""
     if answer.status is None:  # no answer: the network, or a failure below us
+        if answer.error is not None and not answer.error.retryable:
+            # A certificate that fails verification, a missing CA bundle: our setting
+            # is wrong, as with a 401, and no retry can help until it is fixed.
+            return Decision(Action.MISCONFIGURED, misconfigured_delay(misconfigured))
         return Decision(Action.RELEASE, cycle_delay(attempts, retry_expiry_s, jitter))
     verdict = http.classify(answer.status)
     if verdict == http.OK:

@@ -33,7 +33,9 @@ class Counts:
         self.buried = 0
         self.released = 0
         self.requests = 0
-        self.misconfigured: int | None = None  # the status, while it lasts
+        # What is wrong, while it lasts: "the receiver answered HTTP 401", or why TLS
+        # failed ("TLS failed, certificate verify failed: ..."). Never the key.
+        self.misconfigured: str | None = None
         self._lock = threading.Lock()
 
     def add(self, name: str, count: int) -> None:
@@ -207,21 +209,24 @@ class Settler:
 
     def _misconfigured(self, token: int, rows: list[Row], answer: Answer,
                        delay: float) -> None:
-        """401/403/404: the key or URL is wrong. Keep everything (no stored backoff, so a
-        fixed key and a restart replay at once), log, report, retry slowly; on_error is
-        told too (a wrong key is what users alert on), with the events, which stay."""
-        status = answer.status or 0
+        """401/403/404, or a certificate that fails verification: the key, the URL or
+        the CA bundle is wrong. Keep everything (no stored backoff, so a fixed setting
+        and a restart replay at once), log, report, retry slowly; on_error is told too
+        (a wrong key is what users alert on), with the events, which stay."""
         self.queue.release(token, [r.id for r in rows], 0.0)
         self._misconfigured_in_a_row += 1
         self.pause_until = max(self.pause_until, self.clock() + delay)
-        if self.counts.misconfigured != status:
-            logger.error("receiver answered HTTP %d: check the write key and api_url (%s); "
-                         "nothing is dropped, retrying every %.0f s at most",
-                         status, self.http_client.api_url, MISCONFIGURED_DELAY_S[1])
-        self.counts.misconfigured = status
+        error: Exception = answer.error or HTTPStatusError(answer.status or 0, False,
+                                                           answer.text)
+        what = str(answer.error) if answer.error else f"the receiver answered HTTP {answer.status}"
+        if self.counts.misconfigured != what:
+            logger.error("%s: check the write key, api_url and CA bundle (%s); nothing is "
+                         "dropped, retrying every %.0f s at most",
+                         what, self.http_client.api_url, MISCONFIGURED_DELAY_S[1])
+        self.counts.misconfigured = what
         telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
-                          {"status_code": status, "queue_path": self.queue.path})
-        self._on_error(HTTPStatusError(status, False, answer.text), rows)
+                          {"status_code": answer.status, "queue_path": self.queue.path})
+        self._on_error(error, rows)
 
     def _bury(self, token: int, rows: list[Row], answer: Answer) -> None:
         """The receiver refuses this one event (400, 413, another 4xx): dead letters."""
