@@ -31,7 +31,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segmentry` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import chart, common  # noqa: E402
+from benchmarks import bench_caller, chart, common  # noqa: E402
 from benchmarks.bench_fleet import longest_stall  # noqa: E402
 from benchmarks.common import fmt_spread, log, med, paired, values  # noqa: E402
 
@@ -39,11 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "out")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_PNG = os.path.join(HERE, "results.png")
-BENCHES = ("enqueue", "delivery", "fleet")
+BENCHES = ("caller", "enqueue", "delivery", "fleet")
 # The flags each bench gets: full run, then quick run.
-FLAGS = {"enqueue": (["--profile"], ["--quick"]), "delivery": ([], ["--quick"]),
-         "fleet": ([], ["--quick"])}
-TIMEOUT_S = {"enqueue": 1800, "delivery": 3600, "fleet": 600}
+FLAGS = {"caller": ([], ["--quick"]), "enqueue": (["--profile"], ["--quick"]),
+         "delivery": ([], ["--quick"]), "fleet": ([], ["--quick"])}
+TIMEOUT_S = {"caller": 1800, "enqueue": 1800, "delivery": 3600, "fleet": 600}
 
 
 # =============================================================================================
@@ -191,7 +191,7 @@ def all_targets(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         op = "<=" if "p99" in name or "errors" in name else ">="
         issue = f"target {t['target']:g}" + (f", goal {t['goal']:g}" if t.get("goal") else "")
         out.append((f"enqueue: {name}", {**t, "op": op, "issue": issue, "detail": ""}))
-    for bench in ("delivery", "fleet"):
+    for bench in ("caller", "delivery", "fleet"):
         out += list((results.get(bench) or {}).get("targets", {}).items())
     return out
 
@@ -230,12 +230,17 @@ def enqueue_section(data: dict[str, Any]) -> list[str]:
         for name, contender in section.items():
             runs = contender["runs"]
             delivered = values(runs, "delivered")
-            rows.append([f"{name}: {contender['label']}", sp(runs), ratio_sp(runs, base),
+            rows.append([f"{name}: {contender['label']}",
+                         us_per_event(runs, "thread_cpu_s", "events"),
+                         us_per_event(runs, "process_cpu_s", "events"),
+                         sp(runs), ratio_sp(runs, base),
                          sp(runs, "p50_us", "{:.1f}"), sp(runs, "p99_us", "{:.0f}"),
+                         sp(runs, "p999_us", "{:,.0f}"),
                          f"{max(values(runs, 'max_us')) / 1e3:.1f}",
                          sum(int(v) for v in values(runs, "drops")),
                          f"{min(delivered):,.0f}" if delivered else "-"])
-        out += [md_table(["contender", "events/s", "vs analytics-python", "p50 µs", "p99 µs",
+        out += [md_table(["contender", "caller CPU µs/call", "process CPU µs/call",
+                          "events/s", "vs analytics-python", "p50 µs", "p99 µs", "p99.9 µs",
                           "max ms", "drops", "delivered (min)"], rows), ""]
     backlog = data.get("backlog")
     if backlog:
@@ -266,6 +271,29 @@ def enqueue_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def caller_section(data: dict[str, Any]) -> list[str]:
+    meta, contenders = data["meta"], data["contenders"]
+    main = {k: v for k, v in contenders.items() if v["group"] == "main"}
+    out = ["## What the caller feels: CPU per call and latency (`bench_caller.py`)", "",
+           f"`{' '.join(['python benchmarks/bench_caller.py', *meta['argv'][1:]])}`: "
+           f"{meta['calls']:,} `track()` calls timed one by one per run, {meta['runs']} runs "
+           "per contender, alternated, each a fresh process; median (min–max) over the runs. "
+           "Caller CPU: `time.thread_time_ns` of the calling thread around the loop; process "
+           "CPU: `getrusage(RUSAGE_SELF)` user + system, every thread of the process. These "
+           "two and the percentiles move far less between machines than the rate ratio in "
+           "the last column.", "",
+           md_table(bench_caller.HEADERS, bench_caller.rows(main)), ""]
+    if len(contenders) > len(main):
+        out += ["Why the rates (and so the ratio) move between machines: the same runs, with "
+                "the share of the loop's wall time the caller thread was on a CPU and its "
+                "context switches (`getrusage(RUSAGE_THREAD)`); the variants pin the process "
+                "to one CPU (`sched_setaffinity`) or keep a core busy with a spinning process; "
+                "the explanation is in the notes above.", "",
+                md_table(bench_caller.SWITCH_HEADERS, bench_caller.switch_rows(contenders)),
+                ""]
+    return out
+
+
 def e2e_section(e2e: dict[str, Any]) -> list[str]:
     seg, ap = e2e["runs"]["segmentry"], e2e["runs"]["analytics-python"]
     process = e2e["runs"].get("segmentry-flusher-process", [])
@@ -277,18 +305,23 @@ def e2e_section(e2e: dict[str, Any]) -> list[str]:
         if not runs:
             continue
         cpu = us_per_event(runs, "cpu_s")
+        caller = us_per_event(runs, "caller_cpu_s", "events")
         if runs is process:
             cpu += f" + flusher process {us_per_event(runs, 'flusher_cpu_s')}"
-        rows.append([name, sp(runs), ratio_sp(runs, ap), sp(runs, "enqueue_s", "{:.2f}"),
-                     sp(runs, "flush_s", "{:.2f}"), cpu, us_per_event(runs, "rx_cpu_s"),
+        rows.append([name, cpu, caller, sp(runs), ratio_sp(runs, ap),
+                     ratio_sp(runs, ap, "cpu_s") if runs is not ap else "1.00x",
+                     sp(runs, "enqueue_s", "{:.2f}"), sp(runs, "flush_s", "{:.2f}"),
+                     us_per_event(runs, "rx_cpu_s"),
                      sum(int(r["drops"]) for r in runs), sum(int(r["duplicates"]) for r in runs)])
     logs = sorted({line for r in seg + ap + process for line in r.get("log", [])})
     out = ["## End to end: enqueue N, until the receiver has all N", "",
            f"N = {e2e['events']:,} `track()` calls then `flush()`, timed until the receiver "
            "holds N unique messageIds.", "",
-           md_table(["contender", "events/s", "vs analytics-python", "track loop s", "flush s",
-                     "client CPU µs/event", "receiver CPU µs/event", "drops (all runs)",
-                     "duplicates"], rows), ""]
+           md_table(["contender", "client process CPU µs/delivered event",
+                     "caller thread CPU µs/track() (enqueue loop)", "events/s",
+                     "vs analytics-python", "client CPU vs analytics-python", "track loop s",
+                     "flush s", "receiver CPU µs/event", "drops (all runs)", "duplicates"],
+                    rows), ""]
     if logs:
         out += ["Warnings the clients logged:", "", *[f"- `{line}`" for line in logs[:10]], ""]
     return out
@@ -478,6 +511,8 @@ def missed_section() -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     """RESULTS.md from the loaded JSON (see ``load``)."""
     lines = header(results) + targets_section(results) + missed_section()
+    if results.get("caller"):
+        lines += caller_section(results["caller"])
     if results.get("enqueue"):
         lines += enqueue_section(results["enqueue"])
     delivery = results.get("delivery") or {}
