@@ -194,8 +194,10 @@ def report(results: dict[str, Any]) -> str:
     meta = results["meta"]
     contenders = results["contenders"]
     main = {k: v for k, v in contenders.items() if v["group"] == "main"}
+    m = meta["machine"]
     lines = [f"{meta['calls']:,} timed calls x {meta['runs']} runs per contender | "
-             f"{meta['cpus']} CPUs | load {meta['loadavg_start']} -> {meta['loadavg_end']}",
+             f"{m['nproc']} x {m['cpu']} | Python {m['python']} | segmentry at {meta['git']}"
+             f" | load {meta['loadavg_start']} -> {meta['loadavg_end']}",
              "", table(HEADERS, rows(main)), ""]
     if len(contenders) > len(main):
         lines += ["Why rates move between machines (caller thread's CPU share and switches):",
@@ -236,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"bench": "caller", "meta": {
         "calls": args.calls, "runs": args.runs, "warmup": args.warmup, "quick": args.quick,
         "cpus": os.cpu_count(), "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version, "argv": sys.argv,
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
+        "sqlite": sqlite3.sqlite_version, "argv": sys.argv, "machine": common.machine(),
+        "git": common.git_revision(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "loadavg_start": common.loadavg()}}
     log(f"caller: {len(names)} contenders x {args.runs} runs, {args.calls:,} calls each")
     results["contenders"] = run_all(args, names)
     results["targets"] = targets(results["contenders"])

@@ -984,8 +984,8 @@ def main(argv: list[str] | None = None) -> int:
         "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "events": args.events,
         "warmup": args.warmup, "runs": args.runs, "duration": args.duration,
         "flusher": flusher, "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "argv": sys.argv}, "enqueue": None, "backlog": None, "contention": None,
-        "profile": None}
+        "argv": sys.argv, "quick": args.quick}, "enqueue": None, "backlog": None,
+        "contention": None, "profile": None}
     try:
         with common.Receiver(workdir) as receiver:
             results["meta"]["receiver"] = receiver.kind

@@ -10,7 +10,9 @@ import bisect
 import json
 import math
 import os
+import platform
 import resource
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -94,6 +96,43 @@ def cpu_since(before: dict[str, float]) -> dict[str, float]:
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kb = 0
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 2**20, 1),
+            "python": sys.version.split()[0], "sqlite": sqlite3.sqlite_version,
+            "platform": platform.platform()}
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- fresh processes --------------------------------------------------------------------------

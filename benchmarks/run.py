@@ -20,8 +20,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
-import sqlite3
 import subprocess
 import sys
 import time
@@ -49,36 +47,6 @@ TIMEOUT_S = {"caller": 1800, "enqueue": 1800, "delivery": 3600, "fleet": 600}
 # =============================================================================================
 # Running.
 # =============================================================================================
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kb = int(f.readline().split()[1])
-    except (OSError, ValueError, IndexError):
-        mem_kb = 0
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 2**20, 1),
-            "python": sys.version.split()[0], "sqlite": sqlite3.sqlite_version,
-            "platform": platform.platform()}
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=common.ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
 
 
 def run_bench(name: str, quick: bool) -> dict[str, Any]:
@@ -157,7 +125,7 @@ def mb(n: float) -> str:
 def header(results: dict[str, Any]) -> list[str]:
     run = results.get("run") or {}
     meta = run.get("meta") or {}
-    m = meta.get("machine") or machine()
+    m = meta.get("machine") or common.machine()
     lines = ["# segmentry benchmarks", ""]
     if meta.get("quick"):
         lines += ["> **Smoke run (`--quick`)**: few runs of small sizes; not for comparison.", ""]
@@ -176,6 +144,17 @@ def header(results: dict[str, Any]) -> list[str]:
         "process per run; ratios are paired within a round (then median, min–max).",
         "- Re-render from the saved JSON: `python benchmarks/run.py --from-json "
         "benchmarks/out/*.json`", ""]
+    lines += ["Each section's own command, and the load average (1, 5, 15 min) before and "
+              "after it; a bench run with `--quick` is a smoke run, not for comparison:", ""]
+    for name in ("caller", "enqueue", "delivery", "fleet"):
+        bench_meta = (results.get(name) or {}).get("meta") or {}
+        if bench_meta.get("argv"):
+            argv = " ".join(["python", f"benchmarks/{os.path.basename(bench_meta['argv'][0])}",
+                             *bench_meta["argv"][1:]])
+            lines.append(f"- {name}: `{argv}`, load {bench_meta.get('loadavg_start', '?')} → "
+                         f"{bench_meta.get('loadavg_end', '?')}"
+                         + (" (**smoke run**)" if bench_meta.get("quick") else ""))
+    lines.append("")
     failed = [f"`{name}` ({info['exit']})" for name, info in (run.get("benches") or {}).items()
               if info["exit"] != 0 or not info["json"]]
     if failed:
@@ -566,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "command": "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "git": git_revision(), "quick": args.quick,
+        "machine": common.machine(), "git": common.git_revision(), "quick": args.quick,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     benches = {name: run_bench(name, args.quick) for name in args.benches}
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
