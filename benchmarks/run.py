@@ -1,12 +1,13 @@
 """Run every benchmark, then write ``benchmarks/RESULTS.md`` and ``benchmarks/results.png``.
 
-    python benchmarks/run.py [--quick] [--only enqueue,delivery,fleet]
+    python benchmarks/run.py [--quick] [--only caller,enqueue,delivery,fleet]
     python benchmarks/run.py --from-json benchmarks/out/*.json   # re-render, run nothing
 
-Runs ``bench_enqueue.py``, ``bench_delivery.py`` and ``bench_fleet.py`` one after the other,
-each through its own command line with ``--json benchmarks/out/<name>.json`` (each
-alternates its contenders and takes the median of 5 runs, min–max shown; ``--quick`` is a
-smoke version of all three in about 2 minutes, the full run about 30 minutes on 2 cores).
+Runs ``bench_caller.py``, ``bench_enqueue.py``, ``bench_delivery.py`` and ``bench_fleet.py``
+one after the other, each through its own command line with ``--json
+benchmarks/out/<name>.json`` (each alternates its contenders and takes the median of 5
+runs, min–max shown; ``--quick`` is a smoke version of all four in about 2 minutes, the
+full run about 40 minutes on 2 cores).
 Their progress goes to stderr, their text report to ``benchmarks/out/<name>.txt``, and
 this run's command, date and machine to ``benchmarks/out/run.json``. ``render_markdown``
 builds RESULTS.md from those JSON files alone, so a report can be re-rendered any time.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import subprocess
 import sys
@@ -77,7 +77,8 @@ def run_bench(name: str, quick: bool) -> dict[str, Any]:
 
 
 def load(paths: Sequence[str]) -> dict[str, Any]:
-    """The results by bench ("run", "enqueue", "delivery", "fleet"), whatever the file names."""
+    """The results by bench ("run", "caller", "enqueue", "delivery", "fleet"), whatever the
+    file names."""
     results: dict[str, Any] = {}
     for path in paths:
         with open(path) as f:
@@ -124,15 +125,18 @@ def mb(n: float) -> str:
 
 def header(results: dict[str, Any]) -> list[str]:
     run = results.get("run") or {}
-    meta = run.get("meta") or {}
+    # Without run.py's own record (benches run one by one), bench_caller's stands in.
+    meta = run.get("meta") or (results.get("caller") or {}).get("meta") or {}
     m = meta.get("machine") or common.machine()
     lines = ["# segmentry benchmarks", ""]
     if meta.get("quick"):
         lines += ["> **Smoke run (`--quick`)**: few runs of small sizes; not for comparison.", ""]
+    command = meta.get("command") or ("the benches below one by one, then `python "
+                                      "benchmarks/run.py --from-json benchmarks/out/*.json`")
     lines += [
-        f"- Command: `{meta.get('command', 'python benchmarks/run.py')}`",
-        f"- Date: {meta.get('date', 'unknown')} (took {meta.get('elapsed_s', math.nan) / 60:.0f}"
-        " min)",
+        f"- Command: {command if 'command' not in meta else f'`{command}`'}",
+        f"- Date: {meta.get('date', 'unknown')}"
+        + (f" (took {meta['elapsed_s'] / 60:.0f} min)" if run.get("meta") else ""),
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m.get('memory_gb', '?')} GB RAM, "
         f"{m.get('platform', '')}; shared and noisy: other work ran beside it",
         f"- Python {m['python']}, SQLite {m.get('sqlite', '?')}, segmentry at "
