@@ -70,7 +70,8 @@ JSON (``--json``), every number raw:
            "p999_us", "max_us", "over_1ms", "over_5ms" (calls slower than that),
            "thread_cpu_s" (the calling thread's CPU over the timed loop), "process_cpu_s"
            (every thread's, user + system), "thread_vcsw", "thread_ivcsw", "process_vcsw",
-           "process_ivcsw" (voluntary / involuntary context switches), "drops", "timer_ns" (cost of one latency sample's two clock reads),
+           "process_ivcsw" (voluntary / involuntary context switches), "drops",
+           "timer_ns" (cost of one latency sample's two clock reads),
            "harness_ns" (loop cost per event), "flush_s", "flushed" (null: no sender),
            "delivered" (events the receiver got during the run and its flush, or null)}
 """
