@@ -67,7 +67,11 @@ JSON (``--json``), every number raw:
      "targets": {NAME: {"value", "target", "goal" (or null), "met"}}}
 
     RUN = {"run", "events", "warmup", "seconds", "rate" (events/s), "p50_us", "p99_us",
-           "max_us", "drops", "timer_ns" (cost of one latency sample's two clock reads),
+           "p999_us", "max_us", "over_1ms", "over_5ms" (calls slower than that),
+           "thread_cpu_s" (the calling thread's CPU over the timed loop), "process_cpu_s"
+           (every thread's, user + system), "thread_vcsw", "thread_ivcsw", "process_vcsw",
+           "process_ivcsw" (voluntary / involuntary context switches), "drops",
+           "timer_ns" (cost of one latency sample's two clock reads),
            "harness_ns" (loop cost per event), "flush_s", "flushed" (null: no sender),
            "delivered" (events the receiver got during the run and its flush, or null)}
 """
@@ -208,14 +212,19 @@ def setup_analytics(spec: dict[str, Any]) -> tuple[Call, Callable[[], dict[str, 
     from segment.analytics import Client
 
     size = spec["events"] + spec["warmup"] + 10
+    consumers = spec.get("consumers", 1)  # 0: its queue fills, no thread takes from it
     client = Client(WRITE_KEY, host=spec["host"], max_queue_size=size, send=True,
-                    sync_mode=False)
+                    sync_mode=False, thread=consumers)
+    if not consumers:
+        client.consumers = []  # thread=0 leaves it unset, and join() at exit reads it
     track = client.track
 
     def call(i: int) -> object:
         return track(f"user-{i}", EVENT_NAME, {"plan": "pro", "i": i})[0]
 
     def finish() -> dict[str, Any]:
+        if not consumers:
+            return {"flushed": None}
         client.flush()  # queue.join(): every event sent (or given up on)
         client.join()
         return {"flushed": True}
@@ -272,17 +281,21 @@ SETUPS = {"segmentry": setup_segmentry, "analytics": setup_analytics,
 
 def enqueue_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One run of one contender: warm up, time N calls, then flush (timed apart)."""
+    if spec.get("cpus"):  # before any thread starts: they inherit the affinity
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:spec["cpus"]])
     call, finish = SETUPS[spec["kind"]](spec)
     for i in range(spec["warmup"]):
         call(i)
     timer_ns, harness_ns = timer_overhead()
     n = spec["events"]
+    before = common.cpu_snapshot()
     wall_ns, latencies, drops = timed_loop(call, n)
+    cpu = common.cpu_since(before)
     start = time.perf_counter()
     finished = finish()
     return {"events": n, "warmup": spec["warmup"], "seconds": wall_ns / 1e9,
             "rate": n / (wall_ns / 1e9),
-            **common.latency_summary(latencies), "drops": drops,
+            **common.latency_summary(latencies), **cpu, "drops": drops,
             "timer_ns": timer_ns, "harness_ns": harness_ns,
             "flush_s": time.perf_counter() - start, **finished}
 
@@ -570,17 +583,19 @@ class Bench:
         rundir = tempfile.mkdtemp(dir=self.workdir, prefix="run-")
         before = self.receiver.events() if sends else 0
         process = None
-        if spec.get("flusher_process"):
-            spec = {**spec, "queue_path": os.path.join(rundir, "queue.db")}
-            process = start_flusher_process(spec["queue_path"], self.receiver.url)
-            wait_for_flusher(process, spec["queue_path"])
+        spinner = common.start_spinner() if spec.get("busy_core") else None
         try:
+            if spec.get("flusher_process"):
+                spec = {**spec, "queue_path": os.path.join(rundir, "queue.db")}
+                process = start_flusher_process(spec["queue_path"], self.receiver.url)
+                wait_for_flusher(process, spec["queue_path"])
             result = common.run_worker(MODULE, {
                 "worker": "enqueue", "dir": rundir, "events": self.args.events,
                 "warmup": self.args.warmup, "api_url": self.receiver.url,
                 "host": self.receiver.host, **spec}, self.workdir, timeout=900)
         finally:
             stop_flusher_process(process, self.receiver, before)
+            common.stop_spinner(spinner)
             shutil.rmtree(rundir, ignore_errors=True)
         delivered = self.receiver.events() - before if sends else None
         return {"run": run, **result, "delivered": delivered}
@@ -973,8 +988,8 @@ def main(argv: list[str] | None = None) -> int:
         "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(), "events": args.events,
         "warmup": args.warmup, "runs": args.runs, "duration": args.duration,
         "flusher": flusher, "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-        "argv": sys.argv}, "enqueue": None, "backlog": None, "contention": None,
-        "profile": None}
+        "argv": sys.argv, "quick": args.quick}, "enqueue": None, "backlog": None,
+        "contention": None, "profile": None}
     try:
         with common.Receiver(workdir) as receiver:
             results["meta"]["receiver"] = receiver.kind

@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         return host_main(args.host)
     from segmentry.version import __version__
 
-    started = time.monotonic()
+    started, loadavg_start = time.monotonic(), common.loadavg()
     # Demand: twice R in full batches for the rate-limit phase, half of R during the outage.
     full_rate = 2 * args.limit * BATCH / args.hosts
     phases: dict[str, dict[str, Any]] = {}
@@ -424,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     results = {"bench": "fleet", "meta": {
         "segmentry": __version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
-        "hosts": args.hosts, "limit": args.limit, "quick": args.quick, "argv": sys.argv},
+        "hosts": args.hosts, "limit": args.limit, "quick": args.quick, "argv": sys.argv,
+        "loadavg_start": loadavg_start},
         "phases": phases, "targets": targets(phases, args.limit)}
     return common.finish(results, started, report, args.json)
 

@@ -6,9 +6,13 @@ plain-text tables. Standard library only (``queue_file`` imports segmentry,
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
+import platform
+import resource
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -61,15 +65,74 @@ def paired(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]],
 
 
 def latency_summary(latencies_ns: list[int]) -> dict[str, float]:
-    """p50, p99 and max of per-call latencies, in microseconds (sorts the list in place)."""
+    """p50, p99, p99.9 and max of per-call latencies in microseconds, and how many calls
+    took over 1 ms and over 5 ms (sorts the list in place)."""
     latencies_ns.sort()
     return {"p50_us": percentile(latencies_ns, 50) / 1e3,
             "p99_us": percentile(latencies_ns, 99) / 1e3,
-            "max_us": (latencies_ns[-1] / 1e3) if latencies_ns else math.nan}
+            "p999_us": percentile(latencies_ns, 99.9) / 1e3,
+            "max_us": (latencies_ns[-1] / 1e3) if latencies_ns else math.nan,
+            "over_1ms": len(latencies_ns) - bisect.bisect_right(latencies_ns, 1_000_000),
+            "over_5ms": len(latencies_ns) - bisect.bisect_right(latencies_ns, 5_000_000)}
+
+
+def cpu_snapshot() -> dict[str, float]:
+    """CPU and context switches so far: this thread's (the caller's) and the whole
+    process's (every thread: a flusher or consumer thread included)."""
+    me = resource.getrusage(resource.RUSAGE_THREAD)
+    everyone = resource.getrusage(resource.RUSAGE_SELF)
+    return {"thread_cpu_s": time.thread_time_ns() / 1e9,
+            "process_cpu_s": everyone.ru_utime + everyone.ru_stime,
+            # voluntary: the thread blocked (a lock, the GIL, I/O); involuntary: preempted
+            "thread_vcsw": me.ru_nvcsw, "thread_ivcsw": me.ru_nivcsw,
+            "process_vcsw": everyone.ru_nvcsw, "process_ivcsw": everyone.ru_nivcsw}
+
+
+def cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """What ``cpu_snapshot`` counts, used since ``before``."""
+    now = cpu_snapshot()
+    return {key: now[key] - before[key] for key in before}
 
 
 def ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kb = 0
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 2**20, 1),
+            "python": sys.version.split()[0], "sqlite": sqlite3.sqlite_version,
+            "platform": platform.platform()}
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 # -- fresh processes --------------------------------------------------------------------------
@@ -112,6 +175,19 @@ def run_worker(module: str, spec: dict[str, Any], workdir: str, timeout: float) 
         for path in (spec_path, result_path):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def start_spinner() -> subprocess.Popen[bytes]:
+    """Another process that keeps one core busy (pure Python, no I/O): a loaded machine,
+    reproducibly. Stop it with ``stop_spinner``."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"], env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_spinner(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.kill()
+        proc.wait()
 
 
 def read_spec(path: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Run every benchmark, then write ``benchmarks/RESULTS.md`` and ``benchmarks/results.png``.
 
-    python benchmarks/run.py [--quick] [--only enqueue,delivery,fleet]
+    python benchmarks/run.py [--quick] [--only caller,enqueue,delivery,fleet]
     python benchmarks/run.py --from-json benchmarks/out/*.json   # re-render, run nothing
 
-Runs ``bench_enqueue.py``, ``bench_delivery.py`` and ``bench_fleet.py`` one after the other,
-each through its own command line with ``--json benchmarks/out/<name>.json`` (each
-alternates its contenders and takes the median of 5 runs, min–max shown; ``--quick`` is a
-smoke version of all three in about 2 minutes, the full run about 30 minutes on 2 cores).
+Runs ``bench_caller.py``, ``bench_enqueue.py``, ``bench_delivery.py`` and ``bench_fleet.py``
+one after the other, each through its own command line with ``--json
+benchmarks/out/<name>.json`` (each alternates its contenders and takes the median of 5
+runs, min–max shown; ``--quick`` is a smoke version of all four in about 2 minutes, the
+full run about 40 minutes on 2 cores).
 Their progress goes to stderr, their text report to ``benchmarks/out/<name>.txt``, and
 this run's command, date and machine to ``benchmarks/out/run.json``. ``render_markdown``
 builds RESULTS.md from those JSON files alone, so a report can be re-rendered any time.
@@ -18,10 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
-import platform
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +29,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `segmentry` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import chart, common  # noqa: E402
+from benchmarks import bench_caller, chart, common  # noqa: E402
 from benchmarks.bench_fleet import longest_stall  # noqa: E402
 from benchmarks.common import fmt_spread, log, med, paired, values  # noqa: E402
 
@@ -39,46 +37,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT_DIR = os.path.join(HERE, "out")
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_PNG = os.path.join(HERE, "results.png")
-BENCHES = ("enqueue", "delivery", "fleet")
+BENCHES = ("caller", "enqueue", "delivery", "fleet")
 # The flags each bench gets: full run, then quick run.
-FLAGS = {"enqueue": (["--profile"], ["--quick"]), "delivery": ([], ["--quick"]),
-         "fleet": ([], ["--quick"])}
-TIMEOUT_S = {"enqueue": 1800, "delivery": 3600, "fleet": 600}
+FLAGS = {"caller": ([], ["--quick"]), "enqueue": (["--profile"], ["--quick"]),
+         "delivery": ([], ["--quick"]), "fleet": ([], ["--quick"])}
+TIMEOUT_S = {"caller": 1800, "enqueue": 1800, "delivery": 3600, "fleet": 600}
 
 
 # =============================================================================================
 # Running.
 # =============================================================================================
-
-
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kb = int(f.readline().split()[1])
-    except (OSError, ValueError, IndexError):
-        mem_kb = 0
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 2**20, 1),
-            "python": sys.version.split()[0], "sqlite": sqlite3.sqlite_version,
-            "platform": platform.platform()}
-
-
-def git_revision() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=common.ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{rev}{' (uncommitted changes)' if dirty else ''}" if rev else "unknown"
 
 
 def run_bench(name: str, quick: bool) -> dict[str, Any]:
@@ -109,7 +77,8 @@ def run_bench(name: str, quick: bool) -> dict[str, Any]:
 
 
 def load(paths: Sequence[str]) -> dict[str, Any]:
-    """The results by bench ("run", "enqueue", "delivery", "fleet"), whatever the file names."""
+    """The results by bench ("run", "caller", "enqueue", "delivery", "fleet"), whatever the
+    file names."""
     results: dict[str, Any] = {}
     for path in paths:
         with open(path) as f:
@@ -156,15 +125,18 @@ def mb(n: float) -> str:
 
 def header(results: dict[str, Any]) -> list[str]:
     run = results.get("run") or {}
-    meta = run.get("meta") or {}
-    m = meta.get("machine") or machine()
+    # Without run.py's own record (benches run one by one), bench_caller's stands in.
+    meta = run.get("meta") or (results.get("caller") or {}).get("meta") or {}
+    m = meta.get("machine") or common.machine()
     lines = ["# segmentry benchmarks", ""]
     if meta.get("quick"):
         lines += ["> **Smoke run (`--quick`)**: few runs of small sizes; not for comparison.", ""]
+    command = meta.get("command") or ("the benches below one by one, then `python "
+                                      "benchmarks/run.py --from-json benchmarks/out/*.json`")
     lines += [
-        f"- Command: `{meta.get('command', 'python benchmarks/run.py')}`",
-        f"- Date: {meta.get('date', 'unknown')} (took {meta.get('elapsed_s', math.nan) / 60:.0f}"
-        " min)",
+        f"- Command: {command if 'command' not in meta else f'`{command}`'}",
+        f"- Date: {meta.get('date', 'unknown')}"
+        + (f" (took {meta['elapsed_s'] / 60:.0f} min)" if run.get("meta") else ""),
         f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m.get('memory_gb', '?')} GB RAM, "
         f"{m.get('platform', '')}; shared and noisy: other work ran beside it",
         f"- Python {m['python']}, SQLite {m.get('sqlite', '?')}, segmentry at "
@@ -176,6 +148,17 @@ def header(results: dict[str, Any]) -> list[str]:
         "process per run; ratios are paired within a round (then median, min–max).",
         "- Re-render from the saved JSON: `python benchmarks/run.py --from-json "
         "benchmarks/out/*.json`", ""]
+    lines += ["Each section's own command, and the load average (1, 5, 15 min) before and "
+              "after it; a bench run with `--quick` is a smoke run, not for comparison:", ""]
+    for name in ("caller", "enqueue", "delivery", "fleet"):
+        bench_meta = (results.get(name) or {}).get("meta") or {}
+        if bench_meta.get("argv"):
+            argv = " ".join(["python", f"benchmarks/{os.path.basename(bench_meta['argv'][0])}",
+                             *bench_meta["argv"][1:]])
+            lines.append(f"- {name}: `{argv}`, load {bench_meta.get('loadavg_start', '?')} → "
+                         f"{bench_meta.get('loadavg_end', '?')}"
+                         + (" (**smoke run**)" if bench_meta.get("quick") else ""))
+    lines.append("")
     failed = [f"`{name}` ({info['exit']})" for name, info in (run.get("benches") or {}).items()
               if info["exit"] != 0 or not info["json"]]
     if failed:
@@ -191,7 +174,7 @@ def all_targets(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         op = "<=" if "p99" in name or "errors" in name else ">="
         issue = f"target {t['target']:g}" + (f", goal {t['goal']:g}" if t.get("goal") else "")
         out.append((f"enqueue: {name}", {**t, "op": op, "issue": issue, "detail": ""}))
-    for bench in ("delivery", "fleet"):
+    for bench in ("caller", "delivery", "fleet"):
         out += list((results.get(bench) or {}).get("targets", {}).items())
     return out
 
@@ -230,12 +213,17 @@ def enqueue_section(data: dict[str, Any]) -> list[str]:
         for name, contender in section.items():
             runs = contender["runs"]
             delivered = values(runs, "delivered")
-            rows.append([f"{name}: {contender['label']}", sp(runs), ratio_sp(runs, base),
+            rows.append([f"{name}: {contender['label']}",
+                         us_per_event(runs, "thread_cpu_s", "events"),
+                         us_per_event(runs, "process_cpu_s", "events"),
+                         sp(runs), ratio_sp(runs, base),
                          sp(runs, "p50_us", "{:.1f}"), sp(runs, "p99_us", "{:.0f}"),
+                         sp(runs, "p999_us", "{:,.0f}"),
                          f"{max(values(runs, 'max_us')) / 1e3:.1f}",
                          sum(int(v) for v in values(runs, "drops")),
                          f"{min(delivered):,.0f}" if delivered else "-"])
-        out += [md_table(["contender", "events/s", "vs analytics-python", "p50 µs", "p99 µs",
+        out += [md_table(["contender", "caller CPU µs/call", "process CPU µs/call",
+                          "events/s", "vs analytics-python", "p50 µs", "p99 µs", "p99.9 µs",
                           "max ms", "drops", "delivered (min)"], rows), ""]
     backlog = data.get("backlog")
     if backlog:
@@ -266,6 +254,29 @@ def enqueue_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def caller_section(data: dict[str, Any]) -> list[str]:
+    meta, contenders = data["meta"], data["contenders"]
+    main = {k: v for k, v in contenders.items() if v["group"] == "main"}
+    out = ["## What the caller feels: CPU per call and latency (`bench_caller.py`)", "",
+           f"`{' '.join(['python benchmarks/bench_caller.py', *meta['argv'][1:]])}`: "
+           f"{meta['calls']:,} `track()` calls timed one by one per run, {meta['runs']} runs "
+           "per contender, alternated, each a fresh process; median (min–max) over the runs. "
+           "Caller CPU: `time.thread_time_ns` of the calling thread around the loop; process "
+           "CPU: `getrusage(RUSAGE_SELF)` user + system, every thread of the process. These "
+           "two and the percentiles move far less between machines than the rate ratio in "
+           "the last column.", "",
+           md_table(bench_caller.HEADERS, bench_caller.rows(main)), ""]
+    if len(contenders) > len(main):
+        out += ["Why the rates (and so the ratio) move between machines: the same runs, with "
+                "the share of the loop's wall time the caller thread was on a CPU and its "
+                "context switches (`getrusage(RUSAGE_THREAD)`); the variants pin the process "
+                "to one CPU (`sched_setaffinity`) or keep a core busy with a spinning process; "
+                "the explanation is in the notes above.", "",
+                md_table(bench_caller.SWITCH_HEADERS, bench_caller.switch_rows(contenders)),
+                ""]
+    return out
+
+
 def e2e_section(e2e: dict[str, Any]) -> list[str]:
     seg, ap = e2e["runs"]["segmentry"], e2e["runs"]["analytics-python"]
     process = e2e["runs"].get("segmentry-flusher-process", [])
@@ -277,18 +288,23 @@ def e2e_section(e2e: dict[str, Any]) -> list[str]:
         if not runs:
             continue
         cpu = us_per_event(runs, "cpu_s")
+        caller = us_per_event(runs, "caller_cpu_s", "events")
         if runs is process:
             cpu += f" + flusher process {us_per_event(runs, 'flusher_cpu_s')}"
-        rows.append([name, sp(runs), ratio_sp(runs, ap), sp(runs, "enqueue_s", "{:.2f}"),
-                     sp(runs, "flush_s", "{:.2f}"), cpu, us_per_event(runs, "rx_cpu_s"),
+        rows.append([name, cpu, caller, sp(runs), ratio_sp(runs, ap),
+                     ratio_sp(runs, ap, "cpu_s") if runs is not ap else "1.00x",
+                     sp(runs, "enqueue_s", "{:.2f}"), sp(runs, "flush_s", "{:.2f}"),
+                     us_per_event(runs, "rx_cpu_s"),
                      sum(int(r["drops"]) for r in runs), sum(int(r["duplicates"]) for r in runs)])
     logs = sorted({line for r in seg + ap + process for line in r.get("log", [])})
     out = ["## End to end: enqueue N, until the receiver has all N", "",
            f"N = {e2e['events']:,} `track()` calls then `flush()`, timed until the receiver "
            "holds N unique messageIds.", "",
-           md_table(["contender", "events/s", "vs analytics-python", "track loop s", "flush s",
-                     "client CPU µs/event", "receiver CPU µs/event", "drops (all runs)",
-                     "duplicates"], rows), ""]
+           md_table(["contender", "client process CPU µs/delivered event",
+                     "caller thread CPU µs/track() (enqueue loop)", "events/s",
+                     "vs analytics-python", "client CPU vs analytics-python", "track loop s",
+                     "flush s", "receiver CPU µs/event", "drops (all runs)", "duplicates"],
+                    rows), ""]
     if logs:
         out += ["Warnings the clients logged:", "", *[f"- `{line}`" for line in logs[:10]], ""]
     return out
@@ -478,6 +494,8 @@ def missed_section() -> list[str]:
 def render_markdown(results: dict[str, Any]) -> str:
     """RESULTS.md from the loaded JSON (see ``load``)."""
     lines = header(results) + targets_section(results) + missed_section()
+    if results.get("caller"):
+        lines += caller_section(results["caller"])
     if results.get("enqueue"):
         lines += enqueue_section(results["enqueue"])
     delivery = results.get("delivery") or {}
@@ -531,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "command": "python benchmarks/run.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "git": git_revision(), "quick": args.quick,
+        "machine": common.machine(), "git": common.git_revision(), "quick": args.quick,
         "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     benches = {name: run_bench(name, args.quick) for name in args.benches}
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
