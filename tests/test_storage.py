@@ -112,12 +112,12 @@ def test_release_counts_the_attempt_and_delays_the_rows(queue):
     assert [r.attempts for r in again.rows] == [1, 1]
 
 
-def test_claim_batches_cuts_several_batches_under_one_token(queue):
+def test_claim_batches_cuts_several_batches_each_under_a_token_of_its_own(queue):
     ids = fill(queue, 7, size=0)
     size = len('{"i":0,"pad":""}') + 1
     claims = queue.claim_batches(3, 2, BIG, NOW, 60)
     assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4], ids[4:6]]
-    assert len({c.token for c in claims.batches}) == 1 and claims.deleted == 0
+    assert len({c.token for c in claims.batches}) == 3 and claims.deleted == 0
     # bytes cut a batch as claim() does; the rows after the last batch stay ready
     by_bytes = SQLiteQueue(queue.path).claim_batches(2, 10, size, NOW, 60)
     assert [[r.id for r in c.rows] for c in by_bytes.batches] == [ids[6:7]]
