@@ -392,9 +392,26 @@ def test_the_flusher_refuses_such_a_file_with_exit_1_and_leaves_it_untouched(
     assert Path(queue_path).read_bytes() == before
 
 
-def test_the_flusher_without_a_write_key_exits_2_in_one_line(env, queue_path):
+def test_a_drain_without_a_write_key_keeps_events_that_carry_none_and_says_why(
+        env, queue_path):
+    enqueue(queue_path, 3)  # a producer without a key: the events carry no destination
     proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
-    assert_one_line_error(proc, 2, "SEGMENT_WRITE_KEY")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("segmentry: ")]
+    assert len(said) == 1 and "SEGMENT_WRITE_KEY" in said[0], proc.stderr
+    assert SQLiteQueue(queue_path).stats(time.time()).depth == 3
+
+
+def test_a_flusher_without_a_write_key_delivers_the_events_that_carry_their_own(
+        env, queue_path):
+    with FakeSegment(write_key=KEY) as receiver:
+        with segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
+                              flusher=None) as producer:
+            for i in range(4):
+                producer.track("u", "E", {"i": i})
+        proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
+        assert proc.returncode == 0, proc.stderr
+        assert receiver.stats()["unique"] == 4 and KEY not in proc.stderr
 
 
 @pytest.mark.parametrize("args, words", [
@@ -556,8 +573,12 @@ def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(q
     assert "remaining 2" in stream.getvalue()
 
 
-def test_flush_without_a_write_key_exits_2_like_the_flusher(env, queue_path):
-    assert_one_line_error(run(env, "flush", "--queue", queue_path), 2, "SEGMENT_WRITE_KEY")
+def test_flush_without_a_write_key_keeps_events_that_carry_none_like_the_flusher(
+        env, queue_path):
+    enqueue(queue_path, 1)
+    proc = run(env, "flush", "--queue", queue_path, "--drain")
+    said = [line for line in proc.stderr.splitlines() if line.startswith("segmentry: ")]
+    assert proc.returncode == 1 and len(said) == 1 and "SEGMENT_WRITE_KEY" in said[0]
 
 
 # -- dead letters ---------------------------------------------------------------------------

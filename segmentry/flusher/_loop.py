@@ -87,8 +87,8 @@ class Flusher:
                           skip_paused: bool = False) -> list[Claim]:
         """Delete what the senders delivered meanwhile (see Deferred), and claim up to
         ``batches`` batches, oldest first, in one transaction (an empty list: nothing is
-        ready); without ``partial``, full batches only; with ``skip_paused``, none of the
-        paused destinations' rows."""
+        ready); without ``partial``, full batches only. Never the rows no key can send;
+        with ``skip_paused``, none of the paused destinations' either."""
         limit = 1 if self.options.sender == "immediate" else self.options.max_batch_size
         meta = {"queue_path": self.queue.path}
         delivered = self.deferred.take()
@@ -97,7 +97,8 @@ class Flusher:
                 now = self.clock()
                 claims = self.queue.claim_batches(batches, limit, CLAIM_BYTES, now, LEASE_S,
                                                   delivered, partial,
-                                                  self.routes.paused(now) if skip_paused else ())
+                                                  self.routes.paused(now) if skip_paused
+                                                  else self.routes.keyless())
                 # "status" as every stop has it, so one handler can serve all spans.
                 span.set(claimed=sum(len(c.rows) for c in claims.batches), status="ok")
         except BaseException:
@@ -144,7 +145,7 @@ class Flusher:
                 return False
             self._renew_leases()
             self._tick()
-            if drain and self.counts.misconfigured:
+            if drain and (self.counts.misconfigured or self.settler.keyless_waiting):
                 return False
             if self._paused(stop):
                 continue

@@ -119,6 +119,10 @@ class Routes:
         """The destinations whose rows no claim may take now."""
         return [d for r in self.all() if r.paused(now) for d in r.dests]
 
+    def keyless(self) -> list[int]:
+        """The destinations no key can send to (none, and no key of our own)."""
+        return [d for r in self.all() if r.http_client is None for d in r.dests]
+
     def misconfigured(self) -> str | None:
         """What is wrong with one misconfigured destination, None when none is."""
         wrong = [r for r in self.all() if r.misconfigured]

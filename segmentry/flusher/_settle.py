@@ -95,7 +95,7 @@ class Settler:
         self._grow = grow  # a delivered batch widens the window of batches in flight
         self.counts = Counts()
         self.deferred = Deferred()
-        self._said_keyless = False
+        self.keyless_waiting = False  # events that carry no destination wait for a key
 
     def take_over(self) -> None:
         """The queue's lock is ours: leases left are a dead flusher's, and an ongoing
@@ -116,8 +116,8 @@ class Settler:
 
     def _keyless(self) -> None:
         """Events without a destination, and no key of our own to send them with."""
-        if not self._said_keyless:
-            self._said_keyless = True
+        if not self.keyless_waiting:
+            self.keyless_waiting = True
             logger.warning("the queue holds events that carry no destination (enqueued "
                            "without a write key, or by segmentry 0.1) and this flusher has "
                            "no write key of its own: they stay queued until one is given")
