@@ -24,7 +24,7 @@ from helpers import FAST, enqueue, wait_until
 import segmentry
 from segmentry.flusher import holder_pid
 from segmentry.service import GRACE_S
-from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
+from segmentry.storage import SCHEMA_VERSION, SQLiteQueue, destination
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +138,26 @@ def test_status_json_counts_queued_events_their_bytes_and_the_oldest_age(env, qu
     assert report["oldest_age_s"] >= 0 and report["in_flight"] == 0
     assert report["dead_letters"] == 0 and report["flusher_pid"] is None
     assert report["disk_bytes"] >= os.path.getsize(queue_path)
+
+
+def test_status_counts_each_destination_named_by_url_and_key_hash_never_the_key(
+        env, queue_path):
+    url = "http://127.0.0.1:9/v1/"
+    enqueue(queue_path, 2)  # no key: no destination of their own
+    for key, n in (("key-web-0001", 3), ("key-cron-0002", 1)):
+        with segmentry.Client(key, queue_path=queue_path, api_url=url, flusher=None) as c:
+            for _ in range(n):
+                c.track("u", "E")
+    report = status_json(env, queue_path)
+    views = {d["name"]: d for d in report["destinations"]}
+    assert {name: d["depth"] for name, d in views.items()} == {
+        "default": 2, destination(url, "key-web-0001"): 3, destination(url, "key-cron-0002"): 1}
+    web = views[destination(url, "key-web-0001")]
+    assert web["bytes"] > 0 and web["oldest_age_s"] >= 0 and web["dead_letters"] == 0
+    text = run(env, "status", "--queue", queue_path).stdout
+    assert f"{destination(url, 'key-cron-0002')}: 1 events" in text
+    for shown in (json.dumps(report), text):
+        assert "key-web-0001" not in shown and "key-cron-0002" not in shown
 
 
 def test_status_without_json_prints_a_readable_summary(env, queue_path):
@@ -653,7 +673,7 @@ def test_dead_letters_list_json_gives_the_whole_response_the_table_one_line(env,
 
 def test_dead_letters_list_of_a_missing_queue_is_empty_and_creates_nothing(env, queue_path):
     assert dead_letters(env, queue_path) == {"queue_path": queue_path, "total": 0,
-                                             "dead_letters": []}
+                                             "by_destination": {}, "dead_letters": []}
     assert not os.path.exists(queue_path)
 
 
