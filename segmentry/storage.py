@@ -754,8 +754,8 @@ def _names(conn: sqlite3.Connection) -> dict[int, str]:
 
 
 def _destination_stats(conn: sqlite3.Connection, version: int) -> list[DestinationStats]:
-    """Per destination: its events and dead letters (a file older than schema 4 has
-    events of no destination only)."""
+    """Per destination: its events and dead letters; every destination recorded, and
+    NO_DESTINATION when it has any (a file older than schema 4 has those only)."""
     by = "dest" if version >= 4 else "0"
     names = _names(conn) if version >= 4 else {0: NO_DESTINATION}
     counts: dict[int, list[Any]] = {}
@@ -764,6 +764,9 @@ def _destination_stats(conn: sqlite3.Connection, version: int) -> list[Destinati
         counts[dest] = [depth, size, oldest, 0]
     for dest, dead in conn.execute(f"SELECT {by}, COUNT(*) FROM dead_letters GROUP BY 1"):
         counts.setdefault(dest, [0, 0, None, 0])[3] = dead
+    for dest in names:  # a destination recorded whose events all went: zeros
+        if dest:
+            counts.setdefault(dest, [0, 0, None, 0])
     return [DestinationStats(names.get(dest, f"destination {dest}"), *values)
             for dest, values in sorted(counts.items())]
 
