@@ -275,7 +275,7 @@ def test_two_clients_of_one_process_with_different_keys_share_a_file_each_event_
         path = str(tmp_path / "q.db")
         a = segmentry.Client("KEY-A", queue_path=path, api_url=receiver.url)
         b = segmentry.Client("KEY-B", queue_path=path, api_url=receiver.url)
-        for i in range(5):
+        for _ in range(5):
             a.track("u", "A")
             b.track("u", "B")
         assert a.flush(timeout=10) and b.flush(timeout=10)
@@ -289,7 +289,8 @@ def test_a_call_that_races_close_stores_its_event_but_starts_no_flusher(tmp_path
                               api_url="http://127.0.0.1:9/v1/")
     real_put = client.queue.put
 
-    def put_then_closed(body, now, destination=None):  # close() runs between the call's store and its wake-up
+    # close() runs between the call's store and its wake-up
+    def put_then_closed(body, now, destination=None):
         row = real_put(body, now, destination)
         client.close()
         return row
@@ -715,7 +716,7 @@ def test_drops_that_go_on_are_reported_once_a_minute_with_a_count(tmp_path, monk
     clock = [1000.0]
     monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
     c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
-    c.queue.put = lambda body, now, destination=None: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    c.queue.put = lambda body, now, destination=None: _raise(StorageError("disk I/O error"))
     with caplog.at_level("WARNING", logger="segmentry"):
         for _ in range(5):
             c.track("u", "E")
@@ -731,7 +732,7 @@ def test_drops_that_go_on_are_reported_once_a_minute_with_a_count(tmp_path, monk
 def test_flush_says_false_once_for_events_dropped_since_the_last_flush(client):
     real_put = client.queue.put
     client.track("u", "stored")
-    client.queue.put = lambda body, now, destination=None: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    client.queue.put = lambda body, now, destination=None: _raise(StorageError("disk I/O error"))
     assert client.track("u", "dropped") is None
     client.queue.put = real_put
     client.queue._run(lambda c: c.execute("DELETE FROM events"))  # as delivered
@@ -838,3 +839,7 @@ def test_flush_notices_a_removed_queue_file(tmp_path, caplog):
     assert "1 event(s) still in the old file were moved" in caplog.text
     assert SQLiteQueue(str(path)).stats(time.time()).depth == 1
     c.close()
+
+
+def _raise(error):
+    raise error
