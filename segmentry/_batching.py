@@ -51,9 +51,14 @@ def cut(rows: Iterable[tuple[Any, ...]], count: int, limit: int, max_bytes: int,
     None (it cannot go) ends its destination's batch and is skipped. Without ``partial``,
     a last batch that is not full is left out. Oldest first, as they fill."""
     batches: list[list[tuple[Any, ...]]] = []
-    open_: dict[int, tuple[list[tuple[Any, ...]], int]] = {}  # by destination
+    open_: dict[int, list[Any]] = {}  # by destination: [its batch, its bytes]
+    dest, batch, total = None, [], 0  # the current row's destination's (the last row's)
     for row in rows:
-        batch, total = open_.get(row[4]) or ([], 0)
+        if row[4] != dest:  # another destination's row: switch to its open batch
+            if dest is not None:
+                open_[dest] = [batch, total]
+            dest = row[4]
+            batch, total = open_.get(dest) or ([], 0)
         if batch and (row[1] is None or len(batch) == limit or total + row[2] + 1 > max_bytes):
             batches.append(batch)  # full, or the next row cannot join it
             if len(batches) == count:
@@ -62,7 +67,8 @@ def cut(rows: Iterable[tuple[Any, ...]], count: int, limit: int, max_bytes: int,
         if row[1] is not None:
             batch.append(row)
             total += row[2] + 1
-        open_[row[4]] = (batch, total)
+    if dest is not None:
+        open_[dest] = [batch, total]
     left = sorted((b for b, _ in open_.values() if b and (partial or len(b) == limit)),
                   key=lambda b: b[0][0])
     return batches + left[:count - len(batches)]
