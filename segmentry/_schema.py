@@ -19,15 +19,16 @@ SCHEMA_VERSION = 4  # 4: events carry their destination; 3: a lease per batch (2
 # _settle, among the events of one destination (a batch holds one destination's, and
 # the destinations' events interleave): its live ranges never overlap, every event of it
 # inside a range is one the claim took, and the events at lo and hi exist; so a new
-# event's id (max(id) + 1) never falls inside a range. Schema 1 kept lease columns in
-# events; an upgraded file keeps them, unused.
+# event's id (max(id) + 1) never falls inside a range; ``n`` counts those events.
+# Schema 1 kept lease columns in events; an upgraded file keeps them, unused.
 LEASES_SCHEMA = """
 CREATE TABLE leases (
     lo INTEGER PRIMARY KEY,                 -- the batch's first event id
     hi INTEGER NOT NULL,                    -- and its last
     token INTEGER NOT NULL,
     until REAL NOT NULL,
-    dest INTEGER NOT NULL                   -- the destination of the events it covers
+    dest INTEGER NOT NULL,                  -- the destination of the events it covers
+    n INTEGER NOT NULL                      -- how many they are
 );
 """
 

@@ -329,15 +329,17 @@ class QueueModel(RuleBasedStateMachine):
                 "LEFT JOIN leases l ON e.id BETWEEN l.lo AND l.hi AND l.dest = e.dest"
             ).fetchall()
             orphans = conn.execute(  # a lease's ends are its destination's events (so ids
-                # are never reused inside it), and it is not empty
+                # are never reused inside it), it is not empty, and it counts them right
                 "SELECT COUNT(*) FROM leases WHERE lo NOT IN (SELECT id FROM events "
                 "WHERE dest = leases.dest) OR hi NOT IN (SELECT id FROM events WHERE "
-                "dest = leases.dest) OR hi < lo").fetchone()[0]
+                "dest = leases.dest) OR hi < lo OR n != (SELECT COUNT(*) FROM events "
+                "WHERE id BETWEEN lo AND hi AND dest = leases.dest)").fetchone()[0]
             letters = conn.execute("SELECT id, body, attempts, status, response, dest "
                                    "FROM dead_letters").fetchall()
         conn.close()
         ids = self._ids()
-        assert orphans == 0, "a lease's range does not start and end at its own events"
+        assert orphans == 0, "a lease's range does not start and end at its own events, " \
+            "or miscounts them"
         assert sorted(events) == sorted(
             (i, r.body, r.attempts, r.not_before, r.lease, r.lease_until, ids[r.dest])
             for i, r in self.rows.items())
