@@ -161,7 +161,7 @@ class Client:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         wait = 0.005
-        while self.queue.pending(first, last):
+        while self.queue.pending(first, last, self._destination):  # its own events only
             if self._closed and background is not None and background is not self._flusher:
                 return False  # closed meanwhile: its flusher has stopped, nothing will come
             if self._blocked(background, start):

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Collection, Iterable, Sequence
-from typing import Any, Callable, NamedTuple, Protocol, TypeVar
+from typing import Any, Callable, Literal, NamedTuple, Protocol, TypeVar
 
 from . import _batching
 from ._batching import Row as Row  # re-exported: the type a claim carries
@@ -124,7 +124,9 @@ class Queue(Protocol):
     def open(self) -> None: ...  # now, so that an unusable file is refused at once
     # The event's JSON and its destination, (write_key, api_url) or None; its id.
     def put(self, body: str, now: float, destination: tuple[str, str] | None = None) -> int: ...
-    def pending(self, first_id: int, last_id: int) -> bool: ...  # any of them still here
+    # Any of them (of that destination, or of any) still here.
+    def pending(self, first_id: int, last_id: int,
+                destination: tuple[str, str] | None | Literal["any"] = "any") -> bool: ...
     def used_bytes(self) -> int: ...  # what max_queue_bytes caps
     def reopen_if_replaced(self) -> int | None: ...  # events moved from a removed file
     def close(self) -> None: ...
@@ -238,10 +240,19 @@ class SQLiteQueue:
         sql = "SELECT id, write_key, api_url FROM destinations"
         return self._run(lambda c: {i: (k, u) for i, k, u in c.execute(sql)})
 
-    def pending(self, first_id: int, last_id: int) -> bool:
-        """Whether any event with an id in [first_id, last_id] is still queued."""
-        sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? LIMIT 1"
-        return self._run(lambda c: c.execute(sql, (first_id, last_id)).fetchone() is not None)
+    def pending(self, first_id: int, last_id: int,
+                destination: tuple[str, str] | None | Literal["any"] = "any") -> bool:
+        """Whether any event with an id in [first_id, last_id] is still queued: of that
+        destination (None: those that carry none), or of any. A client waits for its
+        own: another source's events between them may wait out a pause of their own."""
+        sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? {}LIMIT 1"
+        if destination == "any":
+            return self._run(lambda c: c.execute(sql.format(""), (first_id, last_id))
+                             .fetchone() is not None)
+        where = ("AND dest = 0 " if destination is None else "AND dest = (SELECT id FROM "
+                 "destinations WHERE write_key = ? AND api_url = ?) ")
+        args = (first_id, last_id, *(destination or ()))
+        return self._run(lambda c: c.execute(sql.format(where), args).fetchone() is not None)
 
     def used_bytes(self) -> int:
         """What max_queue_bytes caps: the pages the data uses, plus a WAL beyond the

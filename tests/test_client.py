@@ -284,6 +284,24 @@ def test_two_clients_of_one_process_with_different_keys_share_a_file_each_event_
         assert receiver.stats()["events_by_key"] == {"KEY-A": 5, "KEY-B": 5}
 
 
+def test_flush_waits_for_the_clients_own_events_not_another_keys_refused_ones(tmp_path):
+    from fake_segment import FakeSegment
+
+    with FakeSegment(write_key="KEY-A") as receiver:  # KEY-B: 401
+        path = str(tmp_path / "q.db")
+        a = segmentry.Client("KEY-A", queue_path=path, api_url=receiver.url)
+        b = segmentry.Client("KEY-B", queue_path=path, api_url=receiver.url)
+        for _ in range(5):
+            b.track("u", "B")
+            a.track("u", "A")
+        assert a.flush(timeout=20)  # B's events, between A's, wait: A's went
+        assert not b.flush(timeout=0.5)
+        a.close()
+        b.close()
+        assert receiver.stats()["events_by_key"] == {"KEY-A": 5}
+        assert SQLiteQueue(path).stats(time.time()).depth == 5
+
+
 def test_a_call_that_races_close_stores_its_event_but_starts_no_flusher(tmp_path):
     client = segmentry.Client("K", queue_path=str(tmp_path / "q.db"),
                               api_url="http://127.0.0.1:9/v1/")
