@@ -553,7 +553,7 @@ def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
     client.track("u", "first")
     real_pending = client.queue.pending
 
-    def delivered_then_another_thread_tracks(first, last):
+    def delivered_then_another_thread_tracks(first, last, destination="any"):
         claim = client.queue.claim(10, 10**9, time.time(), 60)
         client.queue.delete(claim.token, [r.id for r in claim.rows])  # delivered
         client.track("u", "meanwhile")  # gets id 1 again: inside the waited range
