@@ -8,23 +8,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 APPLICATION_ID = 0x53474D54  # "SGMT" in the file header: marks a segmentry queue
-SCHEMA_VERSION = 3  # 3: a lease per batch (2: a lease row per event; 1: in the events rows)
+SCHEMA_VERSION = 4  # 4: events carry their destination; 3: a lease per batch (2: a lease
+# row per event; 1: in the events rows)
 
 # A claim adds one row here per batch: the id range [lo, hi] of its rows. The events'
 # rows (their bodies' pages) are not rewritten between their insert and their delete
 # (schema 1 did: claim + delete 7.1 µs an event), nor is a row added per event (schema
 # 2: 4.3 µs; now 2.9, against 2.5 for the bare read and delete). An event is leased
 # while a lease with a future ``until`` covers its id. Invariants, kept by claim and by
-# _settle: live ranges never overlap, every event inside a range is one the claim took,
-# and the events at lo and hi exist; so a new event's id (max(id) + 1) never falls
-# inside a range. Schema 1 kept lease columns in events; an upgraded file keeps them,
-# unused.
+# _settle, among the events of one destination (a batch holds one destination's, and
+# the destinations' events interleave): its live ranges never overlap, every event of it
+# inside a range is one the claim took, and the events at lo and hi exist; so a new
+# event's id (max(id) + 1) never falls inside a range; ``n`` counts those events.
+# Schema 1 kept lease columns in events; an upgraded file keeps them, unused.
 LEASES_SCHEMA = """
 CREATE TABLE leases (
     lo INTEGER PRIMARY KEY,                 -- the batch's first event id
     hi INTEGER NOT NULL,                    -- and its last
     token INTEGER NOT NULL,
-    until REAL NOT NULL
+    until REAL NOT NULL,
+    dest INTEGER NOT NULL,                  -- the destination of the events it covers
+    n INTEGER NOT NULL                      -- how many they are
+);
+"""
+
+# Where an event goes: the write key and api_url of the client that enqueued it (the
+# queue file holds write keys, hence its 0600/0660 mode). An event's dest 0 names none
+# (a key-less producer's, or a file older than schema 4): the flusher's own key and URL.
+DESTINATIONS_SCHEMA = """
+CREATE TABLE destinations (
+    id INTEGER PRIMARY KEY,
+    write_key TEXT NOT NULL,
+    api_url TEXT NOT NULL,
+    UNIQUE (write_key, api_url)
 );
 """
 
@@ -37,7 +53,8 @@ CREATE TABLE events (
     size INTEGER NOT NULL,
     created REAL NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    not_before REAL NOT NULL DEFAULT 0      -- backoff survives restarts
+    not_before REAL NOT NULL DEFAULT 0,     -- backoff survives restarts
+    dest INTEGER NOT NULL DEFAULT 0         -- destinations.id, or 0: the flusher's own
 );
 CREATE TABLE dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -48,13 +65,15 @@ CREATE TABLE dead_letters (
     attempts INTEGER NOT NULL,
     buried_at REAL NOT NULL,
     status INTEGER,
-    response TEXT NOT NULL
+    response TEXT NOT NULL,
+    dest INTEGER NOT NULL DEFAULT 0
 );
-""" + LEASES_SCHEMA
+""" + LEASES_SCHEMA + DESTINATIONS_SCHEMA
 
 
 # The condition "a lease covers this event" (live or not: claims delete expired ones).
-COVERED = "SELECT 1 FROM leases WHERE lo <= events.id AND hi >= events.id"
+COVERED = ("SELECT 1 FROM leases WHERE lo <= events.id AND hi >= events.id "
+           "AND leases.dest = events.dest")
 
 
 def header(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -81,17 +100,21 @@ def initialize(conn: sqlite3.Connection) -> None:
 
 
 def upgrade(conn: sqlite3.Connection) -> None:
-    """Schema 1 or 2 -> 3: a lease per batch, in a table of its own. The leases a file
-    holds are dropped: they are a dead flusher's, which the next one would reset anyway
-    (a running older flusher fails on the new table: every process sharing a queue is
-    upgraded together, as the README says)."""
+    """Schema 1, 2 or 3 -> 4: a lease per batch of one destination, in a table of its
+    own; events and dead letters carry a destination (0, none, for those already there:
+    they go with the flusher's own key, as before). The leases a file holds are dropped:
+    they are a dead flusher's, which the next one would reset anyway (a running older
+    flusher fails on the new tables: every process sharing a queue is upgraded together,
+    as the README says). ADD COLUMN with a constant default rewrites no row."""
     with write(conn):
         version = header(conn)[1]
         if version >= SCHEMA_VERSION:
             return  # another process upgraded it first
-        if version == 2:
-            conn.execute("DROP TABLE leases")
+        conn.execute("DROP TABLE IF EXISTS leases")
         conn.execute(LEASES_SCHEMA)
+        conn.execute(DESTINATIONS_SCHEMA)
+        for table in ("events", "dead_letters"):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN dest INTEGER NOT NULL DEFAULT 0")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 

@@ -18,7 +18,14 @@ from . import service
 from .client import Client
 from .exceptions import ConfigurationError, InvalidMessage, QueueFull, StorageError
 from .flusher import holder_pid
-from .storage import DeadLetter, Queue, SQLiteQueue, default_queue_path, inspect
+from .storage import (
+    DeadLetter,
+    DestinationStats,
+    Queue,
+    SQLiteQueue,
+    default_queue_path,
+    inspect,
+)
 from .version import __version__
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -155,7 +162,8 @@ def status(path: str, now: float) -> dict[str, Any]:
     an empty queue, and stays absent; one that cannot be read is a StorageError."""
     report: dict[str, Any] = {
         "queue_path": path, "exists": False, "depth": 0, "bytes": 0, "oldest_age_s": None,
-        "in_flight": 0, "dead_letters": 0, "flusher_pid": None, "disk_bytes": 0}
+        "in_flight": 0, "dead_letters": 0, "flusher_pid": None, "disk_bytes": 0,
+        "destinations": []}
     found = inspect(path, now)
     if found is None:
         return report
@@ -164,8 +172,17 @@ def status(path: str, now: float) -> dict[str, Any]:
     oldest = None if created is None else round(max(0.0, now - created), 3)
     report.update(exists=True, depth=stats.depth, bytes=stats.bytes, oldest_age_s=oldest,
                   in_flight=stats.in_flight, dead_letters=stats.dead_letters,
-                  flusher_pid=_flusher_pid(path), disk_bytes=found.disk_bytes)
+                  flusher_pid=_flusher_pid(path), disk_bytes=found.disk_bytes,
+                  destinations=[_destination_view(d, now) for d in found.destinations])
     return report
+
+
+def _destination_view(found: DestinationStats, now: float) -> dict[str, Any]:
+    """One destination's counts, named by its URL and a hash of its key (never the key)."""
+    created = found.oldest_created
+    return {"name": found.name, "depth": found.depth, "bytes": found.bytes,
+            "oldest_age_s": None if created is None else round(max(0.0, now - created), 3),
+            "dead_letters": found.dead_letters}
 
 
 def _flusher_pid(path: str) -> int | None:
@@ -188,7 +205,18 @@ def format_status(report: dict[str, Any]) -> str:
         f"dead letters: {report['dead_letters']}",
         f"flusher:      {'none running' if pid is None else f'pid {pid}'}",
         f"disk:         {report['disk_bytes']} bytes (file and WAL)",
+        *_destination_lines(report["destinations"]),
     ])
+
+
+def _destination_lines(views: list[dict[str, Any]]) -> list[str]:
+    lines = ["destinations:"] if views else []
+    for view in views:
+        age = view["oldest_age_s"]
+        lines.append(f"  {view['name']}: {view['depth']} events, {view['bytes']} bytes, "
+                     f"oldest {'-' if age is None else f'{age:.1f} s ago'}, "
+                     f"{view['dead_letters']} dead letters")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -227,7 +255,8 @@ def letter_view(letter: DeadLetter, show_body: bool, clip: bool = True) -> dict[
         "id": letter.id, "buried_at": _iso(letter.buried_at), "status": letter.status,
         "attempts": letter.attempts, "type": event.get("type"),
         "event": event.get("event") or event.get("name"), "messageId": event.get("messageId"),
-        "response": _clip(letter.response) if clip else letter.response}
+        "response": _clip(letter.response) if clip else letter.response,
+        "destination": letter.destination}
     if show_body:
         view["body"] = event or letter.body
     return view
@@ -251,7 +280,10 @@ def cmd_dead_list(args: argparse.Namespace) -> int:
     total = 0 if found is None else found.stats.dead_letters
     views = [letter_view(letter, args.show_body, clip=not args.json) for letter in letters]
     if args.json:
-        print(json.dumps({"queue_path": path, "total": total, "dead_letters": views}))
+        by = {} if found is None else {d.name: d.dead_letters for d in found.destinations
+                                       if d.dead_letters}
+        print(json.dumps({"queue_path": path, "total": total, "by_destination": by,
+                          "dead_letters": views}))
         return EXIT_OK
     header, *lines = letter_table(views)
     print(header)

@@ -55,7 +55,10 @@ class Client:
         self.queue: Queue = SQLiteQueue(self.queue_path, self.options.durability,
                                         wal_reuse_bytes(self.options.max_queue_bytes),
                                         create_dirs=self.options.queue_path is None)
-        self._check_destination()
+        # Each event carries where it goes: this client's key and URL (a flusher=None client
+        # too: the per-host service sends each source's events with its own key). Without
+        # a key, none: they go with the flusher's own.
+        self._destination = (self.write_key, self.options.api_url) if self.write_key else None
         self.queue.open()  # a queue we cannot use is a configuration error, found now
         self.dropped = 0  # events refused (on_full="drop") since the client was made
         self._dropped_unflushed = 0  # ... since the last flush(), which then says False
@@ -158,7 +161,7 @@ class Client:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         wait = 0.005
-        while self.queue.pending(first, last):
+        while self.queue.pending(first, last, self._destination):  # its own events only
             if self._closed and background is not None and background is not self._flusher:
                 return False  # closed meanwhile: its flusher has stopped, nothing will come
             if self._blocked(background, start):
@@ -241,7 +244,7 @@ class Client:
             if self._closed:  # e.g. a daemon thread's call after the exit hook closed it
                 raise StorageError("this client is closed")
             self._check_cap(len(event.body))
-            row_id = self.queue.put(event.body, now)
+            row_id = self.queue.put(event.body, now, self._destination)
         except (QueueFull, StorageError) as exc:
             self._flusher_thread()  # a queue found full must still drain
             if self.options.on_full == "raise":
@@ -258,29 +261,6 @@ class Client:
         if background is not None:
             background.enqueued()
         return event.message_id
-
-    def _destination(self) -> tuple[Any, ...] | None:
-        """Where this client's flusher thread sends: the key, the URL and whether it sends
-        at all; None without a flusher thread."""
-        if self.options.flusher != "thread":
-            return None
-        return (self.write_key, self.options.api_url, self.options.send_to_http)
-
-    def _check_destination(self) -> None:
-        """Refuse a second flusher thread in this process for the same queue file with
-        another destination: whichever held the file would send every event its own way
-        (one source's events under another's write key, or to a no-op transport)."""
-        mine = self._destination()
-        if mine is None:
-            return
-        for other in list(_clients):
-            if (not other._closed and other.queue.path == self.queue.path
-                    and other._destination() not in (None, mine)):
-                raise ConfigurationError(
-                    f"queue file {self.queue_path} is already delivered by another Client of "
-                    "this process with another write key, api_url or send_to_http: one "
-                    "flusher would send both clients' events its own way. Give each its own "
-                    "queue_path")
 
     def _check_cap(self, size: int) -> None:
         self._puts_since_stat += 1

@@ -18,7 +18,7 @@ from . import telemetry
 from .config import DEFAULT_API_URL
 from .exceptions import ConfigurationError, StorageError
 from .flusher import destination, holder_pid
-from .storage import inspect
+from .storage import NO_DESTINATION, inspect
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
@@ -152,9 +152,13 @@ class QueueCollector:
     def collect(self) -> Iterator[Any]:
         reading = read_queue(self.path, time.time())
         if reading is not None:  # else the gauges go missing; the counters are still served
-            for (name, text), value in zip(_GAUGES, reading):  # file_bytes is not one of them
+            # One series per destination the events carry; those that carry none go with
+            # the flusher's own key and URL, and are labelled so (as an empty queue is).
+            series = _by_label(reading, self.destination)
+            for i, (name, text) in enumerate(_GAUGES):  # file_bytes is not one of them
                 gauge = GaugeMetricFamily(name, text, labels=["destination"])
-                gauge.add_metric([self.destination], float(value))
+                for where, values in series.items():
+                    gauge.add_metric([where], float(values[i]))
                 yield gauge
             disk = GaugeMetricFamily("segmentry_queue_file_bytes",
                                      "Disk used by the queue file and its WAL.")
@@ -165,6 +169,19 @@ class QueueCollector:
             "lock, 0 on standby.")
         flusher.add_metric([], 1.0 if self.active() else 0.0)
         yield flusher
+
+
+def _by_label(reading: Reading, own: str) -> dict[str, list[float]]:
+    """The four gauges by destination label. The events that carry none go with the
+    flusher's own key and URL (``own``), and are counted under it, with those that carry
+    it; ``own`` is always shown, at 0 when nothing waits for it."""
+    series: dict[str, list[float]] = {own: [0, 0, 0.0, 0]}
+    for name, values in reading.destinations:
+        where = own if name == NO_DESTINATION else name
+        total = series.setdefault(where, [0, 0, 0.0, 0])
+        series[where] = [total[0] + values[0], total[1] + values[1],
+                         max(total[2], values[2]), total[3] + values[3]]
+    return series
 
 
 # -- what the Prometheus and OpenTelemetry handlers share (no foreign import) ------------
@@ -202,13 +219,15 @@ def feed(sink: Sink) -> telemetry.Handler:
 
 
 class Reading(NamedTuple):
-    """The queue's gauges: per destination, but for the file's size."""
+    """The queue's gauges: in all, and per destination (by name: see storage.destination;
+    the same four values each), but for the file's size."""
 
     events: int
     bytes: int
     oldest_age_s: float
     dead_letters: int
     file_bytes: int = 0
+    destinations: tuple[tuple[str, tuple[int, int, float, int]], ...] = ()
 
 
 _GAUGES = (("segmentry_queue_events", "Events in the queue, waiting or in flight."),
@@ -229,8 +248,14 @@ def read_queue(path: str, now: float) -> Reading | None:
     if seen is None:  # no file yet: an empty queue
         return Reading(0, 0, 0.0, 0)
     stats = seen.stats
-    age = 0.0 if stats.oldest_created is None else max(0.0, now - stats.oldest_created)
-    return Reading(stats.depth, stats.bytes, age, stats.dead_letters, seen.disk_bytes)
+    each = tuple((d.name, (d.depth, d.bytes, _age(d.oldest_created, now), d.dead_letters))
+                 for d in seen.destinations)
+    return Reading(stats.depth, stats.bytes, _age(stats.oldest_created, now),
+                   stats.dead_letters, seen.disk_bytes, each)
+
+
+def _age(created: float | None, now: float) -> float:
+    return 0.0 if created is None else max(0.0, now - created)
 
 
 def holds_lock(path: str) -> Active:

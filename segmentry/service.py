@@ -76,7 +76,11 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
                         "else the per-user one)")
     p.add_argument("--api-url", metavar="URL", help=f"receiver (default: {DEFAULT_API_URL})")
     p.add_argument("--write-key-file", metavar="PATH",
-                   help="file holding the write key (default: $SEGMENT_WRITE_KEY)")
+                   help="file holding the write key for the events that carry none (from a "
+                        "producer without a key, or an older queue file); each other event "
+                        "goes with the key and URL of the client that enqueued it. Without "
+                        "any, only those go; the others stay queued (default: "
+                        "$SEGMENT_WRITE_KEY)")
     p.add_argument("--write-key", metavar="KEY",
                    help="the write key, visible in ps: prefer the file or the environment "
                         "(default: $SEGMENT_WRITE_KEY)")
@@ -212,9 +216,6 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     try:
         options = options_from_args(args, env)
         write_key = read_write_key(args, env)
-        if not write_key and options.send_to_http:
-            raise ConfigurationError(
-                "no write key: set SEGMENT_WRITE_KEY or pass --write-key-file PATH")
         if args.drain_timeout is not None and not args.drain:
             raise ConfigurationError("--drain-timeout goes with --drain")
         if args.metrics_port is not None or args.metrics_address is not None:
@@ -248,7 +249,11 @@ def setup_logging(level: str) -> None:
 def run(args: Any, options: Options, write_key: str, notifier: Notifier | None = None) -> int:
     # Built first: a setting requests refuses fails now, not when a standby takes over,
     # and before a mistyped --queue creates a file.
-    http_client = make_http(write_key, options)
+    http_client = make_http(write_key, options) if write_key or not options.send_to_http \
+        else None  # no key of its own: only the events that carry theirs go
+    if http_client is None:
+        logger.info("no write key of our own: delivering the events that carry their "
+                    "destination; any that carry none stay queued")
     path = options.queue_path or default_queue_path()
     if options.queue_path is not None:
         _check_directory(path)
@@ -325,13 +330,15 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
     if args.once:
         flusher.run_once()
         failed = flusher.counts.misconfigured or flusher.counts.released
-        return EXIT_UNDELIVERED if failed or _buried(flusher) else EXIT_OK
+        return EXIT_UNDELIVERED if failed or _keyless(flusher) or _buried(flusher) else EXIT_OK
     if not args.drain:
         with Progress(flusher, "log", every=args.summary_every):  # one line per interval
             flusher.run(stop, threading.Event())
         return EXIT_OK
     with Progress(flusher, args.progress):
         drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
+    if _keyless(flusher):
+        return EXIT_UNDELIVERED
     if flusher.counts.misconfigured:
         print(f"segmentry: {flusher.counts.misconfigured}: check the write key, --api-url "
               "and --ca-bundle; nothing was dropped", file=sys.stderr)
@@ -342,6 +349,15 @@ def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | 
         print(f"segmentry: {why} with {left} events left in the queue", file=sys.stderr)
         return EXIT_UNDELIVERED
     return EXIT_UNDELIVERED if _buried(flusher) else EXIT_OK
+
+
+def _keyless(flusher: Flusher) -> bool:
+    """Events that carry no destination, and no key to send them with: say so."""
+    if flusher.settler.keyless_waiting:
+        print("segmentry: the queue holds events that carry no destination and no write key "
+              "was given for them: set SEGMENT_WRITE_KEY or pass --write-key-file PATH; "
+              "nothing was dropped", file=sys.stderr)
+    return flusher.settler.keyless_waiting
 
 
 def _buried(flusher: Flusher) -> bool:

@@ -8,6 +8,7 @@ and every ``sqlite3.Error`` is translated into ``StorageError`` here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -18,8 +19,8 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import Any, Callable, NamedTuple, Protocol, TypeVar
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Protocol, TypeVar
 
 from . import _batching
 from ._batching import Row as Row  # re-exported: the type a claim carries
@@ -48,21 +49,32 @@ WAL_KEEP_BYTES = 4 << 20  # what an empty queue's WAL may keep
 SHRINK_EVERY_S = 60.0  # an emptied queue's WAL is given back at most this often
 VACUUM_PAGES = 1024  # free pages (4 MiB) worth giving back once the queue is empty
 
-_INSERT = "INSERT INTO events (body, size, created) VALUES (?, ?, ?)"
+_INSERT = "INSERT INTO events (body, size, created, dest) VALUES (?, ?, ?, ?)"
 _LEASED = f"EXISTS ({COVERED} AND until > :now)"
-_HELD = "SELECT lo, hi, until FROM leases WHERE token = :token AND lo <= :b AND hi >= :a"
-# How many events the leases cover (ranges never overlap).
-_COVERED_COUNT = "COALESCE(SUM((SELECT COUNT(*) FROM events WHERE id BETWEEN lo AND hi)), 0)"
+_HELD = ("SELECT lo, hi, until, dest FROM leases WHERE token = :token AND lo <= :b "
+         "AND hi >= :a")
+# How many events the leases cover: each lease counts its own (kept exact by _settle).
+# Counting them in the events table took a decoded row per event in flight, per claim.
+_COVERED_COUNT = "COALESCE(SUM(n), 0)"
+NO_DESTINATION = "default"  # how an event without one is named: the flusher's own key
+
+
+def destination(api_url: str, write_key: str) -> str:
+    """A destination as it is shown and logged: the URL and a short hash of the key
+    (never the key)."""
+    digest = hashlib.sha256(write_key.encode("utf-8", "replace")).hexdigest()[:12]
+    return f"{api_url} key sha256:{digest}"
 _LEASED_COUNT = f"SELECT {_COVERED_COUNT} FROM leases"
 
 
 class Claim(NamedTuple):
     token: int
     rows: list[Row]
+    dest: int = 0  # the one destination of its rows (see Queue.destinations)
 
 
 class Claims(NamedTuple):
-    batches: list[Claim]  # oldest first, under one lease token
+    batches: list[Claim]  # oldest first, each under a lease token of its own
     deleted: int  # rows of earlier claims deleted in the same transaction
 
 
@@ -82,6 +94,15 @@ class DeadLetter(NamedTuple):
     attempts: int
     status: int | None
     response: str
+    destination: str = NO_DESTINATION  # its name (see ``destination``), never the key
+
+
+class DestinationStats(NamedTuple):
+    name: str  # see ``destination``; NO_DESTINATION for events that carry none
+    depth: int
+    bytes: int
+    oldest_created: float | None
+    dead_letters: int
 
 
 T = TypeVar("T")
@@ -101,8 +122,11 @@ class Queue(Protocol):
 
     # -- producers
     def open(self) -> None: ...  # now, so that an unusable file is refused at once
-    def put(self, body: str, now: float) -> int: ...  # the event's JSON; its id
-    def pending(self, first_id: int, last_id: int) -> bool: ...  # any of them still here
+    # The event's JSON and its destination, (write_key, api_url) or None; its id.
+    def put(self, body: str, now: float, destination: tuple[str, str] | None = None) -> int: ...
+    # Any of them (of that destination, or of any) still here.
+    def pending(self, first_id: int, last_id: int,
+                destination: tuple[str, str] | None | Literal["any"] = "any") -> bool: ...
     def used_bytes(self) -> int: ...  # what max_queue_bytes caps
     def reopen_if_replaced(self) -> int | None: ...  # events moved from a removed file
     def close(self) -> None: ...
@@ -110,7 +134,8 @@ class Queue(Protocol):
     # -- the flusher
     def claim_batches(self, count: int, limit: int, max_bytes: int, now: float,
                       lease_s: float, delivered: Sequence[Delivered] = (),
-                      partial: bool = True) -> Claims: ...
+                      partial: bool = True, skip: Collection[int] = ()) -> Claims: ...
+    def destinations(self) -> dict[int, tuple[str, str]]: ...  # id: (write_key, api_url)
     def delete(self, token: int, ids: Sequence[int]) -> int: ...  # delivered
     def delete_many(self, delivered: Sequence[Delivered]) -> int: ...
     def release(self, token: int, ids: Sequence[int], not_before: float) -> int: ...
@@ -118,8 +143,9 @@ class Queue(Protocol):
              now: float) -> int: ...  # to the dead letters
     def renew(self, tokens: Iterable[int], until: float) -> None: ...  # leases in flight
     def reset_leases(self) -> int: ...  # a new lock holder: every lease left is dead
-    def resume(self, now: float) -> int: ...  # rows waiting out a backoff: ready now
-    def next_ready_at(self, now: float) -> float | None: ...
+    # Rows waiting out a backoff (of one destination, or all): ready now.
+    def resume(self, now: float, dest: int | None = None) -> int: ...
+    def next_ready_at(self, now: float, dest: int | None = None) -> float | None: ...
     def backoff_owner(self) -> str | None: ...  # who earned the stored backoffs
     def set_backoff_owner(self, owner: str) -> None: ...
 
@@ -130,6 +156,7 @@ class Queue(Protocol):
 
     # -- inspection and dead letters (the command line)
     def stats(self, now: float) -> Stats: ...
+    def destination_stats(self, now: float) -> list[DestinationStats]: ...
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]: ...
     def requeue(self, ids: Sequence[int] | None = None) -> int: ...
     def purge(self, ids: Sequence[int] | None = None) -> int: ...
@@ -164,6 +191,7 @@ class SQLiteQueue:
         self.create_dirs = create_dirs
         self._identity: tuple[int, int] | None = None  # the open file's (device, inode)
         self._shrunk_at = -math.inf
+        self._dest_ids: dict[tuple[str, str], int] = {}  # of the open connection's file
         _queues.add(self)
 
     def open(self) -> None:
@@ -173,24 +201,58 @@ class SQLiteQueue:
 
     # -- producer side ------------------------------------------------------------
 
-    def put(self, body: str, now: float) -> int:
-        """Store one event's JSON text durably; return its id (enqueue order)."""
+    def put(self, body: str, now: float, destination: tuple[str, str] | None = None) -> int:
+        """Store one event's JSON text durably, with its destination (write_key, api_url),
+        or None: the flusher's own; return its id (enqueue order)."""
         # One autocommit INSERT is its own write transaction: it takes the write
         # lock before reading, so a busy file fails at once and _run retries it (a
-        # deferred BEGIN that upgrades could not be), and it saves two statements.
-        row = (body, len(body), now)
+        # deferred BEGIN that upgrades could not be), and it saves two statements. The
+        # destination's id is looked up once per connection (see _dest_id).
         with self._lock:  # fast path: the connection is open and the file not locked
-            if self._conn is not None:
+            dest = 0 if destination is None else self._dest_ids.get(destination)
+            if self._conn is not None and dest is not None:
                 try:
-                    return self._conn.execute(_INSERT, row).lastrowid or 0
+                    return self._conn.execute(_INSERT, (body, len(body), now, dest)).lastrowid or 0
                 except sqlite3.Error:
                     pass  # a failed statement stored nothing: retry on the slow path
-        return self._run(lambda conn: conn.execute(_INSERT, row).lastrowid or 0)
 
-    def pending(self, first_id: int, last_id: int) -> bool:
-        """Whether any event with an id in [first_id, last_id] is still queued."""
-        sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? LIMIT 1"
-        return self._run(lambda c: c.execute(sql, (first_id, last_id)).fetchone() is not None)
+        def insert(conn: sqlite3.Connection) -> int:
+            row = (body, len(body), now, self._dest_id(conn, destination))
+            return conn.execute(_INSERT, row).lastrowid or 0
+
+        return self._run(insert)
+
+    def _dest_id(self, conn: sqlite3.Connection, destination: tuple[str, str] | None) -> int:
+        """The id of a destination in this file, added if new; cached for the connection
+        (a replaced file gets a new one, and its own ids)."""
+        if destination is None:
+            return 0
+        if destination not in self._dest_ids:
+            conn.execute("INSERT OR IGNORE INTO destinations (write_key, api_url) "
+                         "VALUES (?, ?)", destination)
+            self._dest_ids[destination] = conn.execute(
+                "SELECT id FROM destinations WHERE write_key = ? AND api_url = ?",
+                destination).fetchone()[0]
+        return self._dest_ids[destination]
+
+    def destinations(self) -> dict[int, tuple[str, str]]:
+        """Every destination recorded in the file: id -> (write_key, api_url)."""
+        sql = "SELECT id, write_key, api_url FROM destinations"
+        return self._run(lambda c: {i: (k, u) for i, k, u in c.execute(sql)})
+
+    def pending(self, first_id: int, last_id: int,
+                destination: tuple[str, str] | None | Literal["any"] = "any") -> bool:
+        """Whether any event with an id in [first_id, last_id] is still queued: of that
+        destination (None: those that carry none), or of any. A client waits for its
+        own: another source's events between them may wait out a pause of their own."""
+        sql = "SELECT 1 FROM events WHERE id BETWEEN ? AND ? {}LIMIT 1"
+        if destination == "any":
+            return self._run(lambda c: c.execute(sql.format(""), (first_id, last_id))
+                             .fetchone() is not None)
+        where = ("AND dest = 0 " if destination is None else "AND dest = (SELECT id FROM "
+                 "destinations WHERE write_key = ? AND api_url = ?) ")
+        args = (first_id, last_id, *(destination or ()))
+        return self._run(lambda c: c.execute(sql.format(where), args).fetchone() is not None)
 
     def used_bytes(self) -> int:
         """What max_queue_bytes caps: the pages the data uses, plus a WAL beyond the
@@ -224,17 +286,16 @@ class SQLiteQueue:
 
     def claim_batches(self, count: int, limit: int, max_bytes: int, now: float,
                       lease_s: float, delivered: Sequence[Delivered] = (),
-                      partial: bool = True) -> Claims:
-        """Lease up to ``count`` batches at once, each as ``claim`` takes one; they share
-        a lease token, and each is deleted, released or buried by its own ids. With
+                      partial: bool = True, skip: Collection[int] = ()) -> Claims:
+        """Lease up to ``count`` batches at once, each as ``claim`` takes one, each of one
+        destination, under a lease token of its own; each is deleted, released or buried
+        by its token and ids. The rows of the destinations in ``skip`` (paused) stay. With
         ``partial`` False, only full batches: ``limit`` rows, or cut by ``max_bytes`` or by
         a row that cannot go (the rows after them stay ready). The ``delivered`` (token,
         ids) pairs are deleted first, as ``delete`` does, in the same transaction. One
         transaction per batch for the claim and one for the delete, each taking the
         connection's lock while eight sender threads held the GIL, made claims take 2 ms
         and deletes 4 ms."""
-        token = random.randint(1, 2**62)
-
         def take(conn: sqlite3.Connection) -> Claims:
             # One write transaction: rows read and leased together. Reading outside it
             # would let an id that SQLite reuses (after the queue emptied) be leased
@@ -243,12 +304,14 @@ class SQLiteQueue:
                 deleted = _delete_all(conn, delivered)
                 start, hi = _leased_prefix(conn, now)
                 args = {"now": now, "hi": hi, "start": start}
-                batches = _batching.read(conn, args, count, limit, max_bytes, partial)
-                if batches:  # one statement: executemany steps (and gives the GIL) per row
-                    values = [(b[0].id, b[-1].id, token, now + lease_s) for b in batches]
-                    conn.execute(f"INSERT INTO leases VALUES {_tuples(len(values), 4)}",
+                batches = _batching.read(conn, args, count, limit, max_bytes, partial, skip)
+                claims = [Claim(random.randint(1, 2**62), b, b[0].dest) for b in batches]
+                if claims:  # one statement: executemany steps (and gives the GIL) per row
+                    values = [(c.rows[0].id, c.rows[-1].id, c.token, now + lease_s, c.dest,
+                               len(c.rows)) for c in claims]
+                    conn.execute(f"INSERT INTO leases VALUES {_tuples(len(values), 6)}",
                                  [v for row in values for v in row])
-            return Claims([Claim(token, batch) for batch in batches], deleted)
+            return Claims(claims, deleted)
 
         return self._run(take)
 
@@ -267,12 +330,13 @@ class SQLiteQueue:
     def release(self, token: int, ids: Sequence[int], not_before: float) -> int:
         """Give rows back after a failed attempt, counting it; they are ready again
         at ``not_before`` (epoch seconds). Exactly ``ids``, as for delete."""
-        sql = "UPDATE events SET attempts = attempts + 1, not_before = ? WHERE id BETWEEN ? AND ?"
+        sql = ("UPDATE events SET attempts = attempts + 1, not_before = ? "
+               "WHERE id BETWEEN ? AND ? AND dest = ?")
 
         def run(conn: sqlite3.Connection) -> int:
             with _write(conn):
                 return _settle(conn, token, ids,
-                               lambda x, y: conn.execute(sql, (not_before, x, y)).rowcount)
+                               lambda x, y, d: conn.execute(sql, (not_before, x, y, d)).rowcount)
 
         return self._run(run)
 
@@ -282,15 +346,16 @@ class SQLiteQueue:
         def one(conn: sqlite3.Connection, event_id: int) -> int:
             moved = conn.execute(
                 "INSERT INTO dead_letters (event_id, body, size, created, attempts, "
-                "buried_at, status, response) SELECT id, body, size, created, "
-                "attempts + 1, ?, ?, ? FROM events WHERE id = ?",
+                "buried_at, status, response, dest) SELECT id, body, size, created, "
+                "attempts + 1, ?, ?, ?, dest FROM events WHERE id = ?",
                 (now, status, response[:4096], event_id)).rowcount
             conn.execute("DELETE FROM events WHERE id = ?", (event_id,))
             return int(moved)
 
         def move(conn: sqlite3.Connection) -> int:
             with _write(conn):  # one by one: the ids need not be contiguous
-                return sum(_settle(conn, token, [i], lambda x, _: one(conn, x)) for i in ids)
+                return sum(_settle(conn, token, [i], lambda x, _, __: one(conn, x))
+                           for i in ids)
 
         return self._run(move)
 
@@ -313,21 +378,25 @@ class SQLiteQueue:
 
         return self._run(run)
 
-    def resume(self, now: float) -> int:
-        """Make unclaimed rows that wait out a backoff ready now (the receiver is back)."""
-        sql = f"UPDATE events SET not_before = 0 WHERE not_before > ? AND NOT EXISTS ({COVERED})"
-        return self._run(lambda c: c.execute(sql, (now,)).rowcount)
+    def resume(self, now: float, dest: int | None = None) -> int:
+        """Make unclaimed rows (of destination ``dest``, or all) that wait out a backoff
+        ready now (the receiver is back)."""
+        sql = (f"UPDATE events SET not_before = 0 WHERE not_before > :now "
+               f"{_of_dest(dest)}AND NOT EXISTS ({COVERED})")
+        return self._run(lambda c: c.execute(sql, {"now": now, "dest": dest}).rowcount)
 
-    def next_ready_at(self, now: float) -> float | None:
-        """When the oldest unclaimed row is ready (None if there is none)."""
+    def next_ready_at(self, now: float, dest: int | None = None) -> float | None:
+        """When the oldest unclaimed row (of destination ``dest``, or of any) is ready
+        (None if there is none)."""
         sql = (f"SELECT MIN(not_before) FROM (SELECT not_before FROM events "
-               f"WHERE NOT {_LEASED} ORDER BY id LIMIT 1000)")
-        value = self._run(lambda c: c.execute(sql, {"now": now}).fetchone()[0])
+               f"WHERE NOT {_LEASED} {_of_dest(dest)}ORDER BY id LIMIT 1000)")
+        value = self._run(lambda c: c.execute(sql, {"now": now, "dest": dest}).fetchone()[0])
         return None if value is None else float(value)
 
     def backoff_owner(self) -> str | None:
-        """The destination whose failures stored the backoffs now in the file (see
-        set_backoff_owner); None when none was recorded (a file of segmentry 0.1)."""
+        """The destination whose failures stored the backoffs now in the file on events
+        that carry none (see set_backoff_owner; an event that carries its destination
+        earned its own); None when none was recorded (a file of segmentry 0.1)."""
         def read(conn: sqlite3.Connection) -> str | None:
             if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
                 return None  # never written: the table is made by the first owner
@@ -388,10 +457,12 @@ class SQLiteQueue:
 
         return self._run(read)
 
+    def destination_stats(self, now: float) -> list[DestinationStats]:
+        """The events and dead letters of each destination, by name (never the key)."""
+        return self._run(lambda conn: _destination_stats(conn, SCHEMA_VERSION))
+
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        sql = ("SELECT id, body, created, buried_at, attempts, status, response "
-               "FROM dead_letters ORDER BY id LIMIT ?")
-        return self._run(lambda c: [DeadLetter(*r) for r in c.execute(sql, (limit,))])
+        return self._run(lambda c: _dead_letters(c, limit, SCHEMA_VERSION))
 
     def requeue(self, ids: Sequence[int] | None = None) -> int:
         """Put dead letters (all, or those ids) back at the end of the queue, as they were."""
@@ -400,8 +471,8 @@ class SQLiteQueue:
         def move(conn: sqlite3.Connection) -> int:
             with _write(conn):
                 conn.execute(
-                    "INSERT INTO events (body, size, created) SELECT body, size, created "
-                    f"FROM dead_letters {where} ORDER BY id", args)
+                    "INSERT INTO events (body, size, created, dest) SELECT body, size, "
+                    f"created, dest FROM dead_letters {where} ORDER BY id", args)
                 return conn.execute(f"DELETE FROM dead_letters {where}", args).rowcount
 
         return self._run(move)
@@ -479,12 +550,20 @@ class SQLiteQueue:
                 return None
             try:
                 rows = self._conn.execute(
-                    "SELECT body, size, created FROM events ORDER BY id").fetchall()
+                    "SELECT body, size, created, write_key, api_url FROM events LEFT JOIN "
+                    "destinations ON destinations.id = dest ORDER BY events.id").fetchall()
             except sqlite3.Error as exc:
                 raise self._error(exc) from exc
             self._close()
-        # Events of a batch in flight are moved too: sent twice at worst, never lost.
-        self._run(lambda c: _in_write(c, lambda: c.executemany(_INSERT, rows)))
+
+        def move(conn: sqlite3.Connection) -> None:
+            # Events of a batch in flight are moved too: sent twice at worst, never lost.
+            with _write(conn):
+                conn.executemany(_INSERT, [
+                    (body, size, created, self._dest_id(conn, None if key is None else (key, url)))
+                    for body, size, created, key, url in rows])
+
+        self._run(move)
         return len(rows)
 
     def _check_or_init(self, conn: sqlite3.Connection) -> None:
@@ -502,6 +581,7 @@ class SQLiteQueue:
             upgrade(conn)
 
     def _close(self) -> None:
+        self._dest_ids.clear()  # ids of that file's
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -587,18 +667,20 @@ def _delete_all(conn: sqlite3.Connection, delivered: Sequence[Delivered]) -> int
     pairs = [(min(ids), max(ids), token) for token, ids in delivered if ids]
     if not pairs:
         return 0
-    sql = "DELETE FROM events WHERE id BETWEEN ? AND ?"
+    sql = "DELETE FROM events WHERE id BETWEEN ? AND ? AND dest = ?"
     if not all(_spans(conn, ids) for _, ids in delivered if ids):
-        return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
+        return sum(_settle(conn, token, ids,
+                           lambda x, y, d: conn.execute(sql, (x, y, d)).rowcount)
                    for token, ids in delivered)
     which = f"(lo, hi, token) IN (VALUES {_tuples(len(pairs), 3)})"
     flat = [v for pair in pairs for v in pair]
-    if conn.execute(f"SELECT COUNT(*) FROM leases WHERE {which}", flat).fetchone()[0] == len(pairs):
+    dests = dict(conn.execute(f"SELECT lo, dest FROM leases WHERE {which}", flat).fetchall())
+    if len(dests) == len(pairs):
         conn.execute(f"DELETE FROM leases WHERE {which}", flat)
-        ranges = " OR ".join(["id BETWEEN ? AND ?"] * len(pairs))
+        ranges = " OR ".join(["(id BETWEEN ? AND ? AND dest = ?)"] * len(pairs))
         return int(conn.execute(f"DELETE FROM events WHERE {ranges}",
-                                [v for lo, hi, _ in pairs for v in (lo, hi)]).rowcount)
-    return sum(_settle(conn, token, ids, lambda x, y: conn.execute(sql, (x, y)).rowcount)
+                                [v for lo, hi, _ in pairs for v in (lo, hi, dests[lo])]).rowcount)
+    return sum(_settle(conn, token, ids, lambda x, y, d: conn.execute(sql, (x, y, d)).rowcount)
                for token, ids in delivered)
 
 
@@ -608,14 +690,15 @@ def _tuples(count: int, width: int) -> str:
 
 
 def _spans(conn: sqlite3.Connection, ids: Sequence[int]) -> bool:
-    """Whether the events from min(ids) to max(ids) are exactly ``ids``, so that a
-    statement on the id range acts on those and no other (a claim's rows given whole,
-    or a slice of them: the flusher's case)."""
+    """Whether the events of one destination from min(ids) to max(ids) are exactly
+    ``ids``, so that a statement on the id range and the destination acts on those and
+    no other (a claim's rows given whole, or a slice of them: the flusher's case)."""
     a, b = min(ids), max(ids)
     if b - a + 1 == len(ids) == len(set(ids)):
         return True  # every id in the range was given
-    found = conn.execute("SELECT group_concat(id) FROM (SELECT id FROM events "
-                         "WHERE id BETWEEN ? AND ? ORDER BY id)", (a, b)).fetchone()[0]
+    found = conn.execute("SELECT group_concat(id) FROM (SELECT id FROM events WHERE id "
+                         "BETWEEN ? AND ? AND dest = (SELECT dest FROM events WHERE id = ?) "
+                         "ORDER BY id)", (a, b, a)).fetchone()[0]
     return bool(found == ",".join(map(str, sorted(set(ids)))))
 
 
@@ -631,7 +714,7 @@ def _runs(ids: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _settle(conn: sqlite3.Connection, token: int, ids: Sequence[int],
-            act: Callable[[int, int], int]) -> int:
+            act: Callable[[int, int, int], int]) -> int:
     """``act`` on exactly the events ``ids`` that ``token`` still holds: range by range
     when they are not one span of events (see _spans)."""
     if not ids:
@@ -642,27 +725,71 @@ def _settle(conn: sqlite3.Connection, token: int, ids: Sequence[int],
 
 
 def _settle_range(conn: sqlite3.Connection, token: int, a: int, b: int,
-                  act: Callable[[int, int], int]) -> int:
+                  act: Callable[[int, int, int], int]) -> int:
     """For each of ``token``'s leases that meets [a, b], ``act`` on the events of the
-    overlap [x, y] (return how many), then cut it out of the lease. A token whose leases
-    were reset, or expired and were deleted by a claim, holds nothing: its rows may be
-    another claim's now."""
-    exact = "DELETE FROM leases WHERE lo = ? AND hi = ? AND token = ?"
-    if conn.execute(exact, (a, b, token)).rowcount:  # a whole batch: the common case
-        return act(a, b)
+    overlap [x, y] of the lease's destination d (``act(x, y, d)``: return how many), then
+    cut it out of the lease. A token (a batch: one destination) whose leases were reset,
+    or expired and were deleted by a claim, holds nothing: its rows may be another
+    claim's now."""
+    exact = "DELETE FROM leases WHERE lo = ? AND hi = ? AND token = ? RETURNING dest"
+    whole = conn.execute(exact, (a, b, token)).fetchall()
+    if whole:  # a whole batch: the common case
+        return act(a, b, whole[0][0])
     done = 0
-    for lo, hi, until in conn.execute(_HELD, {"token": token, "a": a, "b": b}).fetchall():
+    for lo, hi, until, dest in conn.execute(_HELD, {"token": token, "a": a, "b": b}).fetchall():
         x, y = max(lo, a), min(hi, b)
-        done += act(x, y)
+        done += act(x, y, dest)
         conn.execute("DELETE FROM leases WHERE lo = ?", (lo,))
         for left, right in ((lo, x - 1), (y + 1, hi)):  # what is left on either side,
             if left <= right:  # narrowed to its events, so that its ends exist
-                first, last = conn.execute("SELECT MIN(id), MAX(id) FROM events "
-                                           "WHERE id BETWEEN ? AND ?", (left, right)).fetchone()
+                first, last, count = conn.execute(
+                    "SELECT MIN(id), MAX(id), COUNT(*) FROM events WHERE id BETWEEN ? AND ? "
+                    "AND dest = ?", (left, right, dest)).fetchone()
                 if first is not None:
-                    conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?)",
-                                 (first, last, token, until))
+                    conn.execute("INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?)",
+                                 (first, last, token, until, dest, count))
     return done
+
+
+def _of_dest(dest: int | None) -> str:
+    """The condition on ``events`` for one destination (:dest), or none for all."""
+    return "" if dest is None else "AND events.dest = :dest "
+
+
+def _names(conn: sqlite3.Connection) -> dict[int, str]:
+    """Each destination's name (see ``destination``): never the key itself."""
+    sql = "SELECT id, write_key, api_url FROM destinations"
+    names = {i: destination(url, key) for i, key, url in conn.execute(sql)}
+    names[0] = NO_DESTINATION
+    return names
+
+
+def _destination_stats(conn: sqlite3.Connection, version: int) -> list[DestinationStats]:
+    """Per destination: its events and dead letters; every destination recorded, and
+    NO_DESTINATION when it has any (a file older than schema 4 has those only)."""
+    by = "dest" if version >= 4 else "0"
+    names = _names(conn) if version >= 4 else {0: NO_DESTINATION}
+    counts: dict[int, list[Any]] = {}
+    sql = f"SELECT {by}, COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM events GROUP BY 1"
+    for dest, depth, size, oldest in conn.execute(sql):
+        counts[dest] = [depth, size, oldest, 0]
+    for dest, dead in conn.execute(f"SELECT {by}, COUNT(*) FROM dead_letters GROUP BY 1"):
+        counts.setdefault(dest, [0, 0, None, 0])[3] = dead
+    for dest in names:  # a destination recorded whose events all went: zeros
+        if dest:
+            counts.setdefault(dest, [0, 0, None, 0])
+    return [DestinationStats(names.get(dest, f"destination {dest}"), *values)
+            for dest, values in sorted(counts.items())]
+
+
+def _dead_letters(conn: sqlite3.Connection, limit: int, version: int) -> list[DeadLetter]:
+    names = _names(conn) if version >= 4 else {}
+    dest = "dest" if version >= 4 else "0"
+    sql = ("SELECT id, body, created, buried_at, attempts, status, response, "
+           f"{dest} FROM dead_letters ORDER BY id LIMIT ?")
+    return [DeadLetter(i, body, created, buried, tries, status, text,
+                       names.get(d, NO_DESTINATION))
+            for i, body, created, buried, tries, status, text, d in conn.execute(sql, (limit,))]
 
 
 def _in_write(conn: sqlite3.Connection, fn: Callable[[], T]) -> T:
@@ -725,6 +852,7 @@ class Inspection(NamedTuple):
     stats: Stats
     dead_letters: list[DeadLetter]  # the oldest, as many as asked for
     disk_bytes: int  # the file and its WAL
+    destinations: list[DestinationStats] = []
 
 
 def inspect(path: str, now: float, letters: int = 0) -> Inspection | None:
@@ -783,7 +911,7 @@ def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> I
     conn.execute("BEGIN")  # one snapshot for every count
     app_id, version, tables = header(conn)
     if app_id == 0 and tables == 0:
-        return Inspection(Stats(0, 0, None, 0, 0), [], disk)
+        return Inspection(Stats(0, 0, None, 0, 0), [], disk, [])
     if app_id != APPLICATION_ID:
         raise StorageError(f"{path} is not a segmentry queue (another application's "
                            "SQLite file)")
@@ -796,10 +924,9 @@ def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> I
     flying = conn.execute(f"{_LEASED_COUNT} WHERE until > ?", (now,)).fetchone()[0] \
         if version == SCHEMA_VERSION else 0
     dead = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
-    sql = ("SELECT id, body, created, buried_at, attempts, status, response "
-           "FROM dead_letters ORDER BY id LIMIT ?")
-    listed = [DeadLetter(*r) for r in conn.execute(sql, (letters,))]
-    return Inspection(Stats(depth, size, oldest, dead, flying), listed, disk)
+    listed = _dead_letters(conn, letters, version)
+    return Inspection(Stats(depth, size, oldest, dead, flying), listed, disk,
+                      _destination_stats(conn, version))
 
 
 def _read_error(path: str, exc: sqlite3.Error) -> StorageError:

@@ -24,7 +24,7 @@ from helpers import FAST, enqueue, wait_until
 import segmentry
 from segmentry.flusher import holder_pid
 from segmentry.service import GRACE_S
-from segmentry.storage import SCHEMA_VERSION, SQLiteQueue
+from segmentry.storage import SCHEMA_VERSION, SQLiteQueue, destination
 
 pytestmark = pytest.mark.slow
 
@@ -138,6 +138,26 @@ def test_status_json_counts_queued_events_their_bytes_and_the_oldest_age(env, qu
     assert report["oldest_age_s"] >= 0 and report["in_flight"] == 0
     assert report["dead_letters"] == 0 and report["flusher_pid"] is None
     assert report["disk_bytes"] >= os.path.getsize(queue_path)
+
+
+def test_status_counts_each_destination_named_by_url_and_key_hash_never_the_key(
+        env, queue_path):
+    url = "http://127.0.0.1:9/v1/"
+    enqueue(queue_path, 2)  # no key: no destination of their own
+    for key, n in (("key-web-0001", 3), ("key-cron-0002", 1)):
+        with segmentry.Client(key, queue_path=queue_path, api_url=url, flusher=None) as c:
+            for _ in range(n):
+                c.track("u", "E")
+    report = status_json(env, queue_path)
+    views = {d["name"]: d for d in report["destinations"]}
+    assert {name: d["depth"] for name, d in views.items()} == {
+        "default": 2, destination(url, "key-web-0001"): 3, destination(url, "key-cron-0002"): 1}
+    web = views[destination(url, "key-web-0001")]
+    assert web["bytes"] > 0 and web["oldest_age_s"] >= 0 and web["dead_letters"] == 0
+    text = run(env, "status", "--queue", queue_path).stdout
+    assert f"{destination(url, 'key-cron-0002')}: 1 events" in text
+    for shown in (json.dumps(report), text):
+        assert "key-web-0001" not in shown and "key-cron-0002" not in shown
 
 
 def test_status_without_json_prints_a_readable_summary(env, queue_path):
@@ -392,9 +412,26 @@ def test_the_flusher_refuses_such_a_file_with_exit_1_and_leaves_it_untouched(
     assert Path(queue_path).read_bytes() == before
 
 
-def test_the_flusher_without_a_write_key_exits_2_in_one_line(env, queue_path):
+def test_a_drain_without_a_write_key_keeps_events_that_carry_none_and_says_why(
+        env, queue_path):
+    enqueue(queue_path, 3)  # a producer without a key: the events carry no destination
     proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
-    assert_one_line_error(proc, 2, "SEGMENT_WRITE_KEY")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    said = [line for line in proc.stderr.splitlines() if line.startswith("segmentry: ")]
+    assert len(said) == 1 and "SEGMENT_WRITE_KEY" in said[0], proc.stderr
+    assert SQLiteQueue(queue_path).stats(time.time()).depth == 3
+
+
+def test_a_flusher_without_a_write_key_delivers_the_events_that_carry_their_own(
+        env, queue_path):
+    with FakeSegment(write_key=KEY) as receiver:
+        with segmentry.Client(KEY, queue_path=queue_path, api_url=receiver.url,
+                              flusher=None) as producer:
+            for i in range(4):
+                producer.track("u", "E", {"i": i})
+        proc = run(env, "--queue", queue_path, "--drain", module="segmentry.flusher")
+        assert proc.returncode == 0, proc.stderr
+        assert receiver.stats()["unique"] == 4 and KEY not in proc.stderr
 
 
 @pytest.mark.parametrize("args, words", [
@@ -556,8 +593,12 @@ def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(q
     assert "remaining 2" in stream.getvalue()
 
 
-def test_flush_without_a_write_key_exits_2_like_the_flusher(env, queue_path):
-    assert_one_line_error(run(env, "flush", "--queue", queue_path), 2, "SEGMENT_WRITE_KEY")
+def test_flush_without_a_write_key_keeps_events_that_carry_none_like_the_flusher(
+        env, queue_path):
+    enqueue(queue_path, 1)
+    proc = run(env, "flush", "--queue", queue_path, "--drain")
+    said = [line for line in proc.stderr.splitlines() if line.startswith("segmentry: ")]
+    assert proc.returncode == 1 and len(said) == 1 and "SEGMENT_WRITE_KEY" in said[0]
 
 
 # -- dead letters ---------------------------------------------------------------------------
@@ -632,7 +673,7 @@ def test_dead_letters_list_json_gives_the_whole_response_the_table_one_line(env,
 
 def test_dead_letters_list_of_a_missing_queue_is_empty_and_creates_nothing(env, queue_path):
     assert dead_letters(env, queue_path) == {"queue_path": queue_path, "total": 0,
-                                             "dead_letters": []}
+                                             "by_destination": {}, "dead_letters": []}
     assert not os.path.exists(queue_path)
 
 

@@ -166,7 +166,7 @@ def test_a_drained_queue_takes_events_again_under_a_small_cap(tmp_path):
 
 
 def test_a_storage_failure_follows_on_full(tmp_path):
-    def failing_put(body, now):  # as a disk that fails after the client was made
+    def failing_put(body, now, destination=None):  # as a disk that fails after the client was made
         raise StorageError("queue file q.db: disk I/O error")
 
     dropping = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
@@ -267,19 +267,39 @@ def test_a_call_after_close_follows_on_full_drop_and_never_raises(tmp_path):
     assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1
 
 
-def test_a_second_flusher_thread_for_the_same_file_must_send_the_same_way(tmp_path):
-    path = str(tmp_path / "q.db")
-    with segmentry.Client("KEY-A", queue_path=path, api_url="http://127.0.0.1:9/v1/"):
-        for other in ({"write_key": "KEY-B"}, {"write_key": "KEY-A", "send_to_http": False},
-                      {"write_key": "KEY-A", "api_url": "http://127.0.0.1:8/v1/"}):
-            key = other.pop("write_key")
-            options = {"api_url": "http://127.0.0.1:9/v1/", **other}
-            with pytest.raises(ConfigurationError, match="own queue_path"):
-                segmentry.Client(key, queue_path=path, **options)
-        # The same destination, or no flusher thread at all, may share it.
-        segmentry.Client("KEY-A", queue_path=path, api_url="http://127.0.0.1:9/v1/").close()
-        segmentry.Client(queue_path=path, flusher=None).close()
-    segmentry.Client("KEY-B", queue_path=path, api_url="http://127.0.0.1:9/v1/").close()
+def test_two_clients_of_one_process_with_different_keys_share_a_file_each_event_its_key(
+        tmp_path):
+    from fake_segment import FakeSegment
+
+    with FakeSegment(write_key=["KEY-A", "KEY-B"]) as receiver:
+        path = str(tmp_path / "q.db")
+        a = segmentry.Client("KEY-A", queue_path=path, api_url=receiver.url)
+        b = segmentry.Client("KEY-B", queue_path=path, api_url=receiver.url)
+        for _ in range(5):
+            a.track("u", "A")
+            b.track("u", "B")
+        assert a.flush(timeout=10) and b.flush(timeout=10)
+        a.close()
+        b.close()
+        assert receiver.stats()["events_by_key"] == {"KEY-A": 5, "KEY-B": 5}
+
+
+def test_flush_waits_for_the_clients_own_events_not_another_keys_refused_ones(tmp_path):
+    from fake_segment import FakeSegment
+
+    with FakeSegment(write_key="KEY-A") as receiver:  # KEY-B: 401
+        path = str(tmp_path / "q.db")
+        a = segmentry.Client("KEY-A", queue_path=path, api_url=receiver.url)
+        b = segmentry.Client("KEY-B", queue_path=path, api_url=receiver.url)
+        for _ in range(5):
+            b.track("u", "B")
+            a.track("u", "A")
+        assert a.flush(timeout=20)  # B's events, between A's, wait: A's went
+        assert not b.flush(timeout=0.5)
+        a.close()
+        b.close()
+        assert receiver.stats()["events_by_key"] == {"KEY-A": 5}
+        assert SQLiteQueue(path).stats(time.time()).depth == 5
 
 
 def test_a_call_that_races_close_stores_its_event_but_starts_no_flusher(tmp_path):
@@ -287,8 +307,9 @@ def test_a_call_that_races_close_stores_its_event_but_starts_no_flusher(tmp_path
                               api_url="http://127.0.0.1:9/v1/")
     real_put = client.queue.put
 
-    def put_then_closed(body, now):  # close() runs between the call's store and its wake-up
-        row = real_put(body, now)
+    # close() runs between the call's store and its wake-up
+    def put_then_closed(body, now, destination=None):
+        row = real_put(body, now, destination)
         client.close()
         return row
 
@@ -532,7 +553,7 @@ def test_an_event_stored_while_flush_waits_is_not_forgotten(client):
     client.track("u", "first")
     real_pending = client.queue.pending
 
-    def delivered_then_another_thread_tracks(first, last):
+    def delivered_then_another_thread_tracks(first, last, destination="any"):
         claim = client.queue.claim(10, 10**9, time.time(), 60)
         client.queue.delete(claim.token, [r.id for r in claim.rows])  # delivered
         client.track("u", "meanwhile")  # gets id 1 again: inside the waited range
@@ -713,7 +734,7 @@ def test_drops_that_go_on_are_reported_once_a_minute_with_a_count(tmp_path, monk
     clock = [1000.0]
     monkeypatch.setattr(client_module.time, "monotonic", lambda: clock[0])
     c = segmentry.Client(queue_path=str(tmp_path / "q.db"), flusher=None)
-    c.queue.put = lambda body, now: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    c.queue.put = lambda body, now, destination=None: _raise(StorageError("disk I/O error"))
     with caplog.at_level("WARNING", logger="segmentry"):
         for _ in range(5):
             c.track("u", "E")
@@ -729,7 +750,7 @@ def test_drops_that_go_on_are_reported_once_a_minute_with_a_count(tmp_path, monk
 def test_flush_says_false_once_for_events_dropped_since_the_last_flush(client):
     real_put = client.queue.put
     client.track("u", "stored")
-    client.queue.put = lambda body, now: (_ for _ in ()).throw(StorageError("disk I/O error"))
+    client.queue.put = lambda body, now, destination=None: _raise(StorageError("disk I/O error"))
     assert client.track("u", "dropped") is None
     client.queue.put = real_put
     client.queue._run(lambda c: c.execute("DELETE FROM events"))  # as delivered
@@ -836,3 +857,7 @@ def test_flush_notices_a_removed_queue_file(tmp_path, caplog):
     assert "1 event(s) still in the old file were moved" in caplog.text
     assert SQLiteQueue(str(path)).stats(time.time()).depth == 1
     c.close()
+
+
+def _raise(error):
+    raise error

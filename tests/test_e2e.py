@@ -415,3 +415,44 @@ def test_under_systemd_the_service_notifies_ready_status_watchdog_and_stopping(
         sock.close()
     assert seen[0].startswith("STATUS=standby")
     assert depth(queue_path).depth == 5  # the 401 kept everything
+
+
+PRODUCER = textwrap.dedent("""
+    import sys
+    import segmentry
+    key, path, url, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    with segmentry.Client(key, queue_path=path, api_url=url, flusher=None) as client:
+        for i in range(count):
+            client.track("user", "E", {"source": key, "i": i})
+""")
+
+
+def waiting(path):
+    """The events left in the queue, by destination."""
+    return {d.name: d.depth for d in SQLiteQueue(path).destination_stats(time.time())
+            if d.depth}
+
+
+def test_three_sources_share_one_queue_and_a_refused_key_holds_back_only_its_own(
+        queue_path):
+    keys, count = ["key-web", "key-billing", "key-cron"], 300
+    with FakeSegment(write_key=keys[:2], record=True) as receiver:  # key-cron: 401
+        producers = [subprocess.Popen([sys.executable, "-c", PRODUCER, key, queue_path,
+                                       receiver.url, str(count)]) for key in keys]
+        assert [p.wait(timeout=120) for p in producers] == [0, 0, 0]
+        service = flusher(queue_path, receiver.url, env={"SEGMENT_WRITE_KEY": ""})
+        try:
+            delivered = receiver.ledger.wait_for(
+                lambda s: all(s["events_by_key"].get(k) == count for k in keys[:2]), 60)
+            assert delivered, receiver.stats()
+            held = {segmentry.flusher.destination(receiver.url, keys[2]): count}
+            assert wait_until(lambda: waiting(queue_path) == held), waiting(queue_path)
+            receiver.accept_keys(keys)  # the key is fixed: its events go
+            assert receiver.ledger.wait_for(
+                lambda s: s["events_by_key"].get(keys[2]) == count, 90), receiver.stats()
+            assert wait_until(lambda: depth(queue_path).depth == 0)
+        finally:
+            service.terminate()
+            _, err = service.communicate(timeout=30)
+    assert receiver.stats()["duplicates"] == 0
+    assert "HTTP 401" in err and not any(key in err for key in keys)

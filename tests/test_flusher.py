@@ -818,3 +818,42 @@ def test_python_m_segmentry_flusher_loads_the_flusher_once():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
     assert proc.stdout.split()[-1] == "1"
+
+
+def test_a_429_from_one_destination_pauses_it_only_the_others_keep_going(path):
+    """Three sources in one file, one host rate-limiting one key: the other two drain,
+    in batches of one key each, while the limited one waits out its Retry-After."""
+    import base64
+
+    def key_of(request):
+        token = request.headers["Authorization"].split()[1]
+        return base64.b64decode(token).decode().rstrip(":")
+
+    def handler(request):
+        if key_of(request) == "LIMITED":
+            return 429, {}, {"Retry-After": "300"}
+        return 200
+
+    clients = [segmentry.Client(key, queue_path=path, flusher=None,
+                                api_url="http://127.0.0.1:9/v1/")
+               for key in ("LIMITED", "WEB", "CRON")]
+    for i in range(30):
+        for client in clients:
+            client.track("u", "E", {"i": i})
+    for client in clients:
+        client.close()
+    flusher, stub, queue = make(path, handler, max_batch_size=10, max_in_flight=1)
+    stop = threading.Event()
+    loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
+    loop.start()
+    try:
+        assert wait_until(lambda: queue.stats(time.time()).depth == 30, timeout=20)
+    finally:
+        stop.set()
+        loop.join()
+    batches = [(key_of(r), len(r.events)) for r in stub.requests]
+    assert batches.count(("LIMITED", 10)) == 1  # asked once, then left alone
+    assert sum(n for key, n in batches if key != "LIMITED") == 60
+    assert all(len({e["properties"]["i"] for e in b}) == len(b) for b in stub.batches)
+    left = [(d.name, d.depth) for d in queue.destination_stats(time.time()) if d.depth]
+    assert left == [(flusher_module.destination("http://127.0.0.1:9/v1/", "LIMITED"), 30)]

@@ -351,3 +351,25 @@ def test_opentelemetry_gauges_read_the_queue_and_stop_at_detach(reader, queue_pa
     metrics.detach()
     assert not telemetry.attached(("segmentry", "batch", "stop"))
     assert ("segmentry.queue.events", where) not in points(reader)
+
+
+@pytest.mark.slow
+def test_the_gauges_have_a_series_per_destination_the_events_carry(receiver, queue_path):
+    """A refused key's events wait under their own label; the others drain."""
+    enqueue(queue_path, 2)  # no destination of their own: the flusher's key
+    with segmentry.Client("refused-key", queue_path=queue_path, api_url=receiver.url,
+                          flusher=None) as other:
+        for _ in range(5):
+            other.track("u", "E")
+    proc = flusher(queue_path, receiver.url)
+    try:
+        url = metrics_url(proc)
+        mine, theirs = destination(receiver.url, KEY), destination(receiver.url, "refused-key")
+        assert wait_until(
+            lambda: value(scrape(url), "segmentry_queue_events", destination=mine) == 0)
+        page = scrape(url)
+        assert value(page, "segmentry_queue_events", destination=theirs) == 5
+        assert value(page, "segmentry_queue_oldest_age_seconds", destination=theirs) > 0
+        assert "refused-key" not in requests.get(url, timeout=10).text
+    finally:
+        stop(proc)

@@ -13,12 +13,15 @@ import pytest
 from segmentry.exceptions import ConfigurationError, StorageError
 from segmentry.storage import (
     APPLICATION_ID,
+    NO_DESTINATION,
     SCHEMA_VERSION,
     SHRINK_EVERY_S,
     TAIL_FRAMES,
     WAL_KEEP_BYTES,
     SQLiteQueue,
     Upkeep,
+    destination,
+    inspect,
 )
 
 NOW = 1_800_000_000.0
@@ -112,12 +115,12 @@ def test_release_counts_the_attempt_and_delays_the_rows(queue):
     assert [r.attempts for r in again.rows] == [1, 1]
 
 
-def test_claim_batches_cuts_several_batches_under_one_token(queue):
+def test_claim_batches_cuts_several_batches_each_under_a_token_of_its_own(queue):
     ids = fill(queue, 7, size=0)
     size = len('{"i":0,"pad":""}') + 1
     claims = queue.claim_batches(3, 2, BIG, NOW, 60)
     assert [[r.id for r in c.rows] for c in claims.batches] == [ids[0:2], ids[2:4], ids[4:6]]
-    assert len({c.token for c in claims.batches}) == 1 and claims.deleted == 0
+    assert len({c.token for c in claims.batches}) == 3 and claims.deleted == 0
     # bytes cut a batch as claim() does; the rows after the last batch stay ready
     by_bytes = SQLiteQueue(queue.path).claim_batches(2, 10, size, NOW, 60)
     assert [[r.id for r in c.rows] for c in by_bytes.batches] == [ids[6:7]]
@@ -371,6 +374,86 @@ def test_a_schema_2_file_is_upgraded_in_place_and_its_leases_dropped(tmp_path):
     assert queue.delete(claim.token, [r.id for r in claim.rows]) == 2
     assert queue._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
     assert queue.integrity_check() == "ok"
+
+
+_LEASES_3 = ("CREATE TABLE leases (lo INTEGER PRIMARY KEY, hi INTEGER NOT NULL, "
+             "token INTEGER NOT NULL, until REAL NOT NULL);")
+
+
+def test_a_schema_3_file_is_upgraded_in_place_its_events_and_letters_carrying_no_destination(
+        tmp_path):
+    path = str(tmp_path / "old.db")
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(_SCHEMA_1 + _LEASES_3 + f"PRAGMA application_id={APPLICATION_ID}; "
+                       "PRAGMA user_version=3;")
+    conn.executemany("INSERT INTO events (body, size, created, attempts) VALUES (?, 2, ?, ?)",
+                     [("{}", NOW, 0), ("[]", NOW, 2)])
+    conn.execute("INSERT INTO leases VALUES (1, 2, 77, ?)", (NOW + 600,))  # a dead flusher's
+    conn.execute("INSERT INTO dead_letters (event_id, body, size, created, attempts, "
+                 "buried_at, status, response) VALUES (9, '{}', 2, ?, 1, ?, 400, 'no')",
+                 (NOW, NOW))
+    conn.commit()
+    conn.close()
+    before = inspect(path, NOW)  # read as it is, before any upgrade
+    assert before is not None and [(d.name, d.depth, d.dead_letters)
+                                   for d in before.destinations] == [(NO_DESTINATION, 2, 1)]
+    queue = SQLiteQueue(path)
+    mine = queue.put("{}", NOW, ("KEY", "http://127.0.0.1:9/v1/"))
+    claim = queue.claim(10, BIG, NOW, 60)  # the old ones first, with no destination
+    assert [(r.body, r.attempts, claim.dest) for r in claim.rows] == [("{}", 0, 0), ("[]", 2, 0)]
+    assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == [mine]
+    assert queue._run(lambda c: c.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION
+    assert [(d.name, d.depth, d.dead_letters) for d in queue.destination_stats(NOW)] == [
+        (NO_DESTINATION, 2, 1), (destination("http://127.0.0.1:9/v1/", "KEY"), 1, 0)]
+    assert queue.dead_letters()[0].destination == NO_DESTINATION
+    assert queue.integrity_check() == "ok"
+
+
+A = ("KEY-A", "http://127.0.0.1:9/v1/")
+B = ("KEY-B", "http://127.0.0.1:9/v1/")
+
+
+def interleave(queue, n, *dests):
+    """``n`` events a destination, put in turn: a1 b1 a2 b2 ...; their ids by destination."""
+    ids = {d: [] for d in dests}
+    for i in range(n):
+        for d in dests:
+            ids[d].append(queue.put(f'{{"i":{i}}}', NOW, d))
+    return ids
+
+
+def test_a_batch_holds_one_destination_even_when_their_events_interleave(queue):
+    ids = interleave(queue, 5, A, B, None)
+    names = {i: d for i, d in queue.destinations().items()}
+    claims = queue.claim_batches(10, 3, BIG, NOW, 60).batches
+    by_dest = [(names.get(c.dest), [r.id for r in c.rows]) for c in claims]
+    assert by_dest == [(A, ids[A][:3]), (B, ids[B][:3]), (None, ids[None][:3]),
+                       (A, ids[A][3:]), (B, ids[B][3:]), (None, ids[None][3:])]
+    assert all(r.dest == c.dest for c in claims for r in c.rows)
+    # each batch settles its own rows only, though the others' ids lie inside its range
+    first = claims[0]
+    assert queue.release(first.token, [r.id for r in first.rows], NOW) == 3
+    assert queue.delete(claims[1].token, [r.id for r in claims[1].rows]) == 3
+    assert queue.stats(NOW).depth == 12 and queue.stats(NOW).in_flight == 9
+
+
+def test_a_claim_skips_the_rows_of_paused_destinations_and_leaves_them_ready(queue):
+    ids = interleave(queue, 4, A, B)
+    paused = [i for i, d in queue.destinations().items() if d == A]
+    claims = queue.claim_batches(5, 10, BIG, NOW, 60, skip=paused).batches
+    assert [[r.id for r in c.rows] for c in claims] == [ids[B]]
+    assert [r.id for r in queue.claim(10, BIG, NOW, 60).rows] == ids[A]
+
+
+def test_a_destination_is_recorded_once_and_resumed_on_its_own(queue):
+    interleave(queue, 3, A, B)
+    assert sorted(queue.destinations().values()) == [A, B]
+    a, b = (queue.claim_batches(2, 10, BIG, NOW, 60).batches)
+    queue.release(a.token, [r.id for r in a.rows], NOW + 100)
+    queue.release(b.token, [r.id for r in b.rows], NOW + 100)
+    assert queue.resume(NOW, a.dest) == 3
+    assert queue.next_ready_at(NOW, a.dest) == 0 and queue.next_ready_at(NOW, b.dest) == NOW + 100
 
 
 def test_an_unwritable_directory_is_a_storage_error(tmp_path):

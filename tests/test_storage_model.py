@@ -1,6 +1,8 @@
 """The storage contract as a state machine: Hypothesis drives ``SQLiteQueue`` through
 random put / claim / delete / release / bury / reset_leases / requeue / purge / reopen
-steps and moving time, and checks every step against a plain Python model.
+steps and moving time, and checks every step against a plain Python model. Events carry
+one of three destinations (none, or one of two write keys): a batch holds one
+destination's, and a claim skips the destinations it is told to (paused ones).
 
 The model tracks each put body by a unique label, so the invariant "no row is ever lost
 or duplicated" is exact: every label is in exactly one of queue, dead letters, deleted,
@@ -18,10 +20,13 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from segmentry import storage
 from segmentry.storage import Claim, SQLiteQueue
 
 START = 1_800_000_000.0  # epoch seconds; time is an argument, never the wall clock
 STATUS = 400
+URL = "http://127.0.0.1:9"
+DESTINATIONS = [None, ("key-a", URL), ("key-b", URL)]  # None: the flusher's own
 
 
 @dataclasses.dataclass
@@ -35,6 +40,7 @@ class Row:
     not_before: float = 0.0
     lease: int = 0
     lease_until: float = 0.0
+    dest: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -44,6 +50,7 @@ class Letter:
     attempts: int
     status: int | None
     response: str
+    dest: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass
@@ -105,14 +112,21 @@ class QueueModel(RuleBasedStateMachine):
 
     # -- rules ------------------------------------------------------------------------------
 
-    @rule(pad=st.sampled_from([0, 1, 5, 30, 300]))
-    def put(self, pad: int) -> None:
+    def _ids(self) -> dict[tuple[str, str] | None, int]:
+        """The file's id of each destination (0: none)."""
+        return {None: 0, **{d: i for i, d in self.queue.destinations().items()}}
+
+    def _dest(self, dest_id: int) -> tuple[str, str] | None:
+        return {i: d for d, i in self._ids().items()}[dest_id]
+
+    @rule(pad=st.sampled_from([0, 1, 5, 30, 300]), dest=st.sampled_from(DESTINATIONS))
+    def put(self, pad: int, dest: tuple[str, str] | None) -> None:
         self.seq += 1
         label = f"b{self.seq}"
         body = f'{{"label":"{label}","pad":"{"x" * pad}"}}'
-        row_id = self.queue.put(body, self.now)
+        row_id = self.queue.put(body, self.now, dest)
         self.labels.add(label)
-        self._add(row_id, Row(self.seq, label, body))
+        self._add(row_id, Row(self.seq, label, body, dest=dest))
 
     @rule(limit=st.integers(1, 6), max_bytes=st.sampled_from([1, 26, 50, 80, 130, 400, 10**6]),
           lease_s=st.sampled_from([5.0, 30.0, 600.0]))
@@ -123,48 +137,58 @@ class QueueModel(RuleBasedStateMachine):
         assert [(r.id, r.body) for r in claim.rows] == \
             [(i, self.rows[i].body) for i in expected], "claim is not the oldest ready rows"
         assert [r.attempts for r in claim.rows] == [self.rows[i].attempts for i in expected]
+        if expected:
+            assert self._dest(claim.dest) == self.rows[expected[0]].dest
         self._lease(claim, expected, self.now + lease_s)
 
     @rule(data=st.data(), count=st.integers(1, 3), limit=st.integers(1, 4),
           max_bytes=st.sampled_from([1, 50, 130, 10**6]), lease_s=st.sampled_from([5.0, 600.0]),
-          partial=st.booleans())
+          partial=st.booleans(),
+          skip=st.lists(st.sampled_from(DESTINATIONS), max_size=2, unique=True))
     def claim_batches(self, data: st.DataObject, count: int, limit: int, max_bytes: int,
-                      lease_s: float, partial: bool) -> None:
+                      lease_s: float, partial: bool, skip: list[tuple[str, str] | None]) -> None:
         """The flusher's hot path: delete what was delivered, then lease several batches."""
         pairs = [self._slice(data) for _ in range(data.draw(st.integers(0, 2)))] \
             if self.leases else []
         hit = list(dict.fromkeys(i for lease, ids in pairs for i in self._by_token(lease, ids)))
+        ids_of = self._ids()
         claims = self.queue.claim_batches(count, limit, max_bytes, self.now, lease_s,
-                                          [(lease.token, ids) for lease, ids in pairs], partial)
+                                          [(lease.token, ids) for lease, ids in pairs], partial,
+                                          [ids_of[d] for d in skip if d in ids_of])
         assert claims.deleted == len(hit)
         for row_id in hit:
             self.deleted.add(self.rows.pop(row_id).label)
         self._expire()
-        expected = self._expected_batches(count, limit, max_bytes, partial)
+        expected = self._expected_batches(count, limit, max_bytes, partial, skip)
         assert [[r.id for r in c.rows] for c in claims.batches] == expected
-        assert len({c.token for c in claims.batches}) <= 1, "one token for the batches"
-        if expected:
-            self._lease(claims.batches[0], [i for batch in expected for i in batch],
-                        self.now + lease_s)
+        assert len({c.token for c in claims.batches}) == len(expected), "a token a batch"
+        for claim, batch in zip(claims.batches, expected):
+            assert {self.rows[i].dest for i in batch} == {self._dest(claim.dest)}, \
+                "a batch of one destination, the claim's"
+            self._lease(claim, batch, self.now + lease_s)
 
-    def _expected_batches(self, count: int, limit: int, max_bytes: int,
-                          partial: bool) -> list[list[int]]:
-        """Greedy: a batch closes when the next row cannot go (leased, or in a backoff), or
-        when it would pass limit or max_bytes."""
+    def _expected_batches(self, count: int, limit: int, max_bytes: int, partial: bool,
+                          skip: list[tuple[str, str] | None] | None = None) -> list[list[int]]:
+        """Greedy, each destination on its own (but those skipped): its batch closes when
+        its next row cannot go (leased, or in a backoff), or when it would pass limit or
+        max_bytes. The batches still open at the end follow, oldest first."""
         closed: list[list[int]] = []
-        batch: list[int] = []
+        open_: dict[tuple[str, str] | None, list[int]] = {}
         for row_id, row, ready in self._scan():
+            if row.dest in (skip or []):
+                continue
+            batch = open_.setdefault(row.dest, [])
             size = sum(len(self.rows[i].body) + 1 for i in batch) + len(row.body) + 1
             if batch and (not ready or len(batch) == limit or size > max_bytes):
                 closed.append(batch)
-                batch = []
+                batch = open_[row.dest] = []
                 if len(closed) == count:
                     return closed
             if ready:
                 batch.append(row_id)
-        if batch and (partial or len(batch) == limit):
-            closed.append(batch)
-        return closed
+        left = sorted((b for b in open_.values() if b and (partial or len(b) == limit)),
+                      key=lambda b: b[0])
+        return closed + left[:count - len(closed)]
 
     def _expected_claim(self, limit: int, max_bytes: int) -> list[int]:
         batches = self._expected_batches(1, limit, max_bytes, True)
@@ -223,7 +247,7 @@ class QueueModel(RuleBasedStateMachine):
         for letter in new:
             row = next(r for i, r in self.rows.items() if r.label == _label(letter.body))
             self.letters[letter.id] = Letter(row.label, row.body, row.attempts + 1,
-                                             STATUS, response)
+                                             STATUS, response, row.dest)
         for row_id in hit:
             del self.rows[row_id]
 
@@ -243,7 +267,7 @@ class QueueModel(RuleBasedStateMachine):
         for letter_id, row_id in zip(chosen, fresh):
             letter = self.letters.pop(letter_id)
             self.seq += 1
-            self._add(row_id, Row(self.seq, letter.label, letter.body))
+            self._add(row_id, Row(self.seq, letter.label, letter.body, dest=letter.dest))
 
     def _new_rows(self, count: int) -> list[int]:
         """The ids requeue gave: the rows the model does not know yet, in id order."""
@@ -301,21 +325,40 @@ class QueueModel(RuleBasedStateMachine):
         with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) as conn:
             events = conn.execute(  # a row under two leases would be listed twice
                 "SELECT e.id, e.body, e.attempts, e.not_before, COALESCE(l.token, 0), "
-                "COALESCE(l.until, 0.0) FROM events e "
-                "LEFT JOIN leases l ON e.id BETWEEN l.lo AND l.hi").fetchall()
-            orphans = conn.execute(  # a lease's ends are events (so ids are never reused
-                # inside it), and it is not empty
-                "SELECT COUNT(*) FROM leases WHERE lo NOT IN (SELECT id FROM events) "
-                "OR hi NOT IN (SELECT id FROM events) OR hi < lo").fetchone()[0]
-            letters = conn.execute(
-                "SELECT id, body, attempts, status, response FROM dead_letters").fetchall()
+                "COALESCE(l.until, 0.0), e.dest FROM events e "
+                "LEFT JOIN leases l ON e.id BETWEEN l.lo AND l.hi AND l.dest = e.dest"
+            ).fetchall()
+            orphans = conn.execute(  # a lease's ends are its destination's events (so ids
+                # are never reused inside it), it is not empty, and it counts them right
+                "SELECT COUNT(*) FROM leases WHERE lo NOT IN (SELECT id FROM events "
+                "WHERE dest = leases.dest) OR hi NOT IN (SELECT id FROM events WHERE "
+                "dest = leases.dest) OR hi < lo OR n != (SELECT COUNT(*) FROM events "
+                "WHERE id BETWEEN lo AND hi AND dest = leases.dest)").fetchone()[0]
+            letters = conn.execute("SELECT id, body, attempts, status, response, dest "
+                                   "FROM dead_letters").fetchall()
         conn.close()
-        assert orphans == 0, "a lease's range does not start and end at its own events"
+        ids = self._ids()
+        assert orphans == 0, "a lease's range does not start and end at its own events, " \
+            "or miscounts them"
         assert sorted(events) == sorted(
-            (i, r.body, r.attempts, r.not_before, r.lease, r.lease_until)
+            (i, r.body, r.attempts, r.not_before, r.lease, r.lease_until, ids[r.dest])
             for i, r in self.rows.items())
         assert sorted(letters) == sorted(
-            (i, d.body, d.attempts, d.status, d.response) for i, d in self.letters.items())
+            (i, d.body, d.attempts, d.status, d.response, ids[d.dest])
+            for i, d in self.letters.items())
+
+    @invariant()
+    def counts_per_destination_match(self) -> None:
+        expected: dict[str, tuple[int, int]] = {}
+        for name, events, letters in (
+                (storage.destination(d[1], d[0]) if d else storage.NO_DESTINATION,
+                 sum(r.dest == d for r in self.rows.values()),
+                 sum(x.dest == d for x in self.letters.values())) for d in DESTINATIONS):
+            if events or letters:
+                expected[name] = (events, letters)
+        found = {s.name: (s.depth, s.dead_letters) for s in self.queue.destination_stats(self.now)
+                 if s.depth or s.dead_letters}
+        assert found == expected
 
     @invariant()
     def every_row_is_in_exactly_one_place(self) -> None:

@@ -5,7 +5,7 @@ counts, recording of what arrived, fault injection and the control endpoints. St
 library only: it is a tool, not part of the package.
 
 Python:  ``with FakeSegment(write_key="K", record=True) as srv: ... srv.url ...``
-Command: ``python tools/fake_segment.py [--port 0] [--write-key K] [--record] [--ready-file P]``
+Command: ``python tools/fake_segment.py [--port 0] [--write-key K ...] [--record] [--ready-file P]``
 prints ``listening on http://127.0.0.1:PORT/v1/`` and serves until SIGTERM/SIGINT (exit 0).
 
 Ingest: ``POST /v1/batch`` (or ``/v1/import``) ``{"batch": [...], "sentAt": ...}`` and
@@ -18,7 +18,10 @@ rejected events, ingest, ambiguous close, 200. A refused request ingests nothing
 
 Control (never faulted, never counted): ``GET /__stats`` (see `Ledger.stats`),
 ``GET /__events?since=N[&raw=1]`` -> ``{"next", "events"}``, ``GET /__batches?since=N``,
-``GET|POST|DELETE /__faults``, ``POST /__reset`` (counts, records and faults).
+``GET|POST|DELETE /__faults``, ``POST /__reset`` (counts, records and faults), ``POST
+/__keys`` ``{"keys": ["K1", "K2"]}`` (the write keys accepted from now on; null: any).
+Several write keys may be accepted (``write_key=["K1", "K2"]``, ``--write-key`` repeated);
+``events_by_key`` in the stats counts the events each key delivered.
 ``POST /__faults`` arms the kinds it names, replacing them, all or none: ``{"status":
 {"code": 503, "count": 5, "retry_after": 2}, "drop": {"count": 2}, "ambiguous": {"count":
 1}, "delay_ms": 50, "reject": ["Poison"], "rate_limit": {"per_second": 50, "retry_after": 1,
@@ -441,6 +444,7 @@ class Ledger:
         self._texts: list[str] = []
         self._where: dict[str, list[int]] = {}
         self._batches: list[dict[str, Any]] = []
+        self._by_key: Counter[str] = Counter()
 
     def reset(self) -> None:
         with self._cond:
@@ -460,6 +464,7 @@ class Ledger:
             self._requests += 1
             self._by_status[outcome] += 1
             self._count_events(body)
+            self._by_key[meta.get("write_key") or ""] += len(body.ids)
             self._counts["batches" if ENDPOINTS[meta["path"]] == "batch" else "singles"] += 1
             self._counts["bytes"] += meta["bytes"]
             if self.record:
@@ -487,7 +492,8 @@ class Ledger:
                 "events": counts["events"], "unique": len(self._seen),
                 "duplicates": counts["duplicates"], "batches": counts["batches"],
                 "singles": counts["singles"], "bytes": counts["bytes"],
-                "rate_limited": counts["rate_limited"], "recorded": len(self._texts)}
+                "rate_limited": counts["rate_limited"], "recorded": len(self._texts),
+                "events_by_key": dict(self._by_key)}
 
     def stats(self) -> Stats:
         with self._cond:
@@ -576,13 +582,14 @@ class Handler(BaseHTTPRequestHandler):
         if method != "POST":
             raise Reply(405, f"{path} takes POST", headers={"Allow": "POST"})
         self._inject_faults(fake.faults)
-        self._check_write_key(fake.credentials)
+        key = self._check_write_key(fake.credentials)
         body = parse_body(kind, self._decompress(data))
         rejection = fake.faults.rejected(body.events)
         if rejection:
             raise rejection
         ambiguous = fake.faults.fire("ambiguous") is not None
-        fake.ledger.ingest(body, "ambiguous" if ambiguous else "200", self._meta(path, data))
+        fake.ledger.ingest(body, "ambiguous" if ambiguous else "200",
+                           {**self._meta(path, data), "write_key": key})
         if ambiguous:
             self.close_connection = True  # ingested, yet the client never hears back
         else:
@@ -625,16 +632,16 @@ class Handler(BaseHTTPRequestHandler):
             raise Reply(413, f"body over {MAX_BODY_BYTES} bytes")
         return data
 
-    def _check_write_key(self, credentials: bytes | None) -> None:
-        if credentials is None:
-            return
+    def _check_write_key(self, credentials: frozenset[bytes] | None) -> str:
+        """The write key the request carries (401 unless accepted)."""
         scheme, _, token = self.headers.get("Authorization", "").partition(" ")
         try:
             given = base64.b64decode(token.strip(), validate=True)
         except (binascii.Error, ValueError):
             given = b""
-        if scheme.lower() != "basic" or given != credentials:
+        if credentials is not None and (scheme.lower() != "basic" or given not in credentials):
             raise Reply(401, "invalid write key")
+        return given.decode("utf-8", "replace").removesuffix(":")
 
     def _decompress(self, data: bytes) -> bytes:
         encoding = self.headers.get("Content-Encoding", "").strip().lower()
@@ -701,6 +708,14 @@ class Handler(BaseHTTPRequestHandler):
         self.server.fake.reset()
         self._send(200, OK_BODY)
 
+    def _post_keys(self, query: dict[str, list[str]]) -> None:
+        keys = self._read_json().get("keys")
+        if keys is not None and not (isinstance(keys, list)
+                                     and all(isinstance(k, str) for k in keys)):
+            raise Reply(400, '"keys" must be a list of strings, or null')
+        self.server.fake.accept_keys(keys)
+        self._send(200, OK_BODY)
+
     def _read_json(self) -> Any:
         try:
             return json.loads(self.body or b"{}")
@@ -740,6 +755,7 @@ CONTROL: dict[tuple[str, str], Callable[[Handler, dict[str, list[str]]], None]] 
     ("POST", "/__faults"): Handler._post_faults,
     ("DELETE", "/__faults"): Handler._delete_faults,
     ("POST", "/__reset"): Handler._reset,
+    ("POST", "/__keys"): Handler._post_keys,
 }
 
 
@@ -797,7 +813,8 @@ class FakeSegment:
         if host != HOST:
             raise ValueError(f"the fake Segment binds to {HOST} only, not {host!r}")
         self.address = (host, port)
-        self.credentials = None if write_key is None else f"{write_key}:".encode()
+        self.credentials: frozenset[bytes] | None = None
+        self.accept_keys(write_key)
         self.faults = Faults()
         self.ledger = Ledger(record)
         self._server: Server | None = None
@@ -902,6 +919,12 @@ class FakeSegment:
         """Each ingested request: path, bytes, gzip, retry_count, sentAt, first, events."""
         return self.ledger.batches(since)
 
+    def accept_keys(self, keys: str | Iterable[str] | None) -> None:
+        """The write keys accepted from now on (None: any key)."""
+        if keys is not None:
+            keys = [keys] if isinstance(keys, str) else list(keys)
+        self.credentials = None if keys is None else frozenset(f"{k}:".encode() for k in keys)
+
     def reset(self) -> None:
         """Forget counts, records and faults: as just started."""
         self.faults.clear()
@@ -915,7 +938,8 @@ def _parse_args(argv: Iterable[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--host", default=HOST, choices=[HOST], help="loopback only")
-    parser.add_argument("--write-key", help="answer 401 unless Basic auth carries this key")
+    parser.add_argument("--write-key", action="append",
+                        help="answer 401 unless Basic auth carries this key (repeatable)")
     parser.add_argument("--record", action="store_true", help="keep every event's text")
     parser.add_argument("--ready-file", help="write the URL here once listening")
     return parser.parse_args(None if argv is None else list(argv))

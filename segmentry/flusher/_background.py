@@ -8,26 +8,17 @@ import math
 import threading
 import time
 
-from .. import http
 from ..config import Options
 from ..storage import Queue, SQLiteQueue
 from ._lock import Lock
 from ._loop import Flusher
+from ._routes import make_http
 
 logger = logging.getLogger("segmentry.flusher")  # the package's name: one logger for users
 
 LOCK_POLL_S = 0.5  # how often a standby flusher tries the lock
 RESTART_S = 5.0  # an in-process flusher that failed unexpectedly starts again after this
 STOP_GRACE_S = 2.0  # the longest a stopping flusher thread lets the batches in flight settle
-
-
-def make_http(write_key: str, options: Options) -> http.HTTPClient:
-    if not options.send_to_http:
-        write_key = write_key or "no-send"  # nothing is sent: no key is needed
-    return http.client(
-        write_key, options.api_url, retry_attempts=options.retry_attempts,
-        retry_start=options.retry_start, retry_expiry=options.retry_expiry, gzip=options.gzip,
-        send_to_http=options.send_to_http, **options.requests_options)
 
 
 class Background:
@@ -73,9 +64,9 @@ class Background:
         self.flusher.wait_settled(timeout)
 
     def blocked(self) -> str | None:
-        """What keeps every request from being accepted, while it lasts: "the receiver
-        answered HTTP 401", or why TLS failed."""
-        return self.flusher.counts.misconfigured
+        """What keeps this client's requests from being accepted, while it lasts: "the
+        receiver answered HTTP 401", or why TLS failed (another destination's is not)."""
+        return self.flusher.misconfigured()
 
     def stop(self, timeout: float) -> None:
         """Stop the thread, waiting for it ``timeout`` seconds at most; the batches in

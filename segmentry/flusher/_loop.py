@@ -16,6 +16,7 @@ from .. import http, messages, telemetry
 from ..config import Options
 from ..exceptions import SegmentryError
 from ..storage import Claim, Queue, Upkeep
+from ._routes import Connect, Routes, connector
 from ._settle import Counts, Settler
 
 logger = logging.getLogger("segmentry.flusher")  # the package's name: one logger for users
@@ -35,18 +36,22 @@ CLAIM_BYTES = messages.MAX_BATCH_BYTES - messages.BATCH_OVERHEAD
 
 
 class Flusher:
-    """Delivers one queue file. Only the holder of the queue's lock runs one (see Lock)."""
+    """Delivers one queue file, every destination its events carry, each on its own
+    route (see _routes); ``client``: the flusher's own key and URL, for the events that
+    carry none (None: no key of its own, those wait). ``connect`` makes the clients of
+    the others (by default, with the flusher's options). Only the holder of the queue's
+    lock runs one (see Lock)."""
 
-    def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
+    def __init__(self, queue: Queue, client: http.HTTPClient | None, options: Options,
                  clock: Callable[[], float] = time.time,
-                 checkpoints: Queue | None = None) -> None:
+                 checkpoints: Queue | None = None, connect: Connect | None = None) -> None:
         self.queue, self.http_client, self.options, self.clock = queue, client, options, clock
         self.upkeep = Upkeep(queue, checkpoints)
         self.window = Window(options.max_in_flight)
-        self.settler = Settler(queue, client, options, clock, self.window.grow)
+        self.routes = Routes(queue, client, connect or connector(options))
+        self.settler = Settler(queue, self.routes, options, clock, self.window.grow)
         self.counts: Counts = self.settler.counts
         self.deferred = self.settler.deferred
-        self._gate_seen = client.paused_until()  # the shared pause last noticed
         self.in_flight = InFlight()
         # A batch that is not full waits for batch_every_ms to pass since the last wait
         # (``_due``) or for flush() (``hurry``); full ones go at once. In a producer's
@@ -70,20 +75,30 @@ class Flusher:
 
     @property
     def pause_until(self) -> float:
-        """Epoch seconds: no claim before (a stored backoff, an outage)."""
-        return self.settler.pause_until
+        """Epoch seconds: the latest of the destinations' pauses (a stored backoff, an
+        outage), during which no claim takes their rows."""
+        return max(route.pause_until for route in self.routes.all())
 
-    def _delete_and_claim(self, batches: int = 1, partial: bool = True) -> list[Claim]:
+    def misconfigured(self) -> str | None:
+        """What is wrong with the flusher's own key, URL or CA bundle, while it lasts."""
+        return self.routes.get(0).misconfigured
+
+    def _delete_and_claim(self, batches: int = 1, partial: bool = True,
+                          skip_paused: bool = False) -> list[Claim]:
         """Delete what the senders delivered meanwhile (see Deferred), and claim up to
         ``batches`` batches, oldest first, in one transaction (an empty list: nothing is
-        ready); without ``partial``, full batches only."""
+        ready); without ``partial``, full batches only. Never the rows no key can send;
+        with ``skip_paused``, none of the paused destinations' either."""
         limit = 1 if self.options.sender == "immediate" else self.options.max_batch_size
         meta = {"queue_path": self.queue.path}
         delivered = self.deferred.take()
         try:
             with telemetry.span(("segmentry", "claim"), meta) as span:
-                claims = self.queue.claim_batches(batches, limit, CLAIM_BYTES, self.clock(),
-                                                  LEASE_S, delivered, partial)
+                now = self.clock()
+                claims = self.queue.claim_batches(batches, limit, CLAIM_BYTES, now, LEASE_S,
+                                                  delivered, partial,
+                                                  self.routes.paused(now) if skip_paused
+                                                  else self.routes.keyless())
                 # "status" as every stop has it, so one handler can serve all spans.
                 span.set(claimed=sum(len(c.rows) for c in claims.batches), status="ok")
         except BaseException:
@@ -130,14 +145,14 @@ class Flusher:
                 return False
             self._renew_leases()
             self._tick()
-            if drain and self.counts.misconfigured:
+            if drain and (self.counts.misconfigured or self.settler.keyless_waiting):
                 return False
             if self._paused(stop):
                 continue
             free = self.in_flight.free_slots(self.window)
             if not free:
                 continue
-            claims = self._delete_and_claim(free, partial=self._partial_ok(drain))
+            claims = self._delete_and_claim(free, self._partial_ok(drain), skip_paused=True)
             if not claims:
                 if self._idle(drain):
                     return True
@@ -152,14 +167,19 @@ class Flusher:
         return False
 
     def _paused(self, stop: threading.Event) -> bool:
-        """Wait out a stored backoff or a Retry-After; a new pause halves the window."""
-        gate = self.http_client.paused_until()
-        if gate > self._gate_seen:
-            self._gate_seen = gate
+        """When every destination that has rows to go is paused (a stored backoff, an
+        outage, a Retry-After), wait it out; a new pause halves the window. A paused
+        destination among others only has its rows skipped by the claims."""
+        routes = self.routes.all()
+        if any(route.new_gate() for route in routes):
             self.window.shrink()
+        now = self.clock()
+        live = [r for r in routes if r.http_client is not None]
+        if not live or any(not r.paused(now) for r in live):
+            return False
         # Each deadline against its own clock: the stored backoff is epoch time, the HTTP
         # client's shared pause is on its clock (injectable, monotonic by default).
-        pause = max(self.pause_until - self.clock(), gate - self.http_client.clock())
+        pause = min(r.paused_until(now) for r in live) - now
         if pause > 0:
             self._wait_and_delete(stop, stop, min(pause, 1.0))
         return pause > 0
@@ -229,9 +249,11 @@ class Flusher:
 
     def paused_until(self) -> float:
         """Until when (epoch seconds, ``clock()``) no batch goes: a stored backoff, an
-        outage or a Retry-After; in the past when nothing holds delivery."""
-        gate = self.http_client.paused_until() - self.http_client.clock()
-        return max(self.pause_until, self.clock() + gate)
+        outage or a Retry-After of every destination that can send; in the past when
+        nothing holds delivery."""
+        now = self.clock()
+        live = [r for r in self.routes.all() if r.http_client is not None]
+        return min((r.paused_until(now) for r in live), default=now)
 
     def _renew_leases(self) -> None:
         """A sender may hold its batch longer than a lease (retry_attempts waits of up to
@@ -259,10 +281,12 @@ class Flusher:
         their retries and give their rows back (a sender still busy with one can only
         make it sent twice, never lost: its settle finds the lease gone)."""
         end = time.monotonic() + grace
-        if self.http_client.paused_until() - self.http_client.clock() >= grace:
-            self.http_client.close()  # a Retry-After outlasts the grace: give the rows back now
+        for route in self.routes.all():
+            client = route.http_client
+            if client is not None and client.paused_until() - client.clock() >= grace:
+                client.close()  # a Retry-After outlasts the grace: give the rows back now
         unsettled = self.in_flight.wait_settled(end)
-        self.http_client.close()
+        self.routes.close()
         for claim in unsettled:  # given back now, not left leased for LEASE_S
             try:
                 self.settler.hand_back(claim.token, claim.rows)

@@ -5,7 +5,6 @@ on_error. Senders call it from their threads."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -19,8 +18,10 @@ from .. import http, messages, telemetry
 from ..config import Options
 from ..exceptions import HTTPStatusError, NetworkError
 from ..storage import Claim, Delivered, Queue, Row
+from ..storage import destination as destination  # re-exported: how a destination is named
 from ._failures import describe
 from ._policy import MISCONFIGURED_DELAY_S, Action, Answer, decide
+from ._routes import Route, Routes
 
 logger = logging.getLogger("segmentry.flusher")  # the package's name: one logger for users
 
@@ -85,145 +86,178 @@ class Deferred:
 
 
 class Settler:
-    """Sends claims and settles them by the policy. ``pause_until`` (epoch seconds): no
-    claim before it, set by failures (an outage pauses everything) and a stored backoff."""
+    """Sends claims and settles them by the policy, each on its destination's route
+    (its client, its pause: see _routes)."""
 
-    def __init__(self, queue: Queue, client: http.HTTPClient, options: Options,
+    def __init__(self, queue: Queue, routes: Routes, options: Options,
                  clock: Callable[[], float], grow: Callable[[], None]) -> None:
-        self.queue, self.http_client, self.options, self.clock = queue, client, options, clock
+        self.queue, self.routes, self.options, self.clock = queue, routes, options, clock
         self._grow = grow  # a delivered batch widens the window of batches in flight
         self.counts = Counts()
         self.deferred = Deferred()
-        self.pause_until = 0.0
-        self.destination = destination(getattr(client, "api_url", ""),
-                                       getattr(client, "write_key", ""))
-        self._owns_backoffs = False  # whether the file names us as the backoffs' owner
-        self._failing = False  # a transient failure since the last 2xx
-        self._misconfigured_in_a_row = 0
+        self.keyless_waiting = False  # events that carry no destination wait for a key
 
     def take_over(self) -> None:
         """The queue's lock is ours: leases left are a dead flusher's, and an ongoing
-        backoff stored in the file is honoured (a restart does not forget it)."""
+        backoff stored in the file is honoured, destination by destination (a restart
+        does not forget it)."""
         reclaimed = self.queue.reset_leases()
         if reclaimed:
             logger.info("reclaimed %d events from a flusher that stopped mid-send", reclaimed)
-        self._owns_backoffs = False
         now = self.clock()
-        ready_at = self.queue.next_ready_at(now)
-        if ready_at and ready_at > now:
-            self._stored_backoff(ready_at, now)
+        for route in self.routes.refresh():
+            route.owns_backoffs = False
+            for dest in route.dests:
+                ready_at = self.queue.next_ready_at(now, dest)
+                if ready_at is not None and route.http_client is None:
+                    self._keyless()
+                elif ready_at and ready_at > now:
+                    self._stored_backoff(route, dest, ready_at, now)
 
-    def _stored_backoff(self, ready_at: float, now: float) -> None:
-        """Wait out a backoff this destination earned; one earned by another (a wrong URL
-        or key, fixed since) says nothing of ours: its events go at once."""
+    def _keyless(self) -> None:
+        """Events without a destination, and no key of our own to send them with."""
+        if not self.keyless_waiting:
+            self.keyless_waiting = True
+            logger.warning("the queue holds events that carry no destination (enqueued "
+                           "without a write key, or by segmentry 0.1) and this flusher has "
+                           "no write key of its own: they stay queued until one is given")
+
+    def _stored_backoff(self, route: Route, dest: int, ready_at: float, now: float) -> None:
+        """Wait out a backoff this destination earned. Events that carry no destination
+        go with our own key and URL: a backoff they earned with another (a wrong URL or
+        key, fixed since) says nothing of ours, so they go at once."""
         owner = self.queue.backoff_owner()
-        if owner != self.destination:
-            resumed = self.queue.resume(now)
+        if dest == 0 and owner != route.name:
+            resumed = self.queue.resume(now, 0)
             logger.info("%d events waited out a backoff earned by another destination "
                         "(%s): they go now", resumed, owner or "not recorded")
             return
-        self.pause_until = max(self.pause_until, ready_at)
+        route.pause_until = max(route.pause_until, ready_at)
         logger.warning("waiting out the backoff stored after the last failures to %s: "
-                       "next attempt at %s (in %.0f s)", self.http_client.api_url,
+                       "next attempt at %s (in %.0f s)", route.name,
                        time.strftime("%H:%M:%S", time.localtime(ready_at)), ready_at - now)
 
     def deliver(self, claim: Claim) -> None:
-        """Send a claimed batch and settle its rows by the answer."""
-        if self.options.sender == "immediate":
+        """Send a claimed batch on its destination's route and settle its rows by the
+        answer."""
+        route = self.routes.get(claim.dest)
+        if route.http_client is None:  # no key to send them with: they wait
+            self._keyless()
+            self.hand_back(claim.token, claim.rows)
+        elif self.options.sender == "immediate":
             for row in claim.rows:
-                self._settle(claim.token, [row], self._request_event(row))
+                self._settle(route, claim.token, [row], self._request_event(route, row))
         else:
-            self._send_and_settle(claim.token, claim.rows)
+            self._send_and_settle(route, claim.token, claim.rows)
 
-    def _send_and_settle(self, token: int, rows: list[Row]) -> None:
-        self._settle(token, rows, self._request_batch([r.body for r in rows]))
+    def _send_and_settle(self, route: Route, token: int, rows: list[Row]) -> None:
+        self._settle(route, token, rows, self._request_batch(route, [r.body for r in rows]))
 
-    def _request_batch(self, bodies: list[str]) -> Answer:
+    def _request_batch(self, route: Route, bodies: list[str]) -> Answer:
         self.counts.add("requests", 1)
-        return _answer(lambda: http.post_batch(self.http_client, bodies))
+        client = route.http_client
+        assert client is not None
+        return _answer(lambda: http.post_batch(client, bodies))
 
-    def _request_event(self, row: Row) -> Answer:
+    def _request_event(self, route: Route, row: Row) -> Answer:
         self.counts.add("requests", 1)
         type_ = messages.type_of(row.body)
-        return _answer(lambda: http.post_event(self.http_client, type_, row.body))
+        client = route.http_client
+        assert client is not None
+        return _answer(lambda: http.post_event(client, type_, row.body))
 
-    def _settle(self, token: int, rows: list[Row], answer: Answer) -> None:
+    def _settle(self, route: Route, token: int, rows: list[Row], answer: Answer) -> None:
         """Ask the policy once, then do what it decided."""
         attempts = max(r.attempts for r in rows) + 1
         decision = decide(answer, len(rows), attempts, self.options.retry_expiry / 1000.0,
-                          random.uniform(0.5, 1.0), self._misconfigured_in_a_row)
+                          random.uniform(0.5, 1.0), route.misconfigured_in_a_row)
         action = decision.action
+        client = route.http_client
         if action is Action.DELETE:
-            self._settle_delivered(token, rows)
+            self._settle_delivered(route, token, rows)
         elif action is Action.RELEASE:
             error = answer.error or HTTPStatusError(answer.status or 0, True, answer.text)
-            self._release(token, rows, error, decision.delay_s)
+            self._release(route, token, rows, error, decision.delay_s)
         elif action is Action.MISCONFIGURED:
-            self._misconfigured(token, rows, answer, decision.delay_s)
-        elif self.http_client.closing.is_set():  # stopping: no new requests, nothing buried
+            self._misconfigured(route, token, rows, answer, decision.delay_s)
+        elif client is not None and client.closing.is_set():  # stopping: nothing buried
             self.hand_back(token, rows)
         elif action is Action.SPLIT:
             half = len(rows) // 2
-            self._send_and_settle(token, rows[:half])
-            self._send_and_settle(token, rows[half:])
+            self._send_and_settle(route, token, rows[:half])
+            self._send_and_settle(route, token, rows[half:])
         else:
             self._bury(token, rows, answer)
 
-    def _settle_delivered(self, token: int, rows: list[Row]) -> None:
+    def _settle_delivered(self, route: Route, token: int, rows: list[Row]) -> None:
         """The receiver took these rows: delete them, in the loop's next claim while it
         runs (see Deferred), else now; and the receiver is well: widen, resume."""
         ids = [r.id for r in rows]
         if not self.deferred.add(token, ids):  # the loop has stopped: delete them now
             self.counts.add("sent", self.queue.delete(token, ids))
         self._grow()
-        if self._failing:
-            self._recovered()
-        self.counts.misconfigured = None
-        self._misconfigured_in_a_row = 0
+        if route.failing:
+            self._recovered(route)
+        if route.misconfigured:
+            route.misconfigured = None
+            self.counts.misconfigured = self.routes.misconfigured()
+        route.misconfigured_in_a_row = 0
 
-    def _release(self, token: int, rows: list[Row], error: Exception, delay: float) -> None:
-        """A transient failure outlived this cycle's retries: keep the rows, pause."""
+    def _release(self, route: Route, token: int, rows: list[Row], error: Exception,
+                 delay: float) -> None:
+        """A transient failure outlived this cycle's retries: keep the rows, pause their
+        destination."""
         not_before = self.clock() + delay
-        if not self._owns_backoffs:  # once per take-over: only we write the file meanwhile
-            self.queue.set_backoff_owner(self.destination)
-            self._owns_backoffs = True
+        if 0 in route.dests and not route.owns_backoffs:  # once per take-over: only we
+            self.queue.set_backoff_owner(route.name)  # write the file meanwhile
+            route.owns_backoffs = True
         released = self.queue.release(token, [r.id for r in rows], not_before)
         self.counts.add("released", released)
-        self.pause_until = max(self.pause_until, not_before)
-        self._failing = True
+        route.pause_until = max(route.pause_until, not_before)
+        route.failing = True
         status = getattr(error, "status_code", None)
         telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
                           {"status_code": status, "queue_path": self.queue.path})
-        logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s",
-                       describe(error, self.http_client.api_url), len(rows), delay)
+        url = route.http_client.api_url if route.http_client is not None else ""
+        logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s%s",
+                       describe(error, url), len(rows), delay, self._to(route))
         self._on_error(error, rows)
 
-    def _recovered(self) -> None:
-        """A 2xx after failures: the receiver is back. Rows still waiting out a backoff
-        stored during the outage are ready now, so the backlog replays at once."""
-        self._failing = False
-        self.pause_until = min(self.pause_until, self.clock())
-        resumed = self.queue.resume(self.clock())
-        if resumed:
-            logger.info("receiver is back: %d events waiting out a backoff resume now", resumed)
+    def _to(self, route: Route) -> str:
+        """Which destination, in a log line, once there are several."""
+        return f" (to {route.name})" if len(self.routes.all()) > 1 else ""
 
-    def _misconfigured(self, token: int, rows: list[Row], answer: Answer,
+    def _recovered(self, route: Route) -> None:
+        """A 2xx after failures: the receiver is back. Rows of this destination still
+        waiting out a backoff stored during the outage are ready now, so the backlog
+        replays at once."""
+        route.failing = False
+        route.pause_until = min(route.pause_until, self.clock())
+        resumed = sum(self.queue.resume(self.clock(), dest) for dest in route.dests)
+        if resumed:
+            logger.info("receiver is back: %d events waiting out a backoff resume now%s",
+                        resumed, self._to(route))
+
+    def _misconfigured(self, route: Route, token: int, rows: list[Row], answer: Answer,
                        delay: float) -> None:
         """401/403/404, or a certificate that fails verification: the key, the URL or
         the CA bundle is wrong. Keep everything (no stored backoff, so a fixed setting
-        and a restart replay at once), log, report, retry slowly; on_error is told too
-        (a wrong key is what users alert on), with the events, which stay."""
+        and a restart replay at once), log, report, retry this destination slowly;
+        on_error is told too (a wrong key is what users alert on), with the events,
+        which stay."""
         self.queue.release(token, [r.id for r in rows], 0.0)
-        self._misconfigured_in_a_row += 1
-        self.pause_until = max(self.pause_until, self.clock() + delay)
+        route.misconfigured_in_a_row += 1
+        route.pause_until = max(route.pause_until, self.clock() + delay)
         error: Exception = answer.error or HTTPStatusError(answer.status or 0, False,
                                                            answer.text)
         what = str(answer.error) if answer.error else f"the receiver answered HTTP {answer.status}"
-        if self.counts.misconfigured != what:
+        if route.misconfigured != what:
+            url = route.http_client.api_url if route.http_client is not None else ""
             logger.error("%s: check the write key, api_url and CA bundle (%s); nothing is "
                          "dropped, retrying every %.0f s at most",
-                         what, self.http_client.api_url, MISCONFIGURED_DELAY_S[1])
-        self.counts.misconfigured = what
+                         what, route.name if self._to(route) else url, MISCONFIGURED_DELAY_S[1])
+        route.misconfigured = what
+        self.counts.misconfigured = self.routes.misconfigured()
         telemetry.execute(("segmentry", "misconfigured"), {"count": len(rows)},
                           {"status_code": answer.status, "queue_path": self.queue.path})
         self._on_error(error, rows)
@@ -274,10 +308,5 @@ def _text(response: requests.Response) -> str:
         return ""
 
 
-def destination(api_url: str, write_key: str) -> str:
-    """Where a flusher sends, as recorded beside the backoffs it stores: the URL and a
-    short hash of the key (never the key)."""
-    digest = hashlib.sha256(write_key.encode("utf-8", "replace")).hexdigest()[:12]
-    return f"{api_url} key sha256:{digest}"
 
 
