@@ -127,6 +127,7 @@ class Queue(Protocol):
     # Any of them (of that destination, or of any) still here.
     def pending(self, first_id: int, last_id: int,
                 destination: tuple[str, str] | None | Literal["any"] = "any") -> bool: ...
+    def pending_except(self, dests: Collection[int]) -> bool: ...  # of other destinations
     def used_bytes(self) -> int: ...  # what max_queue_bytes caps
     def reopen_if_replaced(self) -> int | None: ...  # events moved from a removed file
     def close(self) -> None: ...
@@ -239,6 +240,12 @@ class SQLiteQueue:
         """Every destination recorded in the file: id -> (write_key, api_url)."""
         sql = "SELECT id, write_key, api_url FROM destinations"
         return self._run(lambda c: {i: (k, u) for i, k, u in c.execute(sql)})
+
+    def pending_except(self, dests: Collection[int]) -> bool:
+        """Whether any event is queued for a destination other than these ids."""
+        dests = [int(d) for d in dests]
+        sql = f"SELECT 1 FROM events WHERE dest NOT IN ({','.join('?' * len(dests))}) LIMIT 1"
+        return self._run(lambda c: c.execute(sql, dests).fetchone() is not None)
 
     def pending(self, first_id: int, last_id: int,
                 destination: tuple[str, str] | None | Literal["any"] = "any") -> bool:

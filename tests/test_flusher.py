@@ -857,3 +857,28 @@ def test_a_429_from_one_destination_pauses_it_only_the_others_keep_going(path):
     assert all(len({e["properties"]["i"] for e in b}) == len(b) for b in stub.batches)
     left = [(d.name, d.depth) for d in queue.destination_stats(time.time()) if d.depth]
     assert left == [(flusher_module.destination("http://127.0.0.1:9/v1/", "LIMITED"), 30)]
+
+
+def test_a_drain_delivers_every_other_destination_before_it_stops_on_a_refused_key(path):
+    """A revoked key holds back its own source only: a drain sends the others' events,
+    then stops (not at the first 401) with the refused source's events kept."""
+    import base64
+
+    def handler(request):
+        key = base64.b64decode(request.headers["Authorization"].split()[1]).decode()
+        return 401 if key.rstrip(":") == "REVOKED" else 200
+
+    clients = [segmentry.Client(key, queue_path=path, flusher=None,
+                                api_url="http://127.0.0.1:9/v1/")
+               for key in ("REVOKED", "WEB", "CRON")]
+    for i in range(50):
+        for client in clients:
+            client.track("u", "E", {"i": i})
+    for client in clients:
+        client.close()
+    flusher, stub, queue = make(path, handler, max_batch_size=10, max_in_flight=1)
+    assert flusher.run(threading.Event(), threading.Event(), drain=True) is False
+    assert len([e for b in stub.batches for e in b]) == 100  # every accepted source
+    assert queue.stats(time.time()).depth == 50
+    assert "the receiver answered HTTP 401" in (flusher.counts.misconfigured or "")
+

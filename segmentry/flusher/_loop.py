@@ -145,7 +145,7 @@ class Flusher:
                 return False
             self._renew_leases()
             self._tick()
-            if drain and (self.counts.misconfigured or self.settler.keyless_waiting):
+            if drain and self._only_blocked_left():
                 return False
             if self._paused(stop):
                 continue
@@ -165,6 +165,19 @@ class Flusher:
             if not drain and len(claims) < free:  # nothing more is ready to go now
                 self._wait(stop, wake, drain)
         return False
+
+    def _only_blocked_left(self) -> bool:
+        """Draining: whether all that is left waits for a fix (a destination whose key or
+        URL is refused, events no key of ours can send), the others delivered; until
+        then a refused source does not stop the drain of the others."""
+        if not (self.counts.misconfigured or self.settler.keyless_waiting):
+            return False
+        if self.in_flight.count():
+            return False
+        blocked = [d for r in self.routes.all() if r.misconfigured or r.http_client is None
+                   for d in r.dests]
+        self._delete_delivered()
+        return not self.queue.pending_except(blocked)
 
     def _paused(self, stop: threading.Event) -> bool:
         """When every destination that has rows to go is paused (a stored backoff, an
