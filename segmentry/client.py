@@ -64,6 +64,7 @@ class Client:
         self._dropped_unflushed = 0  # ... since the last flush(), which then says False
         self._dropped_reported = 0  # self.dropped at the last report
         self._warned_closed = False
+        self._gave_up_on: str | None = None  # what flush() last said it gave up on
         self._first_id = 0  # the range of ids this client stored: what flush() waits for
         self._last_id = 0
         self._ids_lock = threading.Lock()
@@ -181,10 +182,12 @@ class Client:
         return True
 
     def _blocked(self, background: Any, start: float) -> bool:
-        """Whether waiting is known to be in vain; if so, say why (once per flush)."""
+        """Whether waiting is known to be in vain; if so, say why (once for each reason:
+        the exit hook's final flush does not repeat what an application's flush said)."""
         if background is not None:
             wrong = background.blocked()
-            if wrong:
+            if wrong and wrong != self._gave_up_on:
+                self._gave_up_on = wrong
                 _say(f"flush() gives up: {wrong} at {self.options.api_url}; check the write "
                      f"key, api_url and the CA bundle (verify=). The events stay queued in "
                      f"{self.queue_path}")

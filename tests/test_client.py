@@ -804,7 +804,11 @@ def test_flush_returns_false_once_the_receiver_refuses_the_key(tmp_path, caplog)
     assert len(line) == 1 and "HTTP 401" in line[0] and "WRONG" not in caplog.text
     assert isinstance(errors[0][0], HTTPStatusError) and errors[0][0].status_code == 401
     assert errors[0][1][0]["messageId"] == mid
-    c.close()
+    with caplog.at_level("WARNING", logger="segmentry"):
+        assert c.flush() is False
+        c.close()  # the final flush gives up too, without saying it again
+    said = [r for r in caplog.records if "flush() gives up" in r.getMessage()]
+    assert len(said) == 1
     assert SQLiteQueue(str(tmp_path / "q.db")).stats(time.time()).depth == 1  # kept
 
 
