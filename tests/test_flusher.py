@@ -3,6 +3,7 @@ does to the stored rows, batch limits, bisection of a rejected batch, telemetry.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -820,28 +821,32 @@ def test_python_m_segmentry_flusher_loads_the_flusher_once():
     assert proc.stdout.split()[-1] == "1"
 
 
+def key_of(request):
+    """The write key a request was sent with (HTTP Basic, the key as user name)."""
+    token = request.headers["Authorization"].split()[1]
+    return base64.b64decode(token).decode().rstrip(":")
+
+
+def enqueue_interleaved(path, keys, n):
+    """``n`` events per key, one of each key in turn, each carrying its own key."""
+    clients = [segmentry.Client(key, queue_path=path, flusher=None,
+                                api_url="http://127.0.0.1:9/v1/") for key in keys]
+    for i in range(n):
+        for client in clients:
+            client.track("u", "E", {"i": i})
+    for client in clients:
+        client.close()
+
+
 def test_a_429_from_one_destination_pauses_it_only_the_others_keep_going(path):
     """Three sources in one file, one host rate-limiting one key: the other two drain,
     in batches of one key each, while the limited one waits out its Retry-After."""
-    import base64
-
-    def key_of(request):
-        token = request.headers["Authorization"].split()[1]
-        return base64.b64decode(token).decode().rstrip(":")
-
     def handler(request):
         if key_of(request) == "LIMITED":
             return 429, {}, {"Retry-After": "300"}
         return 200
 
-    clients = [segmentry.Client(key, queue_path=path, flusher=None,
-                                api_url="http://127.0.0.1:9/v1/")
-               for key in ("LIMITED", "WEB", "CRON")]
-    for i in range(30):
-        for client in clients:
-            client.track("u", "E", {"i": i})
-    for client in clients:
-        client.close()
+    enqueue_interleaved(path, ("LIMITED", "WEB", "CRON"), 30)
     flusher, stub, queue = make(path, handler, max_batch_size=10, max_in_flight=1)
     stop = threading.Event()
     loop = threading.Thread(target=flusher.run, args=(stop, threading.Event()))
@@ -862,20 +867,10 @@ def test_a_429_from_one_destination_pauses_it_only_the_others_keep_going(path):
 def test_a_drain_delivers_every_other_destination_before_it_stops_on_a_refused_key(path):
     """A revoked key holds back its own source only: a drain sends the others' events,
     then stops (not at the first 401) with the refused source's events kept."""
-    import base64
-
     def handler(request):
-        key = base64.b64decode(request.headers["Authorization"].split()[1]).decode()
-        return 401 if key.rstrip(":") == "REVOKED" else 200
+        return 401 if key_of(request) == "REVOKED" else 200
 
-    clients = [segmentry.Client(key, queue_path=path, flusher=None,
-                                api_url="http://127.0.0.1:9/v1/")
-               for key in ("REVOKED", "WEB", "CRON")]
-    for i in range(50):
-        for client in clients:
-            client.track("u", "E", {"i": i})
-    for client in clients:
-        client.close()
+    enqueue_interleaved(path, ("REVOKED", "WEB", "CRON"), 50)
     flusher, stub, queue = make(path, handler, max_batch_size=10, max_in_flight=1)
     assert flusher.run(threading.Event(), threading.Event(), drain=True) is False
     assert len([e for b in stub.batches for e in b]) == 100  # every accepted source
