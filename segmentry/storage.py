@@ -578,12 +578,7 @@ class SQLiteQueue:
         if app_id == 0 and tables == 0:
             initialize(conn)
             app_id, version, tables = header(conn)
-        if app_id != APPLICATION_ID:
-            raise StorageError(f"{self.path} is not a segmentry queue (another application's "
-                               "SQLite file); it was left untouched")
-        if version > SCHEMA_VERSION:
-            raise StorageError(f"{self.path} has queue schema {version}, newer than this "
-                               f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+        _refuse_foreign(self.path, app_id, version)
         if version < SCHEMA_VERSION:
             upgrade(conn)
 
@@ -913,18 +908,23 @@ def _open_read_only(path: str) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
 
 
+def _refuse_foreign(path: str, app_id: int, version: int) -> None:
+    """A file that is not a segmentry queue, or one of a newer segmentry, is left alone."""
+    if app_id != APPLICATION_ID:
+        raise StorageError(f"{path} is not a segmentry queue (another application's "
+                           "SQLite file); it was left untouched")
+    if version > SCHEMA_VERSION:
+        raise StorageError(f"{path} has queue schema {version}, newer than this "
+                           f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+
+
 def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> Inspection:
     disk = sum(os.stat(path + s).st_size for s in ("", "-wal") if os.path.exists(path + s))
     conn.execute("BEGIN")  # one snapshot for every count
     app_id, version, tables = header(conn)
     if app_id == 0 and tables == 0:
         return Inspection(Stats(0, 0, None, 0, 0), [], disk, [])
-    if app_id != APPLICATION_ID:
-        raise StorageError(f"{path} is not a segmentry queue (another application's "
-                           "SQLite file)")
-    if version > SCHEMA_VERSION:
-        raise StorageError(f"{path} has queue schema {version}, newer than this "
-                           f"segmentry's ({SCHEMA_VERSION}); upgrade segmentry")
+    _refuse_foreign(path, app_id, version)
     depth, size, oldest = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM events").fetchone()
     # Older schemas kept leases elsewhere; their leases are a stopped flusher's anyway.
