@@ -126,6 +126,31 @@ def test_claim_batches_cuts_several_batches_each_under_a_token_of_its_own(queue)
     assert [[r.id for r in c.rows] for c in by_bytes.batches] == [ids[6:7]]
 
 
+def test_a_claim_reads_its_rows_without_holding_the_write_lock(queue, monkeypatch):
+    # Producers of other processes wait for a claim's lease only, not for its scan: a
+    # producer commits while the claim reads (timeout=0: a held write lock would refuse
+    # it at once). The claim reads one state of the file: the new row is not in it.
+    from segmentry import _batching
+
+    for _ in range(3):
+        queue.put("{}", NOW)
+    scan = _batching.read
+
+    def read_while_a_producer_commits(conn, *args):
+        producer = sqlite3.connect(queue.path, timeout=0, isolation_level=None)
+        try:
+            producer.execute("INSERT INTO events (body, size, created) VALUES ('{}', 2, 0)")
+        finally:
+            producer.close()
+        return scan(conn, *args)
+
+    monkeypatch.setattr(_batching, "read", read_while_a_producer_commits)
+    claims = queue.claim_batches(4, 10, 10_000, NOW, 60.0)
+    assert [[r.id for r in c.rows] for c in claims.batches] == [[1, 2, 3]]
+    monkeypatch.setattr(_batching, "read", scan)
+    assert [r.id for r in queue.claim(10, 10_000, NOW, 60.0).rows] == [4]
+
+
 def test_claim_batches_deletes_what_was_delivered_first_and_only_that(queue):
     ids = fill(queue, 6)
     a, b = queue.claim_batches(2, 2, BIG, NOW, 60).batches
