@@ -1,5 +1,5 @@
 """The HTTP seam over ``requests``: a client, one-event and batch POSTs, the status rules
-and the retry policy over ``backoff``. Besides testing.py and transport.py (the adapter
+and the retry policy over ``backoff``. Besides testing.py and _transport.py (the adapter
 under our own session) it is the only importer of ``requests``, ``urllib3`` and
 ``backoff``; their errors never leave it: they become ``NetworkError`` (``raise ... from
 exc``).
@@ -30,6 +30,8 @@ from requests.structures import CaseInsensitiveDict
 from requests.utils import get_encoding_from_headers
 
 from . import config, messages, telemetry
+from ._pacing import Pacer
+from ._transport import MAX_BODY, Transport, deadline_of
 from .exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -37,8 +39,6 @@ from .exceptions import (
     MessageTooLarge,
     NetworkError,
 )
-from .pacing import Pacer
-from .transport import MAX_BODY, Transport, deadline_of
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class HTTPClient:
 
     def wait_open(self) -> bool:
         """Wait until the pause is over, then for this request's slot when the receiver
-        has rate-limited us (see pacing.py); return False at once when closing."""
+        has rate-limited us (see _pacing.py); return False at once when closing."""
         paced = False
         while not self.closing.is_set():
             remaining = self.paused_until() - self.clock()

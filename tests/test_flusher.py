@@ -675,7 +675,7 @@ def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(pat
 
 
 def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkeypatch, caplog):
-    from segmentry import progress
+    from segmentry import _progress as progress
 
     class Fake:  # a flusher that sent 60,000 in its first minute, then nothing
         counts = flusher_module.Counts()

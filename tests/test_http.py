@@ -25,6 +25,7 @@ from helpers import wait_until
 
 import segmentry.http as sh
 from segmentry import telemetry
+from segmentry._transport import Transport
 from segmentry.exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -43,7 +44,6 @@ from segmentry.messages import (
     Track,
 )
 from segmentry.testing import Stub, StubAdapter, sequence
-from segmentry.transport import Transport
 from segmentry.version import __version__
 
 KEY = "WRITE-KEY-secret"
