@@ -520,17 +520,31 @@ def _dropped(sock: socket.socket | None) -> bool:
 def _response(request: requests.PreparedRequest, status: int, reason: str,
               fields: list[tuple[str, str]], body: bytes,
               adapter: Transport) -> requests.Response:
-    response = requests.Response()
-    response.status_code = status
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
     for name, value in fields:  # repeated ones joined, as urllib3 does
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    body = _decoded(body, headers.get("Content-Encoding", ""), request)
+    return build_response(request, status, reason, headers, body,
+                          get_encoding_from_headers(headers), adapter)
+
+
+def build_response(request: requests.PreparedRequest, status: int, reason: str,
+                   headers: CaseInsensitiveDict[str], body: bytes, encoding: str | None,
+                   adapter: HTTPAdapter | None = None) -> requests.Response:
+    """The one place segmentry makes a ``requests.Response``: for our exchange's answers
+    and for the ones adapters make in this process (http.make_response). The body is
+    already read, so there is no raw stream left to read or close; requests keeps it in
+    private fields, written only here and by http._read."""
+    response = requests.Response()
+    response.status_code = status
     response.headers = headers
-    response.encoding = get_encoding_from_headers(headers)
-    response._content = _decoded(body, headers.get("Content-Encoding", ""), request)
+    response.encoding = encoding
+    response._content = body
     response._content_consumed = True  # type: ignore[attr-defined]
-    response.reason, response.url = reason, str(request.url)
-    response.request, response.connection = request, adapter
+    response.reason, response.url = reason, request.url or ""
+    response.request = request
+    if adapter is not None:
+        response.connection = adapter
     return response
 
 

@@ -31,7 +31,7 @@ from requests.utils import get_encoding_from_headers
 
 from . import config, messages, telemetry
 from ._pacing import Pacer
-from ._transport import MAX_BODY, Transport, deadline_of
+from ._transport import MAX_BODY, Transport, build_response, deadline_of
 from .exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -712,17 +712,9 @@ def make_response(
     headers: Mapping[str, str] | None = None,
 ) -> requests.Response:
     """A real ``requests.Response`` for an adapter that answers without a network."""
-    response = requests.Response()
-    response.status_code = status
-    response.headers = CaseInsensitiveDict(headers or {})
-    response.encoding = get_encoding_from_headers(response.headers) or "utf-8"
-    response.reason = _reason(status)
-    response.url = request.url or ""
-    response.request = request
-    response._content = body
-    # There is no raw stream to read or close: the body is already here.
-    response._content_consumed = True  # type: ignore[attr-defined]
-    return response
+    fields = CaseInsensitiveDict(headers or {})
+    encoding = get_encoding_from_headers(fields) or "utf-8"
+    return build_response(request, status, _reason(status), fields, body, encoding)
 
 
 def _reason(status: int) -> str:
