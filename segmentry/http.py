@@ -19,15 +19,17 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
+from urllib.parse import urljoin
 
 import backoff
 import requests
 import urllib3
 from requests.adapters import BaseAdapter
 from requests.auth import HTTPBasicAuth
+from requests.hooks import dispatch_hook
 from requests.structures import CaseInsensitiveDict
-from requests.utils import get_encoding_from_headers
+from requests.utils import get_encoding_from_headers, requote_uri
 
 from . import config, messages, telemetry
 from ._pacing import Pacer
@@ -199,9 +201,6 @@ class HTTPClient:
         self.send_to_http = bool(send_to_http)
         self.session, self._owns_session, self._adapter = _session(
             requests_options, self.send_to_http)
-        adapter = self.session.get_adapter(self.api_url)
-        self._transport = adapter if self._owns_session and isinstance(adapter, Transport) \
-            else None
         self.headers = {
             "Content-Type": "application/json",
             "User-Agent": f"segmentry/{__version__}",
@@ -223,9 +222,9 @@ class HTTPClient:
     def _settle_environment(self) -> None:
         """Merge the session's and the environment's proxy and CA-bundle settings into the
         request options, as ``Session.request`` does, but once: it scans os.environ on
-        every call (0.35 ms a request, measured here: a fifth of a batch). ``Session.send``,
-        which we call, never reads them: without this, a caller's session would ignore
-        REQUESTS_CA_BUNDLE."""
+        every call (0.35 ms a request, measured here: a fifth of a batch). An adapter's
+        ``send``, which we call, never reads them: without this, a caller's session would
+        ignore REQUESTS_CA_BUNDLE."""
         opts = self.request_options
         merged = self.session.merge_environment_settings(
             self.api_url, opts.get("proxies") or {}, None, opts.get("verify"), opts.get("cert"))
@@ -294,17 +293,54 @@ class HTTPClient:
                 self.session.close()  # a request made after close() leaves no socket open
 
     def _send(self, request: requests.PreparedRequest) -> requests.Response:
-        """One way to send (ours, a caller's adapter, a caller's session), each read
-        within the timeout's deadline as far as its transport allows."""
+        """The one way a request goes: through ``_exchange``, again for each 307 or 308
+        (same method and body), up to the session's ``max_redirects`` (requests' 30).
+        Any other redirect is the answer: requests would follow 301, 302 and 303 as a GET
+        without the body, whose 2xx would count the batch as delivered; classify() calls
+        it a misconfiguration."""
+        response = self._exchange(request)
+        history: list[requests.Response] = []
+        while response.status_code in _KEEP_BODY and response.is_redirect:
+            if len(history) >= self.session.max_redirects:
+                raise requests.TooManyRedirects(
+                    f"exceeded {self.session.max_redirects} redirects", response=response)
+            history.append(response)
+            request = self._redirected(request, response)
+            response = self._exchange(request)
+        response.history = history
+        return response
+
+    def _exchange(self, request: requests.PreparedRequest) -> requests.Response:
+        """One request and its answer, read within the timeout's deadline (see _read),
+        through the adapter for its URL: the one mounted on the session (our Transport,
+        or a caller's ``adapter=`` on our session; whatever a caller's ``session=`` has
+        mounted), or a caller's ``adapter=`` given with their session, which we do not
+        change. Not ``session.send``: its upkeep on every request (the cookie jar, the
+        redirect generator, settings merged again) is work we need none of; a caller's
+        response hooks still run."""
         options = self.request_options
-        if self._transport is not None:  # bounds the whole exchange itself
-            response = self._transport.exchange(request, options)
-            return _follow_redirects(self.session, response, request, options)
+        adapter = self._adapter or self.session.get_adapter(str(request.url))
         deadline = deadline_of(options.get("timeout"))
-        if self._adapter is not None:  # see _session: no redirect is followed here
-            return _read(self._adapter.send(request, stream=True, **options), deadline)
-        response = self.session.send(request, allow_redirects=False, stream=True, **options)
-        return _follow_redirects(self.session, response, request, options, deadline)
+        start = time.perf_counter()
+        response = _read(adapter.send(request, stream=True, **options), deadline)
+        response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
+        hooked = dispatch_hook(  # type: ignore[no-untyped-call]
+            "response", request.hooks, response, **options)
+        return cast(requests.Response, hooked)
+
+    def _redirected(self, request: requests.PreparedRequest,
+                    response: requests.Response) -> requests.PreparedRequest:
+        """The request again, to where a 307/308 points. Its Authorization (the write key)
+        and any Cookie go to another host only where requests would send them
+        (Session.should_strip_auth: same host, or http to https on default ports)."""
+        target = self.session.get_redirect_target(response) or ""
+        url = urljoin(str(response.url or request.url), requote_uri(target))
+        again = request.copy()
+        if self.session.should_strip_auth(str(request.url), url):  # type: ignore[no-untyped-call]
+            again.headers.pop("Authorization", None)
+            again.headers.pop("Cookie", None)
+        again.url = url
+        return again
 
     def _prepared(self, url: str) -> requests.PreparedRequest:
         """The request as requests prepares it (headers, auth, hooks), made once per URL
@@ -568,8 +604,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
 def _session(options: Mapping[str, Any], send_to_http: bool
              ) -> tuple[requests.Session, bool, BaseAdapter | None]:
     """The session to use, whether it is ours (to close, and to mount adapters on), and
-    the adapter to call directly instead of the session's own. A caller's session is
-    never changed: the application may send its own requests through it too."""
+    the one adapter for every URL when the session is a caller's and an adapter is given
+    too (``adapter=``, or send_to_http=False's): a caller's session is never changed, the
+    application may send its own requests through it."""
     adapter = options.get("adapter") if send_to_http else NoopAdapter()
     session = options.get("session")
     if session is not None:
@@ -582,28 +619,6 @@ def _session(options: Mapping[str, Any], send_to_http: bool
 def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-
-
-def _follow_redirects(session: requests.Session, response: requests.Response,
-                      request: requests.PreparedRequest, options: Mapping[str, Any],
-                      deadline: float | None = None) -> requests.Response:
-    """Follow 307 and 308 as requests does (same method and body, no Authorization to
-    another host), and stop at any other redirect: requests would follow 301, 302 and 303
-    as a GET without the body, and a 2xx to that GET would count the batch as delivered.
-    The redirect left is final; classify() calls it a misconfiguration."""
-    if response.status_code in _KEEP_BODY and response.is_redirect:
-        history = []
-        hops = session.resolve_redirects(response, request, stream=True, **options)
-        try:
-            for hop in hops:  # each is sent only when asked for
-                history.append(response)
-                response = hop
-                if response.status_code not in _KEEP_BODY:
-                    break
-        finally:
-            hops.close()
-        response.history = history
-    return _read(response, deadline)
 
 
 def _read(response: requests.Response, deadline: float | None = None) -> requests.Response:

@@ -1016,6 +1016,61 @@ def test_a_307_then_a_302_stops_at_the_302(server):
     assert server.seen == []
 
 
+def moved_to(location, status=307):
+    """A stub handler: ``status`` to ``location`` for the first request, then 200."""
+    return sequence((status, "", {"Location": location}), 200)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_callers_adapter_has_its_307_or_308_followed_with_the_same_body(make, status, session):
+    """With or without a session of theirs (whose mounts are left alone: see _session)."""
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(moved_to("/v1/moved/batch", status), **theirs)
+    response = sh.batch(http, [track("A")])
+    assert response.status_code == 200 and [r.status_code for r in response.history] == [status]
+    first, second = stub.requests
+    assert (first.method, first.path, second.method, second.path) == (
+        "POST", "/v1/batch", "POST", "/v1/moved/batch")
+    assert second.body["batch"][0]["event"] == "A"
+    assert second.headers["Authorization"] == first.headers["Authorization"]  # same host
+
+
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_redirect_to_another_host_does_not_carry_the_write_key(make, session):
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(moved_to("https://elsewhere.test/v1/batch"), **theirs)
+    assert sh.batch(http, [track("A")]).status_code == 200
+    first, second = stub.requests
+    assert "Authorization" in first.headers and "Authorization" not in second.headers
+    assert second.body["batch"][0]["event"] == "A"
+
+
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_redirect_loop_stops_at_the_sessions_limit_and_is_not_retried(make, session):
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(lambda request: (307, "", {"Location": "/v1/batch"}), retry_attempts=3,
+                      **theirs)
+    with pytest.raises(NetworkError, match="TooManyRedirects") as excinfo:
+        sh.batch(http, [track("A")])
+    assert not excinfo.value.retryable
+    assert len(stub.requests) == http.session.max_redirects + 1
+
+
+def test_a_callers_session_is_sent_through_its_mounted_adapter_never_session_send():
+    class NoSend(requests.Session):
+        def send(self, *args, **kwargs):
+            raise AssertionError("session.send was called")
+
+    session, stub, hooked = NoSend(), Stub(moved_to("/v1/moved/batch")), []
+    session.mount(API, stub)
+    session.hooks["response"].append(lambda response, **kw: hooked.append(response.status_code))
+    with sh.client(KEY, API, session=session, retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+    assert [r.path for r in stub.requests] == ["/v1/batch", "/v1/moved/batch"]
+    assert hooked == [307, 200]  # the session's response hooks still see each answer
+
+
 def test_a_callers_session_gets_the_ca_bundle_from_the_environment(tls_server, monkeypatch):
     receiver, ca_file = tls_server
     url = f"https://127.0.0.1:{receiver.server_address[1]}/v1/"
