@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Callable, Union, cast
+from typing import Any, Callable, NamedTuple, Union, cast
 from urllib.parse import urljoin
 
 import backoff
@@ -51,6 +51,7 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_RETRY_START_MS = 100
 DEFAULT_RETRY_EXPIRY_MS = 10_000
 RETRY_AFTER_CAP_S = 300.0  # the receiver's word wins over retry_expiry, up to this
+TEXT_BYTES = 2000  # of an error's body, kept in an Answer: for logs and dead letters
 # Redirects that keep the method and the body. requests follows the others (301, 302,
 # 303) as a GET without the body, whose 2xx would count the batch as delivered.
 _KEEP_BODY = frozenset({307, 308})
@@ -89,7 +90,6 @@ _TLS_MISCONFIGURED = frozenset({
 # Control characters (C0, DEL, C1) a server could put into our logs through an error text.
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
 
-Outcome = Union[requests.Response, NetworkError]
 MessageLike = Union[messages.Message, Mapping[str, Any], messages.Encoded]
 
 
@@ -126,6 +126,46 @@ def retry_after_s(response: requests.Response) -> float | None:
         when = when.replace(tzinfo=dt.timezone.utc)
     seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+class Answer(NamedTuple):
+    """What one request came back with, classified once, by ``answer``, the one place an
+    Answer is made: the status and its verdict (OK, RETRY, MISCONFIGURED, REJECT), a
+    RETRY's Retry-After in seconds (None when absent or unreadable), the start of the
+    body of an answer that is not a 2xx (printable: a server's bytes, for logs) and the
+    response; or, when no answer came, the NetworkError that stands for it (status None;
+    RETRY, or MISCONFIGURED when no retry can help, as a certificate refused)."""
+
+    status: int | None
+    verdict: str
+    retry_after_s: float | None = None
+    text: str = ""
+    error: NetworkError | None = None
+    response: requests.Response | None = None
+
+
+def answer(outcome: requests.Response | NetworkError) -> Answer:
+    """The Answer for a response (its status classified once, its Retry-After read once)
+    or for the NetworkError raised instead of one."""
+    if isinstance(outcome, NetworkError):
+        return Answer(None, RETRY if outcome.retryable else MISCONFIGURED, error=outcome)
+    status = outcome.status_code
+    verdict = classify(status)
+    if verdict == OK:
+        return Answer(status, OK, response=outcome)
+    after = retry_after_s(outcome) if verdict == RETRY else None
+    return Answer(status, verdict, after, _text(outcome), response=outcome)
+
+
+def _text(response: requests.Response) -> str:
+    """The first TEXT_BYTES of a body, decoded: not ``response.text``, whose charset
+    detection may read all of it."""
+    head = response.content[:TEXT_BYTES]
+    try:
+        text = head.decode(response.encoding or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        text = head.decode("utf-8", "replace")
+    return printable(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,27 +427,65 @@ def batch(http: HTTPClient, messages_: Sequence[MessageLike]) -> requests.Respon
 
 def post_batch(http: HTTPClient, bodies: Sequence[str]) -> requests.Response:
     """POST stored event texts as one batch; the texts are spliced, never decoded."""
-    bodies = list(bodies)
-    _check_batch(bodies)
-    events = [json.loads(body) for body in bodies] if _observed("batch") else []
-    return _deliver(
-        http, "batch", "batch", lambda sent_at: messages.splice_batch(bodies, sent_at),
-        {"events": events})
+    return _response(_batch(http, bodies))
 
 
 def post_event(http: HTTPClient, type_: str, body: str) -> requests.Response:
     """POST one stored event text to ``{api_url}<type_>`` with sentAt spliced in."""
+    return _response(_event(http, type_, body))
+
+
+def deliver_batch(http: HTTPClient, bodies: Sequence[str]) -> Answer:
+    """post_batch for the flusher: the final Answer, never an exception (see _unraised)."""
+    return _unraised(lambda: _batch(http, bodies))
+
+
+def deliver_event(http: HTTPClient, type_: str, body: str) -> Answer:
+    """post_event for the flusher: the final Answer, never an exception (see _unraised)."""
+    return _unraised(lambda: _event(http, type_, body))
+
+
+def _batch(http: HTTPClient, bodies: Sequence[str]) -> Answer:
+    bodies = list(bodies)
+    _check_batch(bodies)
+    events = [json.loads(body) for body in bodies] if _observed("batch") else []
+    return _with_retries(
+        http, "batch", "batch", lambda sent_at: messages.splice_batch(bodies, sent_at),
+        {"events": events})
+
+
+def _event(http: HTTPClient, type_: str, body: str) -> Answer:
     _check_type(type_)
     event = json.loads(body) if _observed("send") else {}
-    return _deliver(
+    return _with_retries(
         http, "send", type_, lambda sent_at: body[:-1] + ',"sentAt":"' + sent_at + '"}',
         {"event": event})
 
 
-def _deliver(
+def _response(final: Answer) -> requests.Response:
+    """What the public calls return: the response, or the NetworkError raised instead."""
+    if final.response is None:
+        assert final.error is not None  # an Answer holds one or the other
+        raise final.error
+    return final.response
+
+
+def _unraised(ask: Callable[[], Answer]) -> Answer:
+    """``ask()``, or, when it fails unexpectedly (a custom adapter's bug), a retryable
+    NetworkError's Answer, the traceback logged: the flusher then releases the rows and
+    retries them like a network failure's, rather than leave them leased until the lease
+    runs out."""
+    try:
+        return ask()
+    except Exception as exc:
+        logger.exception("sending failed unexpectedly; the events are kept")
+        return answer(NetworkError(f"sending failed: {type(exc).__name__}"))
+
+
+def _with_retries(
     http: HTTPClient, kind: str, path: str, render: Callable[[str], str],
     metadata: dict[str, Any],
-) -> requests.Response:
+) -> Answer:
     """Attempt until an answer that is final, the retries run out or close() is called."""
     url = http.api_url + path
     delays = http.retry.delays(http.jitter)
@@ -415,59 +493,49 @@ def _deliver(
     attempt = 0
     while True:
         body = render(messages.format_timestamp(http.now()))  # sentAt is per attempt
-        outcome = _attempt(http, kind, url, body, attempt, metadata)
-        delay = _retry_delay(http, outcome, attempt, delays)
+        answered = _attempt(http, kind, url, body, attempt, metadata)
+        delay = _retry_delay(http, answered, attempt, delays)
         if delay is None:
-            return _result(outcome)
+            return answered
         attempt += 1
-        _pause_for_retry(http, kind, outcome, attempt, delay)
+        _pause_for_retry(http, kind, answered, attempt, delay)
         if not http.wait_open():  # closing: no further retry
-            return _result(outcome)
+            return answered
 
 
 def _attempt(
     http: HTTPClient, kind: str, url: str, body: str, attempt: int, metadata: dict[str, Any],
-) -> Outcome:
-    """One attempt inside its telemetry span; a NetworkError is returned, not raised."""
+) -> Answer:
+    """One attempt inside its telemetry span, and its Answer. A Retry-After pauses every
+    request of ``http``, whether or not this one is tried again: the batches in flight in
+    other threads must not retry inside it."""
     try:
         with telemetry.span(("segmentry", kind), metadata) as span:
             response = http.post(url, body, attempt)
-            span.set(**_stop_metadata(response))
-        http.pacer.observe(response.status_code)
-        _honour_retry_after(http, response)
+            answered = answer(response)
+            span.set(**_stop_metadata(answered))
     except NetworkError as exc:  # the span has reported it as an exception event
-        return exc
-    return response
+        return answer(exc)
+    http.pacer.observe(response.status_code)
+    if answered.retry_after_s:
+        http.pause(answered.retry_after_s)
+    return answered
 
 
 def _retry_delay(
-    http: HTTPClient, outcome: Outcome, attempt: int, delays: Iterator[float],
+    http: HTTPClient, answered: Answer, attempt: int, delays: Iterator[float],
 ) -> float | None:
-    """Seconds before the next attempt, or None when this outcome is final."""
-    if attempt >= http.retry.attempts or http.closing.is_set():
+    """Seconds before the next attempt, or None when this answer is final."""
+    if attempt >= http.retry.attempts or http.closing.is_set() or answered.verdict != RETRY:
         return None
-    if isinstance(outcome, NetworkError):
-        return next(delays) if outcome.retryable else None
-    if classify(outcome.status_code) != RETRY:
-        return None
-    after = retry_after_s(outcome)
-    return next(delays) if after is None else after
-
-
-def _honour_retry_after(http: HTTPClient, response: requests.Response) -> None:
-    """A Retry-After pauses every request of ``http``, whether or not this one is tried
-    again: the batches in flight in other threads must not retry inside it."""
-    if classify(response.status_code) == RETRY:
-        after = retry_after_s(response)
-        if after:
-            http.pause(after)
+    return next(delays) if answered.retry_after_s is None else answered.retry_after_s
 
 
 def _pause_for_retry(
-    http: HTTPClient, kind: str, outcome: Outcome, attempt: int, delay: float,
+    http: HTTPClient, kind: str, answered: Answer, attempt: int, delay: float,
 ) -> None:
     """Pause every request of ``http`` (not only this one), then report the retry."""
-    status = outcome.status_code if isinstance(outcome, requests.Response) else None
+    status = answered.status
     http.pause(delay)
     telemetry.execute(
         ("segmentry", kind, "retry"), {"delay_s": delay},
@@ -477,20 +545,12 @@ def _pause_for_retry(
                 delay)
 
 
-def _result(outcome: Outcome) -> requests.Response:
-    if isinstance(outcome, NetworkError):
-        raise outcome
-    return outcome
-
-
-def _stop_metadata(response: requests.Response) -> dict[str, Any]:
-    status = response.status_code
-    if 200 <= status < 300:
-        return {"status": "ok", "result": response}
-    # Decoding only 500 bytes: response.text may run charset detection over the whole body.
-    text = printable(response.content[:500].decode("utf-8", "replace"))
-    error = HTTPStatusError(status, classify(status) == RETRY, text)
-    return {"status": "error", "result": response, "error": error}
+def _stop_metadata(answered: Answer) -> dict[str, Any]:
+    if answered.verdict == OK:
+        return {"status": "ok", "result": answered.response}
+    error = HTTPStatusError(answered.status or 0, answered.verdict == RETRY,
+                            answered.text[:500])
+    return {"status": "error", "result": answered.response, "error": error}
 
 
 def _network_error(exc: BaseException) -> NetworkError:

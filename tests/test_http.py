@@ -502,6 +502,33 @@ def test_retry_after_seconds_parsing(value, expected):
     assert sh.retry_after_s(headers_response(Retry_After=value)) == expected
 
 
+def test_an_answer_reads_the_status_once_into_its_verdict_and_retry_after():
+    request = requests.Request("POST", API + "batch").prepare()
+    ok = sh.answer(sh.make_response(request, 200, b'{"success":true}', {"Retry-After": "9"}))
+    assert (ok.status, ok.verdict, ok.retry_after_s, ok.text, ok.error) == (
+        200, sh.OK, None, "", None)
+    busy = sh.answer(sh.make_response(request, 429, b"slow \x1b[2J down", {"Retry-After": "7"}))
+    assert (busy.verdict, busy.retry_after_s, busy.text) == (sh.RETRY, 7.0, "slow \\x1b[2J down")
+    refused = sh.answer(sh.make_response(request, 400, b"x" * 5000, {"Retry-After": "7"}))
+    assert (refused.verdict, refused.retry_after_s, refused.text) == (sh.REJECT, None, "x" * 2000)
+    assert busy.response.status_code == 429 and refused.response.status_code == 400
+
+
+def test_an_answer_that_never_came_has_no_retry_after_and_says_if_a_retry_can_help():
+    down, refused = NetworkError("connection refused"), NetworkError("certificate refused")
+    refused.retryable = False
+    assert sh.answer(down) == sh.Answer(None, sh.RETRY, error=down)
+    assert sh.answer(refused) == sh.Answer(None, sh.MISCONFIGURED, error=refused)
+
+
+def test_deliver_batch_answers_what_post_batch_raises_or_returns(make):
+    http, _ = make(sequence(requests.ConnectionError, 503, 200), retry_attempts=0)
+    down = sh.deliver_batch(http, ['{"type":"track"}'])
+    assert down.status is None and "ConnectionError" in str(down.error)
+    assert sh.deliver_batch(http, ['{"type":"track"}']).verdict == sh.RETRY
+    assert sh.deliver_batch(http, ['{"type":"track"}']).response.status_code == 200
+
+
 def test_retry_after_http_date_is_seconds_from_now():
     assert sh.retry_after_s(headers_response(Retry_After=http_date(60))) == pytest.approx(
         60, abs=2)
