@@ -762,7 +762,7 @@ PROFILE_CATEGORIES = (
     ("SQLite: delete after 2xx", ("SQLiteQueue.delete",)),
     ("SQLite: checkpoint / vacuum", ("SQLiteQueue.maintain",)),
     ("SQLite: other", ("storage.py",)),
-    ("HTTP: HTTPClient.post (requests' session, segmentry/transport.py)",
+    ("HTTP: HTTPClient.post (requests' session, segmentry/_transport.py)",
      ("HTTPClient.post", "Session.post")),
     ("batch body: check + splice", ("splice_batch", "_check_batch")),
     ("telemetry", ("telemetry.py",)),

@@ -1,5 +1,5 @@
 """The HTTP seam over ``requests``: a client, one-event and batch POSTs, the status rules
-and the retry policy over ``backoff``. Besides testing.py and transport.py (the adapter
+and the retry policy over ``backoff``. Besides testing.py and _transport.py (the adapter
 under our own session) it is the only importer of ``requests``, ``urllib3`` and
 ``backoff``; their errors never leave it: they become ``NetworkError`` (``raise ... from
 exc``).
@@ -19,17 +19,21 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
-from typing import Any, Callable, Union
+from typing import Any, Callable, NamedTuple, Union, cast
+from urllib.parse import urljoin
 
 import backoff
 import requests
 import urllib3
 from requests.adapters import BaseAdapter
 from requests.auth import HTTPBasicAuth
+from requests.hooks import dispatch_hook
 from requests.structures import CaseInsensitiveDict
-from requests.utils import get_encoding_from_headers
+from requests.utils import get_encoding_from_headers, requote_uri
 
 from . import config, messages, telemetry
+from ._pacing import Pacer
+from ._transport import MAX_BODY, Transport, build_response, deadline_of
 from .exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -37,8 +41,6 @@ from .exceptions import (
     MessageTooLarge,
     NetworkError,
 )
-from .pacing import Pacer
-from .transport import MAX_BODY, Transport, deadline_of
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ DEFAULT_RETRY_ATTEMPTS = 3
 DEFAULT_RETRY_START_MS = 100
 DEFAULT_RETRY_EXPIRY_MS = 10_000
 RETRY_AFTER_CAP_S = 300.0  # the receiver's word wins over retry_expiry, up to this
+TEXT_BYTES = 2000  # of an error's body, kept in an Answer: for logs and dead letters
 # Redirects that keep the method and the body. requests follows the others (301, 302,
 # 303) as a GET without the body, whose 2xx would count the batch as delivered.
 _KEEP_BODY = frozenset({307, 308})
@@ -87,7 +90,6 @@ _TLS_MISCONFIGURED = frozenset({
 # Control characters (C0, DEL, C1) a server could put into our logs through an error text.
 _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), *range(127, 160))}
 
-Outcome = Union[requests.Response, NetworkError]
 MessageLike = Union[messages.Message, Mapping[str, Any], messages.Encoded]
 
 
@@ -124,6 +126,46 @@ def retry_after_s(response: requests.Response) -> float | None:
         when = when.replace(tzinfo=dt.timezone.utc)
     seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+
+
+class Answer(NamedTuple):
+    """What one request came back with, classified once, by ``answer``, the one place an
+    Answer is made: the status and its verdict (OK, RETRY, MISCONFIGURED, REJECT), a
+    RETRY's Retry-After in seconds (None when absent or unreadable), the start of the
+    body of an answer that is not a 2xx (printable: a server's bytes, for logs) and the
+    response; or, when no answer came, the NetworkError that stands for it (status None;
+    RETRY, or MISCONFIGURED when no retry can help, as a certificate refused)."""
+
+    status: int | None
+    verdict: str
+    retry_after_s: float | None = None
+    text: str = ""
+    error: NetworkError | None = None
+    response: requests.Response | None = None
+
+
+def answer(outcome: requests.Response | NetworkError) -> Answer:
+    """The Answer for a response (its status classified once, its Retry-After read once)
+    or for the NetworkError raised instead of one."""
+    if isinstance(outcome, NetworkError):
+        return Answer(None, RETRY if outcome.retryable else MISCONFIGURED, error=outcome)
+    status = outcome.status_code
+    verdict = classify(status)
+    if verdict == OK:
+        return Answer(status, OK, response=outcome)
+    after = retry_after_s(outcome) if verdict == RETRY else None
+    return Answer(status, verdict, after, _text(outcome), response=outcome)
+
+
+def _text(response: requests.Response) -> str:
+    """The first TEXT_BYTES of a body, decoded: not ``response.text``, whose charset
+    detection may read all of it."""
+    head = response.content[:TEXT_BYTES]
+    try:
+        text = head.decode(response.encoding or "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        text = head.decode("utf-8", "replace")
+    return printable(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +241,6 @@ class HTTPClient:
         self.send_to_http = bool(send_to_http)
         self.session, self._owns_session, self._adapter = _session(
             requests_options, self.send_to_http)
-        adapter = self.session.get_adapter(self.api_url)
-        self._transport = adapter if self._owns_session and isinstance(adapter, Transport) \
-            else None
         self.headers = {
             "Content-Type": "application/json",
             "User-Agent": f"segmentry/{__version__}",
@@ -223,9 +262,9 @@ class HTTPClient:
     def _settle_environment(self) -> None:
         """Merge the session's and the environment's proxy and CA-bundle settings into the
         request options, as ``Session.request`` does, but once: it scans os.environ on
-        every call (0.35 ms a request, measured here: a fifth of a batch). ``Session.send``,
-        which we call, never reads them: without this, a caller's session would ignore
-        REQUESTS_CA_BUNDLE."""
+        every call (0.35 ms a request, measured here: a fifth of a batch). An adapter's
+        ``send``, which we call, never reads them: without this, a caller's session would
+        ignore REQUESTS_CA_BUNDLE."""
         opts = self.request_options
         merged = self.session.merge_environment_settings(
             self.api_url, opts.get("proxies") or {}, None, opts.get("verify"), opts.get("cert"))
@@ -254,7 +293,7 @@ class HTTPClient:
 
     def wait_open(self) -> bool:
         """Wait until the pause is over, then for this request's slot when the receiver
-        has rate-limited us (see pacing.py); return False at once when closing."""
+        has rate-limited us (see _pacing.py); return False at once when closing."""
         paced = False
         while not self.closing.is_set():
             remaining = self.paused_until() - self.clock()
@@ -294,17 +333,54 @@ class HTTPClient:
                 self.session.close()  # a request made after close() leaves no socket open
 
     def _send(self, request: requests.PreparedRequest) -> requests.Response:
-        """One way to send (ours, a caller's adapter, a caller's session), each read
-        within the timeout's deadline as far as its transport allows."""
+        """The one way a request goes: through ``_exchange``, again for each 307 or 308
+        (same method and body), up to the session's ``max_redirects`` (requests' 30).
+        Any other redirect is the answer: requests would follow 301, 302 and 303 as a GET
+        without the body, whose 2xx would count the batch as delivered; classify() calls
+        it a misconfiguration."""
+        response = self._exchange(request)
+        history: list[requests.Response] = []
+        while response.status_code in _KEEP_BODY and response.is_redirect:
+            if len(history) >= self.session.max_redirects:
+                raise requests.TooManyRedirects(
+                    f"exceeded {self.session.max_redirects} redirects", response=response)
+            history.append(response)
+            request = self._redirected(request, response)
+            response = self._exchange(request)
+        response.history = history
+        return response
+
+    def _exchange(self, request: requests.PreparedRequest) -> requests.Response:
+        """One request and its answer, read within the timeout's deadline (see _read),
+        through the adapter for its URL: the one mounted on the session (our Transport,
+        or a caller's ``adapter=`` on our session; whatever a caller's ``session=`` has
+        mounted), or a caller's ``adapter=`` given with their session, which we do not
+        change. Not ``session.send``: its upkeep on every request (the cookie jar, the
+        redirect generator, settings merged again) is work we need none of; a caller's
+        response hooks still run."""
         options = self.request_options
-        if self._transport is not None:  # bounds the whole exchange itself
-            response = self._transport.exchange(request, options)
-            return _follow_redirects(self.session, response, request, options)
+        adapter = self._adapter or self.session.get_adapter(str(request.url))
         deadline = deadline_of(options.get("timeout"))
-        if self._adapter is not None:  # see _session: no redirect is followed here
-            return _read(self._adapter.send(request, stream=True, **options), deadline)
-        response = self.session.send(request, allow_redirects=False, stream=True, **options)
-        return _follow_redirects(self.session, response, request, options, deadline)
+        start = time.perf_counter()
+        response = _read(adapter.send(request, stream=True, **options), deadline)
+        response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
+        hooked = dispatch_hook(  # type: ignore[no-untyped-call]
+            "response", request.hooks, response, **options)
+        return cast(requests.Response, hooked)
+
+    def _redirected(self, request: requests.PreparedRequest,
+                    response: requests.Response) -> requests.PreparedRequest:
+        """The request again, to where a 307/308 points. Its Authorization (the write key)
+        and any Cookie go to another host only where requests would send them
+        (Session.should_strip_auth: same host, or http to https on default ports)."""
+        target = self.session.get_redirect_target(response) or ""
+        url = urljoin(str(response.url or request.url), requote_uri(target))
+        again = request.copy()
+        if self.session.should_strip_auth(str(request.url), url):  # type: ignore[no-untyped-call]
+            again.headers.pop("Authorization", None)
+            again.headers.pop("Cookie", None)
+        again.url = url
+        return again
 
     def _prepared(self, url: str) -> requests.PreparedRequest:
         """The request as requests prepares it (headers, auth, hooks), made once per URL
@@ -351,27 +427,65 @@ def batch(http: HTTPClient, messages_: Sequence[MessageLike]) -> requests.Respon
 
 def post_batch(http: HTTPClient, bodies: Sequence[str]) -> requests.Response:
     """POST stored event texts as one batch; the texts are spliced, never decoded."""
-    bodies = list(bodies)
-    _check_batch(bodies)
-    events = [json.loads(body) for body in bodies] if _observed("batch") else []
-    return _deliver(
-        http, "batch", "batch", lambda sent_at: messages.splice_batch(bodies, sent_at),
-        {"events": events})
+    return _response(_batch(http, bodies))
 
 
 def post_event(http: HTTPClient, type_: str, body: str) -> requests.Response:
     """POST one stored event text to ``{api_url}<type_>`` with sentAt spliced in."""
+    return _response(_event(http, type_, body))
+
+
+def deliver_batch(http: HTTPClient, bodies: Sequence[str]) -> Answer:
+    """post_batch for the flusher: the final Answer, never an exception (see _unraised)."""
+    return _unraised(lambda: _batch(http, bodies))
+
+
+def deliver_event(http: HTTPClient, type_: str, body: str) -> Answer:
+    """post_event for the flusher: the final Answer, never an exception (see _unraised)."""
+    return _unraised(lambda: _event(http, type_, body))
+
+
+def _batch(http: HTTPClient, bodies: Sequence[str]) -> Answer:
+    bodies = list(bodies)
+    _check_batch(bodies)
+    events = [json.loads(body) for body in bodies] if _observed("batch") else []
+    return _with_retries(
+        http, "batch", "batch", lambda sent_at: messages.splice_batch(bodies, sent_at),
+        {"events": events})
+
+
+def _event(http: HTTPClient, type_: str, body: str) -> Answer:
     _check_type(type_)
     event = json.loads(body) if _observed("send") else {}
-    return _deliver(
+    return _with_retries(
         http, "send", type_, lambda sent_at: body[:-1] + ',"sentAt":"' + sent_at + '"}',
         {"event": event})
 
 
-def _deliver(
+def _response(final: Answer) -> requests.Response:
+    """What the public calls return: the response, or the NetworkError raised instead."""
+    if final.response is None:
+        assert final.error is not None  # an Answer holds one or the other
+        raise final.error
+    return final.response
+
+
+def _unraised(ask: Callable[[], Answer]) -> Answer:
+    """``ask()``, or, when it fails unexpectedly (a custom adapter's bug), a retryable
+    NetworkError's Answer, the traceback logged: the flusher then releases the rows and
+    retries them like a network failure's, rather than leave them leased until the lease
+    runs out."""
+    try:
+        return ask()
+    except Exception as exc:
+        logger.exception("sending failed unexpectedly; the events are kept")
+        return answer(NetworkError(f"sending failed: {type(exc).__name__}"))
+
+
+def _with_retries(
     http: HTTPClient, kind: str, path: str, render: Callable[[str], str],
     metadata: dict[str, Any],
-) -> requests.Response:
+) -> Answer:
     """Attempt until an answer that is final, the retries run out or close() is called."""
     url = http.api_url + path
     delays = http.retry.delays(http.jitter)
@@ -379,59 +493,49 @@ def _deliver(
     attempt = 0
     while True:
         body = render(messages.format_timestamp(http.now()))  # sentAt is per attempt
-        outcome = _attempt(http, kind, url, body, attempt, metadata)
-        delay = _retry_delay(http, outcome, attempt, delays)
+        answered = _attempt(http, kind, url, body, attempt, metadata)
+        delay = _retry_delay(http, answered, attempt, delays)
         if delay is None:
-            return _result(outcome)
+            return answered
         attempt += 1
-        _pause_for_retry(http, kind, outcome, attempt, delay)
+        _pause_for_retry(http, kind, answered, attempt, delay)
         if not http.wait_open():  # closing: no further retry
-            return _result(outcome)
+            return answered
 
 
 def _attempt(
     http: HTTPClient, kind: str, url: str, body: str, attempt: int, metadata: dict[str, Any],
-) -> Outcome:
-    """One attempt inside its telemetry span; a NetworkError is returned, not raised."""
+) -> Answer:
+    """One attempt inside its telemetry span, and its Answer. A Retry-After pauses every
+    request of ``http``, whether or not this one is tried again: the batches in flight in
+    other threads must not retry inside it."""
     try:
         with telemetry.span(("segmentry", kind), metadata) as span:
             response = http.post(url, body, attempt)
-            span.set(**_stop_metadata(response))
-        http.pacer.observe(response.status_code)
-        _honour_retry_after(http, response)
+            answered = answer(response)
+            span.set(**_stop_metadata(answered))
     except NetworkError as exc:  # the span has reported it as an exception event
-        return exc
-    return response
+        return answer(exc)
+    http.pacer.observe(response.status_code)
+    if answered.retry_after_s:
+        http.pause(answered.retry_after_s)
+    return answered
 
 
 def _retry_delay(
-    http: HTTPClient, outcome: Outcome, attempt: int, delays: Iterator[float],
+    http: HTTPClient, answered: Answer, attempt: int, delays: Iterator[float],
 ) -> float | None:
-    """Seconds before the next attempt, or None when this outcome is final."""
-    if attempt >= http.retry.attempts or http.closing.is_set():
+    """Seconds before the next attempt, or None when this answer is final."""
+    if attempt >= http.retry.attempts or http.closing.is_set() or answered.verdict != RETRY:
         return None
-    if isinstance(outcome, NetworkError):
-        return next(delays) if outcome.retryable else None
-    if classify(outcome.status_code) != RETRY:
-        return None
-    after = retry_after_s(outcome)
-    return next(delays) if after is None else after
-
-
-def _honour_retry_after(http: HTTPClient, response: requests.Response) -> None:
-    """A Retry-After pauses every request of ``http``, whether or not this one is tried
-    again: the batches in flight in other threads must not retry inside it."""
-    if classify(response.status_code) == RETRY:
-        after = retry_after_s(response)
-        if after:
-            http.pause(after)
+    return next(delays) if answered.retry_after_s is None else answered.retry_after_s
 
 
 def _pause_for_retry(
-    http: HTTPClient, kind: str, outcome: Outcome, attempt: int, delay: float,
+    http: HTTPClient, kind: str, answered: Answer, attempt: int, delay: float,
 ) -> None:
     """Pause every request of ``http`` (not only this one), then report the retry."""
-    status = outcome.status_code if isinstance(outcome, requests.Response) else None
+    status = answered.status
     http.pause(delay)
     telemetry.execute(
         ("segmentry", kind, "retry"), {"delay_s": delay},
@@ -441,20 +545,12 @@ def _pause_for_retry(
                 delay)
 
 
-def _result(outcome: Outcome) -> requests.Response:
-    if isinstance(outcome, NetworkError):
-        raise outcome
-    return outcome
-
-
-def _stop_metadata(response: requests.Response) -> dict[str, Any]:
-    status = response.status_code
-    if 200 <= status < 300:
-        return {"status": "ok", "result": response}
-    # Decoding only 500 bytes: response.text may run charset detection over the whole body.
-    text = printable(response.content[:500].decode("utf-8", "replace"))
-    error = HTTPStatusError(status, classify(status) == RETRY, text)
-    return {"status": "error", "result": response, "error": error}
+def _stop_metadata(answered: Answer) -> dict[str, Any]:
+    if answered.verdict == OK:
+        return {"status": "ok", "result": answered.response}
+    error = HTTPStatusError(answered.status or 0, answered.verdict == RETRY,
+                            answered.text[:500])
+    return {"status": "error", "result": answered.response, "error": error}
 
 
 def _network_error(exc: BaseException) -> NetworkError:
@@ -568,8 +664,9 @@ def _check_options(options: Mapping[str, Any]) -> None:
 def _session(options: Mapping[str, Any], send_to_http: bool
              ) -> tuple[requests.Session, bool, BaseAdapter | None]:
     """The session to use, whether it is ours (to close, and to mount adapters on), and
-    the adapter to call directly instead of the session's own. A caller's session is
-    never changed: the application may send its own requests through it too."""
+    the one adapter for every URL when the session is a caller's and an adapter is given
+    too (``adapter=``, or send_to_http=False's): a caller's session is never changed, the
+    application may send its own requests through it."""
     adapter = options.get("adapter") if send_to_http else NoopAdapter()
     session = options.get("session")
     if session is not None:
@@ -582,28 +679,6 @@ def _session(options: Mapping[str, Any], send_to_http: bool
 def _mount(session: requests.Session, adapter: BaseAdapter) -> None:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
-
-
-def _follow_redirects(session: requests.Session, response: requests.Response,
-                      request: requests.PreparedRequest, options: Mapping[str, Any],
-                      deadline: float | None = None) -> requests.Response:
-    """Follow 307 and 308 as requests does (same method and body, no Authorization to
-    another host), and stop at any other redirect: requests would follow 301, 302 and 303
-    as a GET without the body, and a 2xx to that GET would count the batch as delivered.
-    The redirect left is final; classify() calls it a misconfiguration."""
-    if response.status_code in _KEEP_BODY and response.is_redirect:
-        history = []
-        hops = session.resolve_redirects(response, request, stream=True, **options)
-        try:
-            for hop in hops:  # each is sent only when asked for
-                history.append(response)
-                response = hop
-                if response.status_code not in _KEEP_BODY:
-                    break
-        finally:
-            hops.close()
-        response.history = history
-    return _read(response, deadline)
 
 
 def _read(response: requests.Response, deadline: float | None = None) -> requests.Response:
@@ -712,17 +787,9 @@ def make_response(
     headers: Mapping[str, str] | None = None,
 ) -> requests.Response:
     """A real ``requests.Response`` for an adapter that answers without a network."""
-    response = requests.Response()
-    response.status_code = status
-    response.headers = CaseInsensitiveDict(headers or {})
-    response.encoding = get_encoding_from_headers(response.headers) or "utf-8"
-    response.reason = _reason(status)
-    response.url = request.url or ""
-    response.request = request
-    response._content = body
-    # There is no raw stream to read or close: the body is already here.
-    response._content_consumed = True  # type: ignore[attr-defined]
-    return response
+    fields = CaseInsensitiveDict(headers or {})
+    encoding = get_encoding_from_headers(fields) or "utf-8"
+    return build_response(request, status, _reason(status), fields, body, encoding)
 
 
 def _reason(status: int) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from . import telemetry
+from ._progress import Progress
 from ._systemd import Notifier
 from .config import (
     DEFAULT_API_URL,
@@ -31,7 +32,6 @@ from .config import (
 from .exceptions import ConfigurationError, StorageError
 from .flusher import Flusher, Lock, holder_pid, make_http
 from .http import DEFAULT_TIMEOUT_S
-from .progress import Progress
 from .storage import DURABILITY, SQLiteQueue, default_queue_path
 from .version import __version__
 

@@ -577,8 +577,8 @@ def test_version_prints_the_package_version(env, command):
 
 
 def test_the_drain_progress_says_a_stored_backoff_is_waited_out_and_until_when(queue_path):
+    from segmentry._progress import Progress
     from segmentry.flusher import Counts
-    from segmentry.progress import Progress
 
     enqueue(queue_path, 2)
     queue = SQLiteQueue(queue_path)

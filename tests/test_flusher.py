@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import pytest
 import requests
@@ -398,7 +399,7 @@ def test_the_pid_file_names_a_live_flusher_not_a_process_that_reused_its_pid(pat
     lock.release()
 
 
-def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
+def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path, caplog):
     enqueue(path, 4)
 
     def buggy(request):
@@ -409,6 +410,33 @@ def test_an_unexpected_failure_while_sending_keeps_the_rows_unleased(path):
     stats = queue.stats(time.time())
     assert (stats.depth, stats.in_flight, flusher.counts.released) == (4, 0, 4)
     assert flusher.pause_until > time.time()
+    logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(logged) == 1 and "a custom adapter's bug" in caplog.text  # the traceback
+
+
+def test_each_answer_is_classified_once_and_reaches_the_policy_as_it_was_made(
+        path, monkeypatch):
+    """One value from the HTTP layer to the flusher: http.answer makes it (classify and
+    Retry-After read once per answer, not again by the retry loop, telemetry or policy)."""
+    from segmentry import http as sh
+    from segmentry.flusher import _settle
+
+    calls, made, decided = Counter(), [], []
+    for name in ("classify", "retry_after_s"):
+        real = getattr(sh, name)
+        monkeypatch.setattr(sh, name, lambda *a, _real=real, _name=name: (
+            calls.update([_name]), _real(*a))[1])
+    real_answer, real_decide = sh.answer, _settle.decide
+    monkeypatch.setattr(sh, "answer", lambda outcome: made.append(real_answer(outcome))
+                        or made[-1])
+    monkeypatch.setattr(_settle, "decide", lambda answer, *a, **k: decided.append(answer)
+                        or real_decide(answer, *a, **k))
+    enqueue(path, 3)
+    flusher, stub, queue = make(path, sequence(503, 503, 200), retry_attempts=2)
+    flusher.run_once()
+    assert [a.status for a in made] == [503, 503, 200] and len(stub.requests) == 3
+    assert calls == Counter(classify=3, retry_after_s=2)  # the 200 has no Retry-After to read
+    assert len(decided) == 1 and decided[0] is made[-1]
 
 
 def test_the_window_halves_on_a_pause_and_grows_back_one_per_window():
@@ -675,7 +703,7 @@ def test_flush_sends_a_batch_that_is_not_full_without_waiting_batch_every_ms(pat
 
 
 def test_progress_shows_the_rate_of_the_last_interval_not_since_the_start(monkeypatch, caplog):
-    from segmentry import progress
+    from segmentry import _progress as progress
 
     class Fake:  # a flusher that sent 60,000 in its first minute, then nothing
         counts = flusher_module.Counts()

@@ -187,10 +187,10 @@ def test_a_header_value_with_a_line_break_is_refused_not_sent():
             request.headers["X-Injected"] = "a\r\nX-Forged: 1"
             request.prepare_body(b"{}", None)
             with pytest.raises(requests.exceptions.InvalidHeader, match="X-Injected"):
-                http._transport.exchange(request, {"timeout": TIMEOUT_S})
+                http.session.get_adapter(http.api_url).send(request, timeout=TIMEOUT_S)
             request.headers["X-Injected"] = "a\rb"
             with pytest.raises(requests.exceptions.InvalidHeader):
-                http._transport.exchange(request, {"timeout": TIMEOUT_S})
+                http.session.get_adapter(http.api_url).send(request, timeout=TIMEOUT_S)
         assert server.requests == 0
 
 
@@ -276,7 +276,8 @@ def test_no_protocol_version_in_common_says_so(ca, tmp_path):
     ca.cert_pem.write_to_path(str(ca_file))
     try:
         with sh.client("K", url, verify=str(ca_file), retry_attempts=0) as http:
-            pool = http._transport._pool(http._prepared(url + "batch"), str(ca_file), None, None)
+            transport = http.session.get_adapter(url)
+            pool = transport._pool(http._prepared(url + "batch"), str(ca_file), None, None)
             pool._tls().maximum_version = ssl.TLSVersion.TLSv1_2
             with pytest.raises(NetworkError) as excinfo:
                 sh.batch(http, [{"type": "track", "event": "E", "userId": "u"}])

@@ -25,6 +25,7 @@ from helpers import wait_until
 
 import segmentry.http as sh
 from segmentry import telemetry
+from segmentry._transport import Transport
 from segmentry.exceptions import (
     ConfigurationError,
     HTTPStatusError,
@@ -43,7 +44,6 @@ from segmentry.messages import (
     Track,
 )
 from segmentry.testing import Stub, StubAdapter, sequence
-from segmentry.transport import Transport
 from segmentry.version import __version__
 
 KEY = "WRITE-KEY-secret"
@@ -500,6 +500,33 @@ def http_date(seconds_from_now: float) -> str:
 ])
 def test_retry_after_seconds_parsing(value, expected):
     assert sh.retry_after_s(headers_response(Retry_After=value)) == expected
+
+
+def test_an_answer_reads_the_status_once_into_its_verdict_and_retry_after():
+    request = requests.Request("POST", API + "batch").prepare()
+    ok = sh.answer(sh.make_response(request, 200, b'{"success":true}', {"Retry-After": "9"}))
+    assert (ok.status, ok.verdict, ok.retry_after_s, ok.text, ok.error) == (
+        200, sh.OK, None, "", None)
+    busy = sh.answer(sh.make_response(request, 429, b"slow \x1b[2J down", {"Retry-After": "7"}))
+    assert (busy.verdict, busy.retry_after_s, busy.text) == (sh.RETRY, 7.0, "slow \\x1b[2J down")
+    refused = sh.answer(sh.make_response(request, 400, b"x" * 5000, {"Retry-After": "7"}))
+    assert (refused.verdict, refused.retry_after_s, refused.text) == (sh.REJECT, None, "x" * 2000)
+    assert busy.response.status_code == 429 and refused.response.status_code == 400
+
+
+def test_an_answer_that_never_came_has_no_retry_after_and_says_if_a_retry_can_help():
+    down, refused = NetworkError("connection refused"), NetworkError("certificate refused")
+    refused.retryable = False
+    assert sh.answer(down) == sh.Answer(None, sh.RETRY, error=down)
+    assert sh.answer(refused) == sh.Answer(None, sh.MISCONFIGURED, error=refused)
+
+
+def test_deliver_batch_answers_what_post_batch_raises_or_returns(make):
+    http, _ = make(sequence(requests.ConnectionError, 503, 200), retry_attempts=0)
+    down = sh.deliver_batch(http, ['{"type":"track"}'])
+    assert down.status is None and "ConnectionError" in str(down.error)
+    assert sh.deliver_batch(http, ['{"type":"track"}']).verdict == sh.RETRY
+    assert sh.deliver_batch(http, ['{"type":"track"}']).response.status_code == 200
 
 
 def test_retry_after_http_date_is_seconds_from_now():
@@ -1014,6 +1041,61 @@ def test_a_307_then_a_302_stops_at_the_302(server):
         response = sh.batch(http, [track("A")])
     assert response.status_code == 302 and [r.status_code for r in response.history] == [307]
     assert server.seen == []
+
+
+def moved_to(location, status=307):
+    """A stub handler: ``status`` to ``location`` for the first request, then 200."""
+    return sequence((status, "", {"Location": location}), 200)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_callers_adapter_has_its_307_or_308_followed_with_the_same_body(make, status, session):
+    """With or without a session of theirs (whose mounts are left alone: see _session)."""
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(moved_to("/v1/moved/batch", status), **theirs)
+    response = sh.batch(http, [track("A")])
+    assert response.status_code == 200 and [r.status_code for r in response.history] == [status]
+    first, second = stub.requests
+    assert (first.method, first.path, second.method, second.path) == (
+        "POST", "/v1/batch", "POST", "/v1/moved/batch")
+    assert second.body["batch"][0]["event"] == "A"
+    assert second.headers["Authorization"] == first.headers["Authorization"]  # same host
+
+
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_redirect_to_another_host_does_not_carry_the_write_key(make, session):
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(moved_to("https://elsewhere.test/v1/batch"), **theirs)
+    assert sh.batch(http, [track("A")]).status_code == 200
+    first, second = stub.requests
+    assert "Authorization" in first.headers and "Authorization" not in second.headers
+    assert second.body["batch"][0]["event"] == "A"
+
+
+@pytest.mark.parametrize("session", [None, "theirs"])
+def test_a_redirect_loop_stops_at_the_sessions_limit_and_is_not_retried(make, session):
+    theirs = {"session": requests.Session()} if session else {}
+    http, stub = make(lambda request: (307, "", {"Location": "/v1/batch"}), retry_attempts=3,
+                      **theirs)
+    with pytest.raises(NetworkError, match="TooManyRedirects") as excinfo:
+        sh.batch(http, [track("A")])
+    assert not excinfo.value.retryable
+    assert len(stub.requests) == http.session.max_redirects + 1
+
+
+def test_a_callers_session_is_sent_through_its_mounted_adapter_never_session_send():
+    class NoSend(requests.Session):
+        def send(self, *args, **kwargs):
+            raise AssertionError("session.send was called")
+
+    session, stub, hooked = NoSend(), Stub(moved_to("/v1/moved/batch")), []
+    session.mount(API, stub)
+    session.hooks["response"].append(lambda response, **kw: hooked.append(response.status_code))
+    with sh.client(KEY, API, session=session, retry_attempts=0) as http:
+        assert sh.batch(http, [track("A")]).status_code == 200
+    assert [r.path for r in stub.requests] == ["/v1/batch", "/v1/moved/batch"]
+    assert hooked == [307, 200]  # the session's response hooks still see each answer
 
 
 def test_a_callers_session_gets_the_ca_bundle_from_the_environment(tls_server, monkeypatch):

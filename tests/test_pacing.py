@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from segmentry.pacing import PACE_BACKOFF, PACE_FLOOR, PACE_RELEASE_S, Pacer
+from segmentry._pacing import PACE_BACKOFF, PACE_FLOOR, PACE_RELEASE_S, Pacer
 
 
 class Clock:

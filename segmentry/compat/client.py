@@ -19,12 +19,12 @@ import time
 from typing import Any, Callable
 
 from .. import config, http
+from .._transport import Transport
 from ..client import CLOSE_TIMEOUT_S
 from ..client import Client as SegmentryClient
 from ..exceptions import ConfigurationError, HTTPStatusError, StorageError
 from ..messages import Encoded
 from ..storage import default_queue_path
-from ..transport import Transport
 from ..version import __version__
 from . import message as m
 from .message import ID_TYPES, require

@@ -1,30 +1,21 @@
 """The settle policy: what becomes of a sent batch's rows, given the receiver's answer.
 A pure function (no clock, no threads, no storage), tested as a table in
-tests/test_policy.py. Imports nothing but the status rules of ``http``."""
+tests/test_policy.py. Imports nothing but ``http``'s Answer and its verdicts, which it
+re-exports: the answer is classified there, once."""
 
 from __future__ import annotations
 
 import enum
 from typing import NamedTuple
 
-from .. import http
-from ..exceptions import NetworkError
+from ..http import MISCONFIGURED, OK, RETRY, Answer
+
+__all__ = ["Action", "Answer", "Decision", "decide", "cycle_delay", "misconfigured_delay"]
 
 CYCLE_DELAY_CAP_S = 60.0  # the longest pause after a cycle's retries ran out: how
 # late, at worst, the end of a long outage is noticed
 MISCONFIGURED_DELAY_S = (5.0, 300.0)  # first and longest slow retry after a 401/403/404
 # (or an answer refused before it came: a certificate that fails verification)
-
-
-class Answer(NamedTuple):
-    """What one request came back with, read once: the status, its Retry-After in
-    seconds (None when absent or unreadable) and the start of its body; or, when no
-    answer came at all, the error that stands for it (status None)."""
-
-    status: int | None
-    retry_after_s: float | None = None
-    text: str = ""
-    error: NetworkError | None = None
 
 
 class Action(enum.Enum):
@@ -49,21 +40,18 @@ def decide(answer: Answer, rows: int, attempts: int, retry_expiry_s: float,
            jitter: float, misconfigured: int = 0) -> Decision:
     """The decision for ``rows`` rows sent together, the ``attempts``-th cycle that
     tried the most tried of them. ``jitter`` in [0.5, 1] spreads the retries of many
-    hosts; ``misconfigured`` counts the misconfigured answers in a row before this one."""
-    if answer.status is None:  # no answer: the network, or a failure below us
-        if answer.error is not None and not answer.error.retryable:
-            # A certificate that fails verification, a missing CA bundle: our setting
-            # is wrong, as with a 401, and no retry can help until it is fixed.
-            return Decision(Action.MISCONFIGURED, misconfigured_delay(misconfigured))
-        return Decision(Action.RELEASE, cycle_delay(attempts, retry_expiry_s, jitter))
-    verdict = http.classify(answer.status)
-    if verdict == http.OK:
+    hosts; ``misconfigured`` counts the misconfigured answers in a row before this one.
+    No answer at all is a RETRY (the network, a failure below us) or, when no retry can
+    help (a certificate that fails verification, a missing CA bundle), MISCONFIGURED:
+    our setting is wrong, as with a 401."""
+    verdict = answer.verdict
+    if verdict == OK:
         return DELETE
-    if verdict == http.RETRY:
+    if verdict == RETRY:
         if answer.retry_after_s is not None:  # the receiver's word wins
             return Decision(Action.RELEASE, answer.retry_after_s)
         return Decision(Action.RELEASE, cycle_delay(attempts, retry_expiry_s, jitter))
-    if verdict == http.MISCONFIGURED:
+    if verdict == MISCONFIGURED:
         return Decision(Action.MISCONFIGURED, misconfigured_delay(misconfigured))
     return SPLIT if rows > 1 else BURY
 

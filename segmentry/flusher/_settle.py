@@ -1,7 +1,7 @@
-"""Sending a claimed batch and settling its rows: the request, its Answer (made in one
-place, ``_answer``), the policy's decision (``_policy.decide``) and what it does to the
-stored rows (delete, release, bury), the pause it sets, the log line, telemetry and
-on_error. Senders call it from their threads."""
+"""Sending a claimed batch and settling its rows: the request and its Answer (both
+``http``'s: ``deliver_batch``, ``deliver_event``), the policy's decision
+(``_policy.decide``) and what it does to the stored rows (delete, release, bury), the
+pause it sets, the log line, telemetry and on_error. Senders call it from their threads."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import threading
 import time
 from typing import Callable
 
-import requests
-
 from .. import http, messages, telemetry
 from ..config import Options
-from ..exceptions import HTTPStatusError, NetworkError
+from ..exceptions import HTTPStatusError
 from ..storage import Claim, Delivered, Queue, Row
 from ..storage import destination as destination  # re-exported: how a destination is named
 from ._failures import describe
@@ -157,14 +155,14 @@ class Settler:
         self.counts.add("requests", 1)
         client = route.http_client
         assert client is not None
-        return _answer(lambda: http.post_batch(client, bodies))
+        return http.deliver_batch(client, bodies)
 
     def _request_event(self, route: Route, row: Row) -> Answer:
         self.counts.add("requests", 1)
         type_ = messages.type_of(row.body)
         client = route.http_client
         assert client is not None
-        return _answer(lambda: http.post_event(client, type_, row.body))
+        return http.deliver_event(client, type_, row.body)
 
     def _settle(self, route: Route, token: int, rows: list[Row], answer: Answer) -> None:
         """Ask the policy once, then do what it decided."""
@@ -284,29 +282,3 @@ class Settler:
     def hand_back(self, token: int, rows: list[Row]) -> None:
         """Stopping: give the rows back at once, ready for the next flusher."""
         self.counts.add("released", self.queue.release(token, [r.id for r in rows], 0.0))
-
-
-def _answer(send: Callable[[], requests.Response]) -> Answer:
-    """The one place a request's result becomes an Answer: the response read once, or
-    the NetworkError that stands for it: no answer at all, or an unexpected failure below
-    us (a custom adapter's bug), whose rows are then released and retried like a network
-    failure's, not left leased until the lease runs out."""
-    try:
-        response = send()
-    except NetworkError as exc:
-        return Answer(None, error=exc)
-    except Exception as exc:
-        logger.exception("sending a batch failed unexpectedly; its events are kept")
-        return Answer(None, error=NetworkError(f"sending failed: {type(exc).__name__}"))
-    return Answer(response.status_code, http.retry_after_s(response), _text(response))
-
-
-def _text(response: requests.Response) -> str:
-    try:
-        return http.printable(str(response.text)[:2000])  # a server's bytes, for logs
-    except Exception:
-        return ""
-
-
-
-

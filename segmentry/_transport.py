@@ -6,7 +6,8 @@ certificate, ``verify=False``) goes through requests' own HTTPAdapter and urllib
 urllib3's layers (its pool, Retry and Timeout objects, response wrappers) were a fifth
 of a batch POST's CPU (366 -> 294 µs, loopback, 100 events), http.client's half of
 what was left (415 -> 190 µs of CPU a POST, user and system). Errors are requests' own,
-as HTTPAdapter raises them, and answers are decoded as it decodes them.
+as HTTPAdapter raises them, and answers are decoded as it decodes them. It also owns
+``build_response``, the one place a ``requests.Response`` is made.
 
 What a server cannot make the exchange do: last past one deadline (connect, send and the
 whole answer within the timeout, a (connect, read) pair adding up), take a head without
@@ -17,7 +18,6 @@ next request on a connection after anything but a clean 2xx.
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import io
 import os
@@ -63,15 +63,6 @@ class Transport(HTTPAdapter):
         super().__init__(pool_maxsize=POOL_MAXSIZE)
         self._lock = threading.Lock()
         self._pools: dict[tuple[str, str, int, Any], Pool] = {}
-
-    def exchange(self, request: requests.PreparedRequest,
-                 options: dict[str, Any]) -> requests.Response:
-        """``session.send(request, **options)`` less its upkeep, for requests that carry
-        no hooks or cookies (timing, hooks, the cookie jar, the redirect generator)."""
-        start = time.perf_counter()
-        response = self.send(request, **options)
-        response.elapsed = dt.timedelta(seconds=time.perf_counter() - start)
-        return response
 
     def send(self, request: requests.PreparedRequest, stream: bool = False,
              timeout: Any = None, verify: Any = True, cert: Any = None,
@@ -520,17 +511,31 @@ def _dropped(sock: socket.socket | None) -> bool:
 def _response(request: requests.PreparedRequest, status: int, reason: str,
               fields: list[tuple[str, str]], body: bytes,
               adapter: Transport) -> requests.Response:
-    response = requests.Response()
-    response.status_code = status
     headers: CaseInsensitiveDict[str] = CaseInsensitiveDict()
     for name, value in fields:  # repeated ones joined, as urllib3 does
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    body = _decoded(body, headers.get("Content-Encoding", ""), request)
+    return build_response(request, status, reason, headers, body,
+                          get_encoding_from_headers(headers), adapter)
+
+
+def build_response(request: requests.PreparedRequest, status: int, reason: str,
+                   headers: CaseInsensitiveDict[str], body: bytes, encoding: str | None,
+                   adapter: HTTPAdapter | None = None) -> requests.Response:
+    """The one place segmentry makes a ``requests.Response``: for our exchange's answers
+    and for the ones adapters make in this process (http.make_response). The body is
+    already read, so there is no raw stream left to read or close; requests keeps it in
+    private fields, written only here and by http._read."""
+    response = requests.Response()
+    response.status_code = status
     response.headers = headers
-    response.encoding = get_encoding_from_headers(headers)
-    response._content = _decoded(body, headers.get("Content-Encoding", ""), request)
+    response.encoding = encoding
+    response._content = body
     response._content_consumed = True  # type: ignore[attr-defined]
-    response.reason, response.url = reason, str(request.url)
-    response.request, response.connection = request, adapter
+    response.reason, response.url = reason, request.url or ""
+    response.request = request
+    if adapter is not None:
+        response.connection = adapter
     return response
 
 
