@@ -135,7 +135,6 @@ def write(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-
 @contextmanager
 def snapshot(conn: sqlite3.Connection) -> Iterator[None]:
     """A read transaction: the statements inside see one state of the file, and take no
