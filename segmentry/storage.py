@@ -312,28 +312,14 @@ class SQLiteQueue:
         def read() -> list[list[Row]] | None:
             return self._run(lambda c: _ready(c, now, count, limit, max_bytes, partial, skip))
 
-        def end_expired(conn: sqlite3.Connection) -> int:  # once what they delivered is gone
-            with _write(conn):
-                deleted = _delete_all(conn, delivered)
-                conn.execute("DELETE FROM leases WHERE until <= ?", (now,))
-            return deleted
-
         deleted, batches = 0, read()
         if batches is None:  # a lease ran out (a sender outlived it): end it, read again
-            deleted, delivered, batches = self._run(end_expired), (), read()
+            deleted = self._run(lambda c: _in_write(c, lambda: _end_expired(c, delivered, now)))
+            delivered, batches = (), read()
         claims = [Claim(random.randint(1, 2**62), b, b[0].dest) for b in batches or ()]
-
-        def lease(conn: sqlite3.Connection) -> int:
-            with _write(conn):
-                done = _delete_all(conn, delivered)
-                if claims:  # one statement: executemany steps (and gives the GIL) per row
-                    values = [(c.rows[0].id, c.rows[-1].id, c.token, now + lease_s, c.dest,
-                               len(c.rows)) for c in claims]
-                    conn.execute(f"INSERT INTO leases VALUES {_tuples(len(values), 6)}",
-                                 [v for row in values for v in row])
-            return done
-
-        return Claims(claims, deleted + self._run(lease))
+        until = now + lease_s
+        return Claims(claims, deleted + self._run(
+            lambda c: _in_write(c, lambda: _lease(c, claims, delivered, until))))
 
     def delete(self, token: int, ids: Sequence[int]) -> int:
         """Remove delivered rows that this lease still holds; return how many. Exactly
@@ -669,6 +655,27 @@ def _ready(conn: sqlite3.Connection, now: float, count: int, limit: int, max_byt
             return None
         return _batching.read(conn, {"now": now, "hi": hi, "start": start}, count, limit,
                               max_bytes, partial, skip)
+
+
+def _end_expired(conn: sqlite3.Connection, delivered: Sequence[Delivered],
+                 now: float) -> int:
+    """End the leases that ran out, once what they delivered is deleted."""
+    deleted = _delete_all(conn, delivered)
+    conn.execute("DELETE FROM leases WHERE until <= ?", (now,))
+    return deleted
+
+
+def _lease(conn: sqlite3.Connection, claims: list[Claim], delivered: Sequence[Delivered],
+           until: float) -> int:
+    """Delete what was delivered, and lease the claims' rows in one statement (executemany
+    steps, and gives the GIL away, per row); return how many rows were deleted."""
+    deleted = _delete_all(conn, delivered)
+    if claims:
+        values = [(c.rows[0].id, c.rows[-1].id, c.token, until, c.dest, len(c.rows))
+                  for c in claims]
+        conn.execute(f"INSERT INTO leases VALUES {_tuples(len(values), 6)}",
+                     [v for row in values for v in row])
+    return deleted
 
 
 def _leased_prefix(conn: sqlite3.Connection, now: float) -> tuple[int, int, bool]:
