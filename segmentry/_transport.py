@@ -204,7 +204,7 @@ class Pool:
 
 
 # status, reason, headers in order, body, and whether the connection may be used again
-Reply = tuple[int, str, list[tuple[str, str]], bytes, bool]
+RawResponse = tuple[int, str, list[tuple[str, str]], bytes, bool]
 
 
 class Connection:
@@ -237,7 +237,7 @@ class Connection:
         except (BrokenPipeError, ConnectionResetError):
             pass  # it may have answered before reading it all (a 413), then closed
 
-    def reply(self) -> Reply:
+    def reply(self) -> RawResponse:
         """The final answer. Informational ones are skipped: http.client skips 100 only,
         and a 103 taken for the answer left the real one to the next request. A 101
         is final (the caller refuses it). The connection may be kept only when the

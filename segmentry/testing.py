@@ -25,31 +25,31 @@ from requests.structures import CaseInsensitiveDict
 from .http import LocalAdapter, make_response, request_json
 
 Body = Union[str, bytes, Mapping[str, Any], list[Any]]
-Answer = Union[int, tuple[int, Body], tuple[int, Body, Mapping[str, str]]]
+Reply = Union[int, tuple[int, Body], tuple[int, Body, Mapping[str, str]]]
 """A status, ``(status, body)`` or ``(status, body, headers)``. A dict or list body is
 sent as JSON; a bare 2xx status answers ``{"success": true}``, any other an empty body."""
-Handler = Callable[[requests.PreparedRequest], Answer]
-"""A function from the prepared request to its answer; it may raise
+Handler = Callable[[requests.PreparedRequest], Reply]
+"""A function from the prepared request to its reply; it may raise
 ``requests.ConnectionError`` or ``requests.Timeout`` to play a network failure."""
 
 SUCCESS_BODY = {"success": True}  # what Segment answers to a good request
-SUCCESS: Answer = (200, SUCCESS_BODY)
+SUCCESS: Reply = (200, SUCCESS_BODY)
 
 
-def ok(request: requests.PreparedRequest) -> Answer:
+def ok(request: requests.PreparedRequest) -> Reply:
     """The default handler: every request succeeds."""
     return SUCCESS
 
 
-def sequence(*answers: Answer | BaseException | type[BaseException]) -> Handler:
-    """A handler giving one answer per request in order, then repeating the last; an
+def sequence(*answers: Reply | BaseException | type[BaseException]) -> Handler:
+    """A handler giving one reply per request in order, then repeating the last; an
     exception (class or instance) in the list is raised: ``sequence(503, Timeout, 200)``."""
     if not answers:
         raise ValueError("sequence() needs at least one answer")
     pending = list(answers)
     lock = threading.Lock()
 
-    def handler(request: requests.PreparedRequest) -> Answer:
+    def handler(request: requests.PreparedRequest) -> Reply:
         with lock:
             answer = pending.pop(0) if len(pending) > 1 else pending[0]
         if isinstance(answer, BaseException):  # the same instance each time: without this
@@ -85,7 +85,7 @@ class StubAdapter(LocalAdapter):
         """Called after each request with the status given (None when the handler raised)."""
 
 
-def _unpack(answer: Answer) -> tuple[int, bytes, dict[str, str]]:
+def _unpack(answer: Reply) -> tuple[int, bytes, dict[str, str]]:
     """A handler's answer as (status, body bytes, headers)."""
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 200 <= answer < 300:
@@ -182,6 +182,6 @@ class Stub(StubAdapter, Recorder):
 
 
 __all__ = [
-    "Answer", "Handler", "SUCCESS", "ok", "sequence",
+    "Reply", "Handler", "SUCCESS", "ok", "sequence",
     "StubAdapter", "RecordedRequest", "Recorder", "Stub",
 ]
