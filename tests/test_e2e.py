@@ -176,6 +176,10 @@ def test_a_standby_flusher_takes_over_when_the_active_one_dies(receiver, queue_p
     active.wait(timeout=10)
     receiver.clear_faults()
     assert receiver.wait_for(lambda s: s["unique"] == 100, timeout=30)
+    # The receiver counts what the killed flusher sent too. An empty queue is the
+    # standby's doing (the dead one deleted nothing), and means it runs its loop: a
+    # SIGTERM while it still started up (imports) killed it before its handler was set.
+    assert wait_until(lambda: depth(queue_path).depth == 0, timeout=30)
     standby.send_signal(signal.SIGTERM)
     standby.communicate(timeout=30)
     assert standby.returncode == 0
