@@ -4,26 +4,17 @@ the receiver fails on purpose, and every property of "the promise" must hold
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import run_harness
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 PROPERTIES = ("P1", "P2", "P3", "P4", "P5", "P6")
 
 
 @pytest.fixture(scope="module")
 def chaos_run():
-    done = subprocess.run(
-        [sys.executable, "tools/chaos.py", "--seconds", "30", "--seed", "1", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
-    report = json.loads(done.stdout) if done.stdout.strip() else {}
-    return done, report
+    return run_harness("tools/chaos.py", "--seconds", "30", "--seed", "1")
 
 
 def test_the_short_chaos_run_passes(chaos_run):

@@ -367,26 +367,19 @@ def test_a_fork_while_another_thread_holds_a_module_lock_does_not_hang_the_child
         tmp_path, lock_name):
     import importlib
 
+    from helpers import fork_holding
+
     import segmentry.telemetry
 
+    def child() -> bool:  # as if a thread were inside telemetry.execute or segmentry.start()
+        segmentry.telemetry.attach("child", [("segmentry", "claim", "start")],
+                                   lambda *e: None)
+        segmentry.start(queue_path=str(tmp_path / "child.db"), flusher=None)
+        segmentry.stop()
+        return True
+
     module_name, attr = lock_name.rsplit(".", 1)
-    lock = getattr(importlib.import_module(module_name), attr)
-    with lock:  # as a thread inside telemetry.execute or segmentry.start()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang dies of SIGALRM
-                signal.alarm(10)
-                segmentry.telemetry.attach("child", [("segmentry", "claim", "start")],
-                                           lambda *e: None)
-                segmentry.start(queue_path=str(tmp_path / "child.db"), flusher=None)
-                segmentry.stop()
-                code = 0
-            finally:
-                os._exit(code)  # never return into pytest in the forked copy
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert fork_holding(getattr(importlib.import_module(module_name), attr), child) == 0
 
 
 # -- several processes, fork, SIGKILL ----------------------------------------------------

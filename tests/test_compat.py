@@ -700,22 +700,14 @@ def test_the_same_call_sends_the_same_payload_as_analytics_python(
 
 def test_a_fork_while_another_thread_builds_the_default_client_does_not_hang_the_child(
         tmp_path):
-    import signal
+    from helpers import fork_holding
 
     import segmentry.compat as analytics
 
-    with analytics._default_lock:  # as a thread inside the first call's _default()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang dies of SIGALRM
-                signal.alarm(10)
-                analytics.write_key, analytics.send = "K", False
-                analytics.queue_path = str(tmp_path / "child.db")
-                code = 0 if analytics.track("u", "E")[0] else 1
-            finally:
-                os._exit(code)  # never return into pytest in the forked copy
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    def child() -> bool:  # as if a thread were inside the first call's _default()
+        analytics.write_key, analytics.send = "K", False
+        analytics.queue_path = str(tmp_path / "child.db")
+        return bool(analytics.track("u", "E")[0])
+
+    assert fork_holding(analytics._default_lock, child) == 0
 

@@ -5,17 +5,15 @@ documents F1-F6) must hold."""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import run_harness
 from powerloss import missing_fuse, mount, power_cut
 
-ROOT = Path(__file__).resolve().parent.parent
 PROPERTIES = ("F1", "F2", "F3", "F4", "F5", "F6")
 WHY = missing_fuse()
 REQUIRED = bool(os.environ.get("SEGMENTRY_REQUIRE_FUSE"))  # set by .ci/run: never skip
@@ -144,11 +142,7 @@ def test_sqlite_keeps_synced_commits_and_loses_unsynced_ones(disk):
 
 @pytest.fixture(scope="module")
 def short_run():
-    done = subprocess.run(
-        [sys.executable, "tools/powerloss.py", "--cuts", "12", "--seed", "1", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240)
-    report = json.loads(done.stdout) if done.stdout.strip() else {}
-    return done, report
+    return run_harness("tools/powerloss.py", "--cuts", "12", "--seed", "1")
 
 
 def test_the_short_power_loss_run_passes(short_run):
