@@ -8,9 +8,10 @@ One process, the default client (flusher thread) against ``tools/fake_segment.py
 127.0.0.1. Recorded, as (start, end) intervals on ``perf_counter_ns``: the flusher's
 queue calls (claims, deletes, releases, checkpoints), each HTTP attempt (``post``), each
 garbage collection (``gc0``-``gc2``), and the caller's waits over 100 µs for the lock it
-shares with the flusher (``lock-wait``) or for SQLite's write lock (``busy-retry``: the
-slow path of ``put``). A slow call overlapped by a flusher interval but by no wait of its
-own waited for the GIL: its cause is what the flusher thread was running.
+shares with the flusher (``lock-wait``), and the caller's queue calls on the retrying path
+(``caller-retry-path``: a ``put`` that found the file locked, retried with sleeps, and the
+size check every few hundred calls). A slow call overlapped by a flusher interval but by
+no wait of its own waited for the GIL: its cause is what the flusher thread was running.
 
 The wrappers cost the flusher a few µs a call; rates here are not comparable with
 bench_caller.py's, the attribution is the point.
@@ -120,7 +121,7 @@ def one_run(args: argparse.Namespace, workdir: str, url: str, run: int) -> dict[
     recorder = Recorder()
     for name in FLUSHER_CALLS:
         recorder.wrap(storage.SQLiteQueue, name)
-    recorder.wrap(storage.SQLiteQueue, "_run", "busy-retry", caller_only=True)
+    recorder.wrap(storage.SQLiteQueue, "_run", "caller-retry-path", caller_only=True)
     recorder.wrap(http.HTTPClient, "post")
     recorder.watch_gc()
     client = segmentry.Client("KEY", queue_path=os.path.join(workdir, f"q{run}.db"),

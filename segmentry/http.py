@@ -464,10 +464,9 @@ def _event(http: HTTPClient, type_: str, body: str) -> Answer:
 
 def _response(final: Answer) -> requests.Response:
     """What the public calls return: the response, or the NetworkError raised instead."""
-    if final.response is None:
-        assert final.error is not None  # an Answer holds one or the other
+    if final.error is not None:
         raise final.error
-    return final.response
+    return cast(requests.Response, final.response)  # an Answer holds one or the other
 
 
 def _unraised(ask: Callable[[], Answer]) -> Answer:

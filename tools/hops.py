@@ -74,7 +74,7 @@ def receiver(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
     ready = os.path.join(workdir, "receiver.ready")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_segment.py"),
                              "--port", "0", "--ready-file", ready], stdout=subprocess.DEVNULL)
-    while not (os.path.exists(ready) and open(ready).read().strip()):
+    while not os.path.exists(ready):  # written whole, by a rename, once it listens
         if proc.poll() is not None:
             raise SystemExit("tools/fake_segment.py did not start")
         time.sleep(0.05)
