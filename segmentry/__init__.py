@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import threading
 from typing import Any
 
+from ._forksafe import ForkSafeLock
 from .client import Client
 from .exceptions import (
     ConfigurationError,
@@ -30,16 +29,7 @@ from .version import __version__
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 _default: Client | None = None
-_default_lock = threading.Lock()
-
-
-def _reset_lock_after_fork() -> None:  # a thread inside start() did not come along
-    global _default_lock
-    _default_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_lock_after_fork)
+_default_lock = ForkSafeLock()  # a thread inside start() does not come along in a fork
 
 
 def start(write_key: str | None = None, **options: Any) -> Client:

@@ -8,32 +8,21 @@ and detached, so a broken hook never breaks delivery. Imports nothing foreign.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
+from ._forksafe import ForkSafeLock
+
 Event = tuple[str, ...]
 Handler = Callable[[Event, dict[str, Any], dict[str, Any]], None]
 
 logger = logging.getLogger(__name__)
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # a child's flusher would hang in its first span on a held one
 _handlers: dict[str, tuple[frozenset[Event], Handler]] = {}
-
-
-def _reset_lock_after_fork() -> None:
-    # A fork while another thread held the lock would leave it held in the child forever:
-    # its flusher would hang in its first span.
-    global _lock
-    _lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def attach(handler_id: str, event_names: Iterable[Event], handler: Handler) -> None:

@@ -22,10 +22,9 @@ key, host, send) has its own file in segmentry's state directory.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import Any
 
+from .._forksafe import ForkSafeLock
 from .client import FLUSH_TIMEOUT_S, VERSION, Client, DefaultConfig, MissingWriteKey
 from .message import InvalidArgument, MessageTooLarge
 
@@ -52,16 +51,7 @@ oauth_scope: str = DefaultConfig.oauth_scope
 queue_path: str | None = None  # segmentry's: None is one file per destination
 
 default_client: Client | None = None
-_default_lock = threading.Lock()
-
-
-def _renew_lock_after_fork() -> None:  # a thread inside _default() did not come along
-    global _default_lock
-    _default_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_renew_lock_after_fork)
+_default_lock = ForkSafeLock()  # a thread inside _default() does not come along in a fork
 
 
 def track(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
