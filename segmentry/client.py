@@ -138,7 +138,8 @@ class Client:
         nothing dropped since the last flush(). False at once when the client is closed;
         False, with a warning saying why, as soon as delivery is known to be blocked: the
         receiver refuses the key or URL (401/403/404), or no flusher holds the queue
-        NO_FLUSHER_GRACE_S after the call."""
+        NO_FLUSHER_GRACE_S after the call; and at the timeout during an outage, saying
+        what fails (once for each cause)."""
         return not self._closed and self._flush(timeout)
 
     def _flush(self, timeout: float | None) -> bool:
@@ -171,6 +172,7 @@ class Client:
                 background.wake()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                self._say_why_late(background)
                 return False
             # Woken at once by this process's flusher; another process's is polled.
             pause = wait if left is None else min(wait, left)
@@ -180,6 +182,15 @@ class Client:
                 time.sleep(pause)
             wait = min(wait * 2, 0.25)
         return True
+
+    def _say_why_late(self, background: Any) -> None:
+        """A flush() that timed out during an outage says so, once for each cause: with
+        no logging configured, the flusher's own warning reaches nobody."""
+        failing = background.failing() if background is not None else None
+        if failing and failing != self._gave_up_on:
+            self._gave_up_on = failing
+            _say(f"flush() timed out: delivery is failing ({failing}); the events stay "
+                 f"queued in {self.queue_path} and are retried")
 
     def _blocked(self, background: Any, start: float) -> bool:
         """Whether waiting is known to be in vain; if so, say why (once for each reason:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -373,6 +374,27 @@ def test_a_drain_after_the_url_is_fixed_sends_the_backlog_at_once(receiver, queu
     code, err = drain(queue_path, receiver.url, *slow, "--drain-timeout", "5")
     assert code == 0, err
     assert receiver.stats()["unique"] == 5 and "earned by another destination" in err
+
+
+def test_a_flush_that_times_out_during_an_outage_says_why_without_logging(queue_path):
+    # Nothing listens on the port: every attempt is refused. With no logging configured
+    # the flusher's warning reaches nobody, so flush() itself says why it returns False.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    code = textwrap.dedent("""
+        import sys, segmentry
+        c = segmentry.Client("SECRET-KEY", queue_path=sys.argv[1], api_url=sys.argv[2],
+                             retry_attempts=0, batch_every_ms=10)
+        c.track("u", "E")
+        print(c.flush(timeout=3), c.flush(timeout=0.5))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, queue_path, url],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], (proc.stdout, proc.stderr)
+    said = [line for line in proc.stderr.splitlines() if "flush() timed out" in line]
+    assert len(said) == 1 and "connection refused by 127.0.0.1" in said[0], proc.stderr
+    assert "SECRET-KEY" not in proc.stderr and depth(queue_path).depth == 1
 
 
 def test_start_with_a_wrong_key_then_flush_returns_false_instead_of_hanging(receiver,

@@ -68,6 +68,10 @@ class Background:
         receiver answered HTTP 401", or why TLS failed (another destination's is not)."""
         return self.flusher.misconfigured()
 
+    def failing(self) -> str | None:
+        """Why this client's events are not delivered yet, during an outage."""
+        return self.flusher.failing()
+
     def stop(self, timeout: float) -> None:
         """Stop the thread, waiting for it ``timeout`` seconds at most; the batches in
         flight get half of that (at most STOP_GRACE_S) to settle, the rest is given

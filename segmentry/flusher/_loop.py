@@ -83,6 +83,10 @@ class Flusher:
         """What is wrong with the flusher's own key, URL or CA bundle, while it lasts."""
         return self.routes.get(0).misconfigured
 
+    def failing(self) -> str | None:
+        """Why delivery to the flusher's own URL fails, while it does (an outage)."""
+        return self.routes.get(0).failing
+
     def _delete_and_claim(self, batches: int = 1, partial: bool = True,
                           skip_paused: bool = False) -> list[Claim]:
         """Delete what the senders delivered meanwhile (see Deferred), and claim up to

@@ -42,7 +42,7 @@ class Route:
     def __init__(self, dest: int, client: http.HTTPClient | None, name: str) -> None:
         self.dests, self.http_client, self.name = [dest], client, name
         self.pause_until = 0.0  # epoch seconds: no claim of its rows before
-        self.failing = False  # a transient failure since its last 2xx
+        self.failing: str | None = None  # the transient failure since its last 2xx
         self.misconfigured: str | None = None  # what is wrong, while it lasts
         self.misconfigured_in_a_row = 0
         self.owns_backoffs = False  # (dest 0) whether the file names us the backoffs' owner

@@ -212,13 +212,13 @@ class Settler:
         released = self.queue.release(token, [r.id for r in rows], not_before)
         self.counts.add("released", released)
         route.pause_until = max(route.pause_until, not_before)
-        route.failing = True
+        url = route.http_client.api_url if route.http_client is not None else ""
+        route.failing = describe(error, url)
         status = getattr(error, "status_code", None)
         telemetry.execute(("segmentry", "release"), {"count": released, "delay_s": delay},
                           {"status_code": status, "queue_path": self.queue.path})
-        url = route.http_client.api_url if route.http_client is not None else ""
         logger.warning("delivery failed (%s); %d events kept, next attempt in %.1f s%s",
-                       describe(error, url), len(rows), delay, self._to(route))
+                       route.failing, len(rows), delay, self._to(route))
         self._on_error(error, rows)
 
     def _to(self, route: Route) -> str:
@@ -229,7 +229,7 @@ class Settler:
         """A 2xx after failures: the receiver is back. Rows of this destination still
         waiting out a backoff stored during the outage are ready now, so the backlog
         replays at once."""
-        route.failing = False
+        route.failing = None
         route.pause_until = min(route.pause_until, self.clock())
         resumed = sum(self.queue.resume(self.clock(), dest) for dest in route.dests)
         if resumed:
