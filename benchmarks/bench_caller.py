@@ -5,7 +5,7 @@ that mean the same on every machine (a rate ratio against a threaded client does
         [--skip-machine] [--json out.json]
 
 ``--quick`` (a smoke test) makes 5,000 calls x 2 runs. The full run (100,000 calls x 5
-runs x 9 contenders) takes about 8 minutes on 2 cores.
+runs x 10 contenders) takes about 9 minutes on 2 cores.
 
 Method. Each run is one fresh interpreter (``bench_enqueue.enqueue_worker``): ``--warmup``
 untimed calls, then ``--calls`` calls each timed with ``perf_counter_ns``; around the timed
@@ -20,6 +20,7 @@ Contenders (the issue's four, then the "machine" variants that test why
 analytics-python's rate moves between machines):
 
 - ``segmentry``: default options, the in-process flusher thread delivering;
+- ``segmentry-child``: ``flusher="process"``: the client starts its own flusher process;
 - ``segmentry-process``: ``flusher=None`` while ``python -m segmentry.flusher`` delivers;
 - ``segmentry-alone``: ``flusher=None``, nothing delivering;
 - ``analytics-python``: its in-memory queue and one consumer thread sending;
@@ -57,6 +58,9 @@ THREAD = {"kind": "segmentry", "flusher": "thread"}
 AP = {"kind": "analytics"}
 CONTENDERS: dict[str, dict[str, Any]] = {
     "segmentry": {**THREAD, "group": "main", "label": "segmentry, default (flusher thread)"},
+    "segmentry-child": {"kind": "segmentry", "flusher": "process", "group": "main",
+                        "label": "segmentry, flusher=\"process\" (the client's own flusher "
+                        "process)"},
     "segmentry-process": {"kind": "segmentry", "flusher": None, "flusher_process": True,
                           "group": "main", "label": "segmentry, flusher=None beside "
                           "`python -m segmentry.flusher`"},
@@ -175,6 +179,7 @@ def targets(contenders: dict[str, Any]) -> dict[str, dict[str, Any]]:
                          f"{v:,.4g}" for v in sorted(runs_values))}
 
     for name, what in (("segmentry", "default track()"),
+                       ("segmentry-child", 'flusher="process"'),
                        ("segmentry-process", "flusher=None beside a flusher process")):
         if name not in contenders:
             continue
@@ -218,7 +223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=500, help="untimed calls first (500)")
     p.add_argument("--quick", action="store_true", help="a smoke test: 5000 calls x 2 runs")
     p.add_argument("--skip-machine", action="store_true",
-                   help="only the four main contenders, not the 1-CPU / busy-core variants")
+                   help="only the main contenders, not the 1-CPU / busy-core variants")
     p.add_argument("--json", help="write every raw number here")
     args = p.parse_args(argv)
     if args.calls is None:

@@ -22,6 +22,7 @@ from .messages import ContextLike, Message
 from .storage import Queue, SQLiteQueue, default_queue_path, wal_reuse_bytes
 
 if TYPE_CHECKING:  # imported when first needed: it loads requests
+    from ._process import FlusherProcess
     from .flusher import Background
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Client:
         self.options = config.resolve(options)
         self.write_key = write_key or os.environ.get("SEGMENT_WRITE_KEY") or None
         self.queue_path = self.options.queue_path or default_queue_path()
-        if self.options.flusher == "thread" and not self.write_key and self.options.send_to_http:
+        if self.options.flusher and not self.write_key and self.options.send_to_http:
             raise ConfigurationError(
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
@@ -72,7 +73,7 @@ class Client:
         self._puts_since_stat = CAP_RESTAT_EVERY
         self._disk_bytes = 0
         self._last_drop_log = -math.inf
-        self._flusher: Background | None = None  # started on the first event
+        self._flusher: Background | FlusherProcess | None = None  # started at the first event
         self._flusher_lock = threading.Lock()
         self._closed = False
         _clients.add(self)
@@ -195,7 +196,7 @@ class Client:
     def _blocked(self, background: Any, start: float) -> bool:
         """Whether waiting is known to be in vain; if so, say why (once for each reason:
         the exit hook's final flush does not repeat what an application's flush said)."""
-        if background is not None:
+        if background is not None and background.in_process:
             wrong = background.blocked()
             if wrong and wrong != self._gave_up_on:
                 self._gave_up_on = wrong
@@ -203,6 +204,13 @@ class Client:
                      f"key, api_url and the CA bundle (verify=). The events stay queued in "
                      f"{self.queue_path}")
             return bool(wrong)
+        if background is not None:  # flusher="process": its own log says what it meets
+            gone = background.gone()
+            if gone and gone != self._gave_up_on:
+                self._gave_up_on = gone
+                _say(f"flush() gives up: {gone} (its error is above); the events stay "
+                     f"queued in {self.queue_path}, and it is started again at the next event")
+            return bool(gone)
         if time.monotonic() - start < NO_FLUSHER_GRACE_S:
             return False
         from .flusher import holder_pid  # imports requests: only once this is in doubt
@@ -215,7 +223,7 @@ class Client:
         return True
 
     def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Stop this client's flusher thread after a final flush; return within
+        """Stop this client's flusher (thread or process) after a final flush; return within
         ``timeout`` seconds in all (the flush, then the thread's stop, share them). What
         is not delivered by then stays in the queue file for the next flusher."""
         end = time.monotonic() + timeout
@@ -225,7 +233,7 @@ class Client:
             self._closed = True
             background = self._flusher
         if background is not None:
-            # A quarter (at most 1 s) is kept to stop the thread: to let the batches in
+            # A quarter (at most 1 s) is kept to stop the flusher: to let the batches in
             # flight settle and give back the rest.
             self._flush(max(0.0, end - time.monotonic() - min(1.0, timeout / 4)))
             background.stop(max(0.0, end - time.monotonic()))
@@ -328,29 +336,37 @@ class Client:
                           "(and so will every later one); record events before close(), "
                           "or make a new Client", RuntimeWarning, stacklevel=6)
 
-    def _flusher_thread(self) -> Background | None:
-        """This client's flusher thread, started at the first event, stored or refused (a
-        client whose queue was full from the start must still drain it); None without one
-        (flusher=None, closed, or it could not start: the call must not fail for that)."""
-        if self.options.flusher != "thread" or self._flusher is not None:
+    def _flusher_thread(self) -> Background | FlusherProcess | None:
+        """This client's flusher (thread or process), started at the first event, stored
+        or refused (a client whose queue was full from the start must still drain it);
+        None without one (flusher=None, closed, or it could not start: the call must not
+        fail for that)."""
+        if self.options.flusher is None or self._flusher is not None:
             return self._flusher
         try:
             return self._start_flusher()
         except Exception:
-            logger.exception("segmentry could not start its flusher thread")
+            logger.exception("segmentry could not start its flusher %s", self.options.flusher)
             return None
 
-    def _start_flusher(self) -> Background | None:
-        """The flusher thread, started on the first event; None once closed (a call that
-        raced close() stored its event, which the next flusher delivers)."""
-        from .flusher import Background  # flusher imports http and requests: load on demand
-
+    def _start_flusher(self) -> Background | FlusherProcess | None:
+        """The flusher, started on the first event; None once closed (a call that raced
+        close() stored its event, which the next flusher delivers)."""
         with self._flusher_lock:
             if self._flusher is None and not self._closed:
-                self._flusher = Background(self.write_key or "", self.queue, self.options)
+                self._flusher = self._new_flusher()
                 self._flusher.start()
                 _close_in_multiprocessing_children()
             return self._flusher
+
+    def _new_flusher(self) -> Background | FlusherProcess:
+        if self.options.flusher == "process":
+            from ._process import FlusherProcess
+
+            return FlusherProcess(self.write_key or "", self.queue_path, self.options)
+        from .flusher import Background  # flusher imports http and requests: load on demand
+
+        return Background(self.write_key or "", self.queue, self.options)
 
     def _forget_flusher_after_fork(self) -> None:
         if self._flusher is not None:

@@ -20,7 +20,7 @@ from .storage import DURABILITY
 DEFAULT_API_URL = "https://api.segment.io/v1/"
 SENDERS = ("batcher", "immediate")
 ON_FULL = ("drop", "raise")
-FLUSHERS = ("thread", None)
+FLUSHERS = ("thread", "process", None)
 # The requests_options http.client understands; the first four go to every request as is.
 REQUESTS_OPTIONS = ("timeout", "proxies", "verify", "cert", "headers", "session", "adapter")
 PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
@@ -74,6 +74,8 @@ class Options:
         if self.on_error is not None and not callable(self.on_error):
             raise ConfigurationError("on_error must be a callable(exception, events)")
         check_requests_options(self.requests_options, files=True)
+        if self.flusher == "process":
+            check_portable(self)
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -236,6 +238,47 @@ _CHECKS: dict[str, Callable[[Any, bool], None]] = {
     "timeout": check_timeout, "proxies": _check_proxies, "verify": _check_verify,
     "cert": _check_cert, "headers": _check_headers, "session": _check_session,
     "adapter": _check_adapter}
+
+
+# -- handing the options to a flusher process ------------------------------------------------
+
+
+def check_portable(options: Options) -> None:
+    """flusher="process" hands the options to another process (``to_settings``): what
+    lives only in this one (a callable, a Session, an adapter) cannot go."""
+    unportable = [name for name, given in (
+        ("on_error", options.on_error is not None),
+        ("requests_options['session']", "session" in options.requests_options),
+        ("requests_options['adapter']", "adapter" in options.requests_options)) if given]
+    if unportable:
+        raise ConfigurationError(
+            f"{unportable[0]} cannot go with flusher='process': the flusher runs in another "
+            f"process, where this one's objects do not exist; use flusher='thread'")
+
+
+def to_settings(options: Options) -> dict[str, Any]:
+    """The options as JSON-ready data, for a flusher process (see ``from_settings``)."""
+    settings = {name: getattr(options, name) for name in OPTION_NAMES if name != "on_error"}
+    settings["requests_options"] = dict(options.requests_options)
+    headers = options.requests_options.get("headers")
+    if headers:  # names and values may be bytes (see _check_headers), which JSON has not
+        settings["requests_options"]["headers"] = {
+            _text(name): _text(value) for name, value in headers.items()}
+    return settings
+
+
+def from_settings(settings: Mapping[str, Any]) -> Options:
+    """``to_settings``'s inverse: JSON turned the (connect, read) timeout and the (cert,
+    key) pair into lists, which requests does not take."""
+    fields = dict(settings)
+    fields["requests_options"] = {
+        key: tuple(value) if isinstance(value, list) else value
+        for key, value in fields.get("requests_options", {}).items()}
+    return Options(**fields)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))

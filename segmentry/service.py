@@ -6,6 +6,7 @@ exit codes. Expected failures print one line and exit non-zero, never a tracebac
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -13,8 +14,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping
+from typing import IO, Any, NoReturn
 
 from . import telemetry
 from ._progress import Progress
@@ -26,6 +27,7 @@ from .config import (
     Options,
     check_readable,
     check_url,
+    from_settings,
     normalize_url,
     resolve,
 )
@@ -38,6 +40,7 @@ from .version import __version__
 logger = logging.getLogger("segmentry.flusher")
 
 EXIT_OK, EXIT_UNDELIVERED, EXIT_CONFIG = 0, 1, 2
+PARENT_POLL_S = 0.5  # --from-client: how often the flusher checks that its Client's process lives
 GRACE_S = 10.0  # SIGTERM: time for the batches in flight to settle (systemd TimeoutStopSec > this)
 
 
@@ -142,6 +145,10 @@ def build_parser(prog: str = FLUSHER_PROG) -> argparse.ArgumentParser:
                         "segmentry[prometheus] (default: none)")
     p.add_argument("--metrics-address", metavar="ADDR",
                    help="with --metrics-port: the address to listen on (default: 127.0.0.1)")
+    p.add_argument("--from-client", type=int, metavar="PID",
+                   help="started by a Client(flusher='process') of process PID: its key and "
+                        "options come as JSON on stdin (the other options are ignored), "
+                        "stand by for the lock, stop when PID exits (default: none)")
     return p
 
 
@@ -207,6 +214,17 @@ def read_write_key(args: Any, environ: Any) -> str | None:
     return environ.get("SEGMENT_WRITE_KEY") or None
 
 
+def read_client_settings(stream: IO[str]) -> tuple[Options, str | None]:
+    """--from-client: the Client's options and key, as JSON on stdin (never in argv or the
+    environment, which other users' ps may show)."""
+    try:
+        settings = json.load(stream)
+        return from_settings(settings["options"]), settings["write_key"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"--from-client: unreadable settings on stdin ({exc})") \
+            from None
+
+
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
          prog: str = FLUSHER_PROG) -> int:
     parser = build_parser(prog)
@@ -214,8 +232,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     setup_logging(args.log_level)
     try:
-        options = options_from_args(args, env)
-        write_key = read_write_key(args, env)
+        if args.from_client is not None:
+            options, write_key = read_client_settings(sys.stdin)
+            args.wait = True
+        else:
+            options = options_from_args(args, env)
+            write_key = read_write_key(args, env)
         if args.drain_timeout is not None and not args.drain:
             raise ConfigurationError("--drain-timeout goes with --drain")
         if args.metrics_port is not None or args.metrics_address is not None:
@@ -223,7 +245,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
             serve_flusher(args.metrics_port, args.metrics_address,
                           options.queue_path or default_queue_path(), options.api_url,
                           write_key or "")
-        return run(args, options, write_key or "", Notifier(env))
+        # A Client's flusher is not the unit's service: the parent's $NOTIFY_SOCKET is not ours.
+        notifier = Notifier({} if args.from_client is not None else env)
+        return run(args, options, write_key or "", notifier)
     except ConfigurationError as exc:
         print(f"segmentry: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -260,19 +284,20 @@ def run(args: Any, options: Options, write_key: str, notifier: Notifier | None =
     queue = SQLiteQueue(path, options.durability)
     queue.stats(time.time())  # open now: a bad file is refused before we take the lock
     lock = Lock(path)
-    stop = _stop_on_signals()
+    flusher = Flusher(queue, http_client, options)
+    # Before the lock: a Client sends SIGUSR1 once this pid is in the lock's file.
+    stop, wake = _on_signals(flusher, getattr(args, "from_client", None))
     notifier = notifier or Notifier({})
     notifier.status(f"standby: waiting for the lock of {path}")
     if not _acquire(lock, args.wait, stop, path):
         return EXIT_OK if stop.is_set() else EXIT_UNDELIVERED  # a standby told to stop
-    flusher = Flusher(queue, http_client, options)
     deadline = None if args.drain_timeout is None else time.monotonic() + args.drain_timeout
     try:
         flusher.take_over()
         notifier.ready(_state(flusher))  # the queue is open and its lock ours
         if notifier.enabled:
             flusher.on_cycle = lambda: _report(notifier, flusher)
-        return _work(args, flusher, stop, deadline)
+        return _work(args, flusher, stop, wake, deadline)
     finally:
         notifier.stopping()
         # --drain-timeout bounds the whole run: past it, no grace for batches in flight
@@ -326,14 +351,15 @@ def _acquire(lock: Lock, wait: bool, stop: threading.Event, path: str) -> bool:
     return False
 
 
-def _work(args: Any, flusher: Flusher, stop: threading.Event, deadline: float | None) -> int:
+def _work(args: Any, flusher: Flusher, stop: threading.Event, wake: threading.Event,
+          deadline: float | None) -> int:
     if args.once:
         flusher.run_once()
         failed = flusher.counts.misconfigured or flusher.counts.released
         return EXIT_UNDELIVERED if failed or _keyless(flusher) or _buried(flusher) else EXIT_OK
     if not args.drain:
         with Progress(flusher, "log", every=args.summary_every):  # one line per interval
-            flusher.run(stop, threading.Event())
+            flusher.run(stop, wake)
         return EXIT_OK
     with Progress(flusher, args.progress):
         drained = flusher.run(stop, threading.Event(), drain=True, deadline=deadline)
@@ -369,10 +395,36 @@ def _buried(flusher: Flusher) -> bool:
     return bool(buried)
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT only set a flag; the loop notices it between cycles."""
-    stop = threading.Event()
+def _on_signals(flusher: Flusher, parent: int | None) -> tuple[threading.Event, threading.Event]:
+    """The ``stop`` and ``wake`` events of the loop. Signals only set them; the loop
+    notices between cycles. SIGTERM/SIGINT: stop. SIGUSR1: send what is queued now, full
+    batches or not (`kill -USR1`, or a Client's flush()). With ``parent`` (--from-client),
+    the end of that process, whatever killed it, stops the flusher too."""
+    stop, wake = threading.Event(), threading.Event()
+
+    def stop_now(*_: object) -> None:
+        stop.set()
+        wake.set()  # the loop may be waiting for batch_every_ms
+
+    def send_now(*_: object) -> None:
+        flusher.hurry.set()
+        wake.set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
-    return stop
+            signal.signal(sig, stop_now)
+        signal.signal(signal.SIGUSR1, send_now)
+    if parent is not None:
+        threading.Thread(target=_watch_parent, args=(parent, stop, stop_now), daemon=True,
+                         name="segmentry-parent").start()
+    return stop, wake
+
+
+def _watch_parent(parent: int, stop: threading.Event, stop_now: Callable[[], None]) -> None:
+    """Once the Client's process is gone (this one is then reparented), stop as on
+    SIGTERM: what is not delivered stays queued for the next flusher."""
+    while not stop.wait(PARENT_POLL_S):
+        if os.getppid() != parent:
+            logger.info("the process that started this flusher (pid %d) is gone: stopping",
+                        parent)
+            stop_now()

@@ -186,7 +186,7 @@ def test_sending_without_a_write_key_is_a_configuration_error(tmp_path):
 
 @pytest.mark.parametrize("option", [
     {"max_batch_size": 0}, {"on_full": "block"}, {"durability": "off"}, {"sender": "x"},
-    {"api_url": "ftp://x"}, {"retry_expiry": 1}, {"flusher": "process"}, {"bogus": 1},
+    {"api_url": "ftp://x"}, {"retry_expiry": 1}, {"flusher": "proces"}, {"bogus": 1},
 ])
 def test_bad_options_are_configuration_errors(tmp_path, option):
     with pytest.raises(ConfigurationError):

@@ -25,6 +25,8 @@ class Background:
     """The in-process flusher of a Client: a daemon thread that stands by until it
     holds the queue's lock, then runs the Flusher loop until stopped."""
 
+    in_process = True  # blocked() and failing() know what its sends meet
+
     def __init__(self, write_key: str, queue: Queue, options: Options) -> None:
         self.options = options
         self._key = write_key

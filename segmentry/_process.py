@@ -1,0 +1,137 @@
+"""The flusher process of a ``Client(flusher="process")``: ``python -m segmentry.flusher
+--from-client PID``, started at the client's first event and stopped by its close(), so
+that delivery takes none of the caller's process: no GIL, no CPU, no lock shared with
+its calls. This is the client's side of it, with the flusher thread's interface
+(flusher/_background.py); the flusher's side is service.py's --from-client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from . import config
+from .config import Options
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 1.0  # how often a producer's call looks whether the process still runs
+RESTART_S = 5.0  # the first wait before starting a process that exited again; doubles
+RESTART_MAX_S = 300.0
+LIVED_S = 60.0  # a process that ran this long was not failing at start: back to RESTART_S
+# The parent's systemd unit is not the flusher's: its sd_notify socket and watchdog stay.
+NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+class FlusherProcess:
+    """A Client's flusher in a child process: it stands by for the queue's lock like the
+    thread, sends with the client's key and options (handed over on its stdin, never in
+    argv or the environment), stops on SIGTERM or once this process is gone, and is
+    started again if it dies while the client is in use."""
+
+    in_process = False  # what it knows (a 401, an outage) stays in its own process
+
+    def __init__(self, write_key: str, queue_path: str, options: Options) -> None:
+        self._settings = json.dumps({
+            "write_key": write_key,
+            "options": config.to_settings(dataclasses.replace(options, queue_path=queue_path))})
+        self._path = queue_path
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+        self._checked_at = 0.0
+        self._restart_s = RESTART_S
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "segmentry.flusher", "--from-client", str(os.getpid()),
+                "--log-level", "WARNING"]
+        # Its own session: a Ctrl-C of the terminal stops the caller, whose close() then
+        # flushes through the flusher before stopping it.
+        popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 env=_environment(), start_new_session=True)
+        try:
+            if popen.stdin is not None:  # always (stdin=PIPE): for the type checker
+                popen.stdin.write(self._settings.encode())
+                popen.stdin.close()
+        except OSError:  # it died at once (e.g. no segmentry there): gone() says how
+            pass
+        self._popen = popen
+        self._started_at = self._checked_at = time.monotonic()
+
+    def enqueued(self) -> None:
+        """A producer stored one event: at most every CHECK_EVERY_S, start the process
+        again if it died (OOM-killed, killed by hand)."""
+        now = time.monotonic()
+        if now - self._checked_at < CHECK_EVERY_S:
+            return
+        self._checked_at = now
+        gone = self.gone()
+        if gone is None or now - self._started_at < self._restart_s:
+            return
+        lived = now - self._started_at  # ... and the time since, an upper bound
+        self._restart_s = RESTART_S if lived > LIVED_S else min(self._restart_s * 2,
+                                                                 RESTART_MAX_S)
+        logger.warning("segmentry: %s; starting another", gone)
+        self.start()
+
+    def gone(self) -> str | None:
+        """Why the process is not delivering, if it exited: "the flusher process (pid N)
+        exited with code C"; its own error line is on stderr."""
+        if self._popen is None or self._popen.poll() is None:
+            return None
+        code = self._popen.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return f"the flusher process (pid {self._popen.pid}) {how}"
+
+    def wake(self) -> None:
+        """flush(): SIGUSR1 makes it send what is queued now, once it holds the queue
+        (its handler is set by then; before, the signal would kill it)."""
+        from .flusher import holder_pid  # imports requests: only when flush() is called
+
+        pid = self.pid
+        if pid is not None and self.gone() is None and holder_pid(self._path) == pid:
+            os.kill(pid, signal.SIGUSR1)
+
+    def wait_cycle(self, timeout: float) -> None:
+        time.sleep(timeout)  # it settles in another process: poll
+
+    def blocked(self) -> str | None:
+        return None  # a 401 is known in the flusher process, which logs it
+
+    def failing(self) -> str | None:
+        return None
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM, and wait up to ``timeout`` s: it lets its batches in flight settle
+        for its grace period, then exits; one still busy then ends on its own."""
+        popen = self._popen
+        if popen is None or popen.poll() is not None:
+            return
+        popen.terminate()
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("segmentry: the flusher process (pid %d) is still stopping",
+                           popen.pid)
+
+    def abandon(self) -> None:
+        """In a forked child: the process is the parent's, which goes on using it."""
+        self._popen = None
+
+
+def _environment() -> dict[str, str]:
+    """The caller's environment, with the directory this segmentry was imported from first
+    on PYTHONPATH (the process must run the same code, even from a source checkout)."""
+    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+    home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (home, env.get("PYTHONPATH"))))
+    return env
