@@ -2,7 +2,7 @@
 that mean the same on every machine (a rate ratio against a threaded client does not).
 
     python benchmarks/bench_caller.py [--calls 100000] [--runs 5] [--quick]
-        [--skip-machine] [--json out.json]
+        [--skip-machine] [--only NAME,...] [--json out.json]
 
 ``--quick`` (a smoke test) makes 5,000 calls x 2 runs. The full run (100,000 calls x 5
 runs x 10 contenders) takes about 9 minutes on 2 cores.
@@ -125,7 +125,7 @@ def busy_share(runs: list[dict[str, Any]]) -> list[float]:
 
 def rows(contenders: dict[str, Any]) -> list[list[str]]:
     """One row per contender: CPU and latency first, rate and ratio after."""
-    base = contenders[BASELINE]["runs"]
+    base = contenders[BASELINE]["runs"] if BASELINE in contenders else None
     out = []
     for section in contenders.values():
         runs = section["runs"]
@@ -139,7 +139,7 @@ def rows(contenders: dict[str, Any]) -> list[list[str]]:
                     fmt_spread(values(runs, "over_1ms")),
                     fmt_spread(values(runs, "over_5ms")),
                     fmt_spread(values(runs)),
-                    fmt_spread(paired(runs, base), "{:.2f}x")])
+                    fmt_spread(paired(runs, base), "{:.2f}x") if base else "-"])
     return out
 
 
@@ -224,8 +224,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a smoke test: 5000 calls x 2 runs")
     p.add_argument("--skip-machine", action="store_true",
                    help="only the main contenders, not the 1-CPU / busy-core variants")
+    p.add_argument("--only", help="these contenders, comma-separated (default: all)")
     p.add_argument("--json", help="write every raw number here")
     args = p.parse_args(argv)
+    if args.only and not set(args.only.split(",")) <= set(CONTENDERS):
+        p.error(f"--only takes some of {', '.join(CONTENDERS)}")
     if args.calls is None:
         args.calls = 5_000 if args.quick else 100_000
     if args.runs is None:
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     names = [n for n, c in CONTENDERS.items()
-             if c["group"] == "main" or not args.skip_machine]
+             if (c["group"] == "main" or not args.skip_machine)
+             and (not args.only or n in args.only.split(","))]
     results: dict[str, Any] = {"bench": "caller", "meta": {
         "calls": args.calls, "runs": args.runs, "warmup": args.warmup, "quick": args.quick,
         "cpus": os.cpu_count(), "python": sys.version.split()[0],

@@ -17,6 +17,8 @@ every table shows the median (min–max) of the runs; ratios are paired within a
   Also reported, not used for the target: segmentry with ``flusher=None`` while a
   ``python -m segmentry.flusher --batch-every-ms 50`` process, started beforehand, delivers
   (the service deployment the README describes for operators); its CPU is ``flusher_cpu_s``.
+  And ``flusher="process"`` (``segmentry-own-process``): the client starts its own flusher
+  process, reaped by ``close()``; its CPU is ``flusher_cpu_s`` too (RUSAGE_CHILDREN).
 - replay: ``python -m segmentry.flusher --drain --max-in-flight 8`` on a copy of a cached
   queue file of ``--backlog`` real event bodies (made by ``segmentry.messages.encode``),
   timed from spawn to exit; ``rate`` subtracts the start-up cost measured in the same round
@@ -66,6 +68,7 @@ import collections
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import sqlite3
@@ -100,6 +103,7 @@ LEASE_S = 600.0
 FLUSHER_AUTOCHECKPOINT = 1000  # pages, as segmentry.flusher sets on its connection
 FLUSHER_START_S = 15.0  # until a flusher process holds its queue's lock
 FLUSHER_PROCESS = "segmentry-flusher-process"  # e2e: flusher=None, a flusher process delivers
+OWN_PROCESS = "segmentry-own-process"  # e2e: flusher="process", the client's own flusher process
 SECTIONS = ("e2e", "replay", "rtt", "sigkill", "growth", "profile")
 
 
@@ -249,6 +253,8 @@ def e2e_worker(spec: dict[str, Any]) -> dict[str, Any]:
     t_end = time.perf_counter()
     cpu = time.process_time() - cpu0
     close()
+    # flusher="process": close() reaped the client's flusher process, whose CPU is here.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = t_end - t0
     return {"events": n, "returned": returned, "flushed": flushed, "seconds": seconds,
             "rate": stats["unique"] / seconds, "enqueue_s": t_enqueued - t0,
@@ -256,7 +262,8 @@ def e2e_worker(spec: dict[str, Any]) -> dict[str, Any]:
             "cpu_s": cpu, "caller_cpu_s": caller["thread_cpu_s"],
             "loop_process_cpu_s": caller["process_cpu_s"], "unique": stats["unique"],
             "duplicates": stats["duplicates"],
-            "requests": stats["requests"], "drops": n - stats["unique"], "log": captured.lines}
+            "requests": stats["requests"], "drops": n - stats["unique"], "log": captured.lines,
+            "flusher_cpu_s": children.ru_utime + children.ru_stime}
 
 
 def load_bodies(path: str, batches: int) -> list[bytes]:
@@ -541,6 +548,8 @@ class Bench:
             cpu0 = rx.cpu_s()
             if contender == FLUSHER_PROCESS:
                 result = self.with_flusher_process(rx, spec)
+            elif contender == OWN_PROCESS:
+                result = self.worker({**spec, "flusher": "process"})
             else:
                 result = self.worker(spec)
             for line in result["log"]:
@@ -577,7 +586,7 @@ class Bench:
     def e2e_section(self, rx: Receiver) -> dict[str, Any]:
         n = self.args.e2e_events
         log(f"e2e: {n:,} events, segmentry vs analytics-python x {self.args.runs}")
-        runs = common.alternate(["segmentry", "analytics-python", FLUSHER_PROCESS],
+        runs = common.alternate(["segmentry", "analytics-python", FLUSHER_PROCESS, OWN_PROCESS],
                                 self.args.runs, self.e2e(rx, n), log)
         return {"events": n, "runs": runs}
 
@@ -849,7 +858,12 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             + (f"; with flusher=None and a flusher process instead of the thread: "
                f"{med(e2e['runs'][FLUSHER_PROCESS]):,.0f} ev/s "
                f"({spread(paired(e2e['runs'][FLUSHER_PROCESS], ap))['median']:.2f}x)"
-               if FLUSHER_PROCESS in e2e["runs"] else ""))
+               if FLUSHER_PROCESS in e2e["runs"] else "")
+            + (f"; with flusher=\"process\": {med(e2e['runs'][OWN_PROCESS]):,.0f} ev/s "
+               f"({spread(paired(e2e['runs'][OWN_PROCESS], ap))['median']:.2f}x), CPU "
+               f"{per_event_us(e2e['runs'][OWN_PROCESS], 'cpu_s'):.1f} µs/event in the client "
+               f"process + {per_event_us(e2e['runs'][OWN_PROCESS], 'flusher_cpu_s'):.1f} in "
+               "its flusher process" if OWN_PROCESS in e2e["runs"] else ""))
         ratio = spread(paired(seg, ap))["median"]
         add("end-to-end: segmentry / analytics-python (issue 21)", ratio, 1.5,
             "issue 21: >= 1.5x (goal 2x)", "paired ratios "

@@ -178,3 +178,25 @@ def test_the_service_refuses_unreadable_settings_in_one_line():
     assert proc.returncode == 2
     assert proc.stderr.startswith("segmentry: configuration error: --from-client: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_forked_child_leaves_the_parents_flusher_process_alone(receiver, queue_path):
+    with client(queue_path, receiver.url) as c:
+        c.track("parent", "E")
+        assert c.flush(30)
+        flusher = c._flusher.pid
+        pid = os.fork()
+        if pid == 0:  # the child: its events go through whichever flusher holds the queue
+            ok = False
+            try:
+                ok = c.track("child", "E") is not None and c.flush(timeout=30)
+                c.close()  # stops the child's own flusher process, not the parent's
+            finally:
+                os._exit(0 if ok else 1)  # never return into pytest in the forked copy
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert c._flusher.pid == flusher and c._flusher.gone() is None
+        assert holder_pid(queue_path) == flusher
+        c.track("parent", "after")
+        assert c.flush(30)
+    assert sorted(e["userId"] for e in receiver.events()) == ["child", "parent", "parent"]
