@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
+import site
 import subprocess
 import sys
 import time
+from typing import Callable
 
 from . import config
 from .config import Options
-
-logger = logging.getLogger(__name__)
+from .exceptions import ConfigurationError
 
 CHECK_EVERY_S = 1.0  # how often a producer's call looks whether the process still runs
 RESTART_S = 5.0  # the first wait before starting a process that exited again; doubles
@@ -37,12 +37,15 @@ class FlusherProcess:
 
     in_process = False  # what it knows (a 401, an outage) stays in its own process
 
-    def __init__(self, write_key: str, queue_path: str, options: Options) -> None:
+    def __init__(self, write_key: str, queue_path: str, options: Options,
+                 say: Callable[[str], None]) -> None:
         self._settings = json.dumps({
             "write_key": write_key,
             "options": config.to_settings(dataclasses.replace(options, queue_path=queue_path))})
         self._path = queue_path
+        self._say = say  # a warning nobody may miss (Client's _say)
         self._popen: subprocess.Popen[bytes] | None = None
+        self._not_started: str | None = None  # why the last start failed
         self._started_at = 0.0
         self._checked_at = 0.0
         self._restart_s = RESTART_S
@@ -52,12 +55,20 @@ class FlusherProcess:
         return self._popen.pid if self._popen is not None else None
 
     def start(self) -> None:
+        self._started_at = self._checked_at = time.monotonic()
         argv = [sys.executable, "-m", "segmentry.flusher", "--from-client", str(os.getpid()),
                 "--log-level", "WARNING"]
-        # Its own session: a Ctrl-C of the terminal stops the caller, whose close() then
-        # flushes through the flusher before stopping it.
-        popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                 env=_environment(), start_new_session=True)
+        try:
+            # Its own session: a Ctrl-C of the terminal stops the caller, whose close()
+            # then flushes through the flusher before stopping it.
+            popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     env=_environment(), start_new_session=True)
+        except OSError as exc:  # no fork (memory, process limit): tried again later
+            self._popen = None
+            self._not_started = f"the flusher process could not be started ({exc})"
+            self._say(f"{self._not_started}; trying again in {self._restart_s:.0f} s")
+            return
+        self._not_started = None
         try:
             if popen.stdin is not None:  # always (stdin=PIPE): for the type checker
                 popen.stdin.write(self._settings.encode())
@@ -65,7 +76,6 @@ class FlusherProcess:
         except OSError:  # it died at once (e.g. no segmentry there): gone() says how
             pass
         self._popen = popen
-        self._started_at = self._checked_at = time.monotonic()
 
     def enqueued(self) -> None:
         """A producer stored one event: at most every CHECK_EVERY_S, start the process
@@ -80,12 +90,14 @@ class FlusherProcess:
         lived = now - self._started_at  # ... and the time since, an upper bound
         self._restart_s = RESTART_S if lived > LIVED_S else min(self._restart_s * 2,
                                                                  RESTART_MAX_S)
-        logger.warning("segmentry: %s; starting another", gone)
+        self._say(f"{gone}; starting another")
         self.start()
 
     def gone(self) -> str | None:
         """Why the process is not delivering, if it exited: "the flusher process (pid N)
         exited with code C"; its own error line is on stderr."""
+        if self._not_started is not None:
+            return self._not_started
         if self._popen is None or self._popen.poll() is None:
             return None
         code = self._popen.returncode
@@ -119,19 +131,36 @@ class FlusherProcess:
         popen.terminate()
         try:
             popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("segmentry: the flusher process (pid %d) is still stopping",
-                           popen.pid)
+        except subprocess.TimeoutExpired:  # it ends on its own within its grace period
+            pass
 
     def abandon(self) -> None:
         """In a forked child: the process is the parent's, which goes on using it."""
         self._popen = None
 
 
+def check_interpreter(executable: str | None = None) -> None:
+    """The flusher process is ``sys.executable -m segmentry.flusher``: under a server that
+    embeds Python (uWSGI, mod_wsgi) that is the server's binary, which must not be started
+    with our arguments."""
+    executable = sys.executable if executable is None else executable
+    name = os.path.basename(executable or "").lower()
+    if not name.startswith(("python", "pypy")):
+        raise ConfigurationError(
+            f"flusher='process' starts `sys.executable -m segmentry.flusher`, and "
+            f"sys.executable is {executable!r}, not a Python interpreter (a server that "
+            f"embeds Python?): use flusher='thread', or flusher=None and a flusher service")
+
+
 def _environment() -> dict[str, str]:
-    """The caller's environment, with the directory this segmentry was imported from first
-    on PYTHONPATH (the process must run the same code, even from a source checkout)."""
+    """The caller's environment, so that the process imports this same segmentry: from
+    where it was imported, put first on PYTHONPATH unless it is a site-packages directory
+    (first there, it would shadow the standard library), and not from the working
+    directory (PYTHONSAFEPATH, Python 3.11+: ``-m`` would put it first)."""
     env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
     home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, (home, env.get("PYTHONPATH"))))
+    installed = {os.path.abspath(p) for p in getattr(site, "getsitepackages", list)() if p}
+    if home not in installed and home != os.path.abspath(site.getusersitepackages()):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (home, env.get("PYTHONPATH"))))
+    env["PYTHONSAFEPATH"] = "1"
     return env

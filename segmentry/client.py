@@ -51,6 +51,10 @@ class Client:
             raise ConfigurationError(
                 "a write key is required to send (or pass flusher=None to only enqueue "
                 "and let `python -m segmentry.flusher` deliver)")
+        if self.options.flusher == "process":
+            from ._process import check_interpreter
+
+            check_interpreter()
         # Only the default per-user directory is created: a missing directory in a path
         # given on purpose is more likely a typo than a wish for a new queue.
         self.queue: Queue = SQLiteQueue(self.queue_path, self.options.durability,
@@ -363,7 +367,7 @@ class Client:
         if self.options.flusher == "process":
             from ._process import FlusherProcess
 
-            return FlusherProcess(self.write_key or "", self.queue_path, self.options)
+            return FlusherProcess(self.write_key or "", self.queue_path, self.options, _say)
         from .flusher import Background  # flusher imports http and requests: load on demand
 
         return Background(self.write_key or "", self.queue, self.options)

@@ -126,19 +126,50 @@ def test_a_flusher_process_that_dies_is_started_again(receiver, queue_path, monk
     assert receiver.stats()["unique"] == 2
 
 
-def test_flush_gives_up_at_once_when_the_process_cannot_run(receiver, queue_path,
-                                                           monkeypatch, caplog):
-    monkeypatch.setattr(_process.sys, "executable", "/bin/false")
+@pytest.mark.parametrize("how, said", [
+    ("exits", "the flusher process (pid"), ("missing", "could not be started")])
+def test_flush_gives_up_at_once_when_the_process_cannot_run(receiver, queue_path, tmp_path,
+                                                           monkeypatch, caplog, how, said):
+    broken = tmp_path / "python-broken"  # a Python that fails at start, or none at all
+    if how == "exits":
+        broken.write_text("#!/bin/sh\nexit 3\n")
+        broken.chmod(0o755)
     with client(queue_path, receiver.url) as c:
+        monkeypatch.setattr(_process.sys, "executable", str(broken))
         c.track("u", "E")
+        c.track("u", "E")  # a start that failed is not tried again at every call
         start = time.monotonic()
         assert c.flush(60) is False
         assert time.monotonic() - start < 60
-    said = [r.getMessage() for r in caplog.records if "flush() gives up" in r.getMessage()]
-    assert len(said) == 1 and "the flusher process" in said[0]  # once: close() is silent
-    assert "exited with code 1" in said[0]
+    gave_up = [r.getMessage() for r in caplog.records if "flush() gives up" in r.getMessage()]
+    assert len(gave_up) == 1 and said in gave_up[0]  # once: close() does not repeat it
+    if how == "exits":
+        assert "exited with code 3" in gave_up[0]
+    else:
+        assert sum("could not be started" in r.getMessage() for r in caplog.records) == 2
     assert receiver.stats()["unique"] == 0  # still queued, for the next flusher
-    assert SQLiteQueue(queue_path).stats(time.time()).depth == 1
+    assert SQLiteQueue(queue_path).stats(time.time()).depth == 2
+
+
+@pytest.mark.parametrize("executable", ["/usr/bin/uwsgi", "", "/usr/sbin/apache2"])
+def test_a_server_that_embeds_python_is_not_started_as_the_flusher(queue_path, monkeypatch,
+                                                                   executable):
+    monkeypatch.setattr(_process.sys, "executable", executable)
+    with pytest.raises(ConfigurationError, match="sys.executable is .*not a Python"):
+        segmentry.Client(KEY, queue_path=queue_path, flusher="process")
+
+
+def test_the_process_imports_this_segmentry_and_never_from_the_working_directory(
+        monkeypatch):
+    home = os.path.dirname(os.path.dirname(os.path.abspath(segmentry.__file__)))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = _process._environment()
+    assert env["PYTHONPATH"].split(os.pathsep) == [home, "/elsewhere"]
+    assert env["PYTHONSAFEPATH"] == "1"
+    # Installed: its site-packages is on the path already, and first it would shadow the
+    # standard library.
+    monkeypatch.setattr(_process.site, "getsitepackages", lambda: [home])
+    assert _process._environment()["PYTHONPATH"] == "/elsewhere"
 
 
 def test_what_lives_only_in_this_process_is_refused(queue_path):
