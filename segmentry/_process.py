@@ -22,9 +22,11 @@ from .config import Options
 from .exceptions import ConfigurationError
 
 CHECK_EVERY_S = 1.0  # how often a producer's call looks whether the process still runs
-RESTART_S = 5.0  # the first wait before starting a process that exited again; doubles
+# A process that failed by itself (could not start, exited with an error) is started
+# again after RESTART_S, doubling to RESTART_MAX_S while it keeps failing; one that was
+# killed (OOM, by hand) or stopped is started again at once.
+RESTART_S = 5.0
 RESTART_MAX_S = 300.0
-LIVED_S = 60.0  # a process that ran this long was not failing at start: back to RESTART_S
 # The parent's systemd unit is not the flusher's: its sd_notify socket and watchdog stay.
 NOT_INHERITED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
 
@@ -46,16 +48,17 @@ class FlusherProcess:
         self._say = say  # a warning nobody may miss (Client's _say)
         self._popen: subprocess.Popen[bytes] | None = None
         self._not_started: str | None = None  # why the last start failed
-        self._started_at = 0.0
         self._checked_at = 0.0
-        self._restart_s = RESTART_S
+        self._restart_s = RESTART_S  # the next wait after a failure
+        self._restart_at: float | None = None  # set once it is found gone
 
     @property
     def pid(self) -> int | None:
         return self._popen.pid if self._popen is not None else None
 
     def start(self) -> None:
-        self._started_at = self._checked_at = time.monotonic()
+        self._checked_at = time.monotonic()
+        self._restart_at = None
         argv = [sys.executable, "-m", "segmentry.flusher", "--from-client", str(os.getpid()),
                 "--log-level", "WARNING"]
         try:
@@ -66,7 +69,7 @@ class FlusherProcess:
         except OSError as exc:  # no fork (memory, process limit): tried again later
             self._popen = None
             self._not_started = f"the flusher process could not be started ({exc})"
-            self._say(f"{self._not_started}; trying again in {self._restart_s:.0f} s")
+            self._say(self._not_started)
             return
         self._not_started = None
         try:
@@ -78,20 +81,33 @@ class FlusherProcess:
         self._popen = popen
 
     def enqueued(self) -> None:
-        """A producer stored one event: at most every CHECK_EVERY_S, start the process
-        again if it died (OOM-killed, killed by hand)."""
+        """A producer stored one event: at most every CHECK_EVERY_S, look whether the
+        process still runs (see revive)."""
         now = time.monotonic()
-        if now - self._checked_at < CHECK_EVERY_S:
-            return
-        self._checked_at = now
+        if now - self._checked_at >= CHECK_EVERY_S:
+            self._checked_at = now
+            self.revive()
+
+    def revive(self) -> None:
+        """Start the process again if it is gone and its wait (see RESTART_S) is over."""
         gone = self.gone()
-        if gone is None or now - self._started_at < self._restart_s:
+        if gone is None:
             return
-        lived = now - self._started_at  # ... and the time since, an upper bound
-        self._restart_s = RESTART_S if lived > LIVED_S else min(self._restart_s * 2,
-                                                                 RESTART_MAX_S)
-        self._say(f"{gone}; starting another")
-        self.start()
+        now = time.monotonic()
+        if self._restart_at is None:  # found gone just now
+            code = self._popen.returncode if self._popen is not None else None
+            failed = self._not_started is not None or (code or 0) > 0
+            self._restart_at = now + (self._restart_s if failed else 0.0)
+            self._restart_s = min(self._restart_s * 2, RESTART_MAX_S) if failed else RESTART_S
+        if now >= self._restart_at:
+            self._say(f"{gone}; starting another")
+            self.start()
+
+    def restart_in(self) -> float:
+        """Seconds until a gone process may be started again (0: at the next chance)."""
+        if self._restart_at is None:
+            return 0.0
+        return max(0.0, self._restart_at - time.monotonic())
 
     def gone(self) -> str | None:
         """Why the process is not delivering, if it exited: "the flusher process (pid N)

@@ -209,11 +209,13 @@ class Client:
                      f"{self.queue_path}")
             return bool(wrong)
         if background is not None:  # flusher="process": its own log says what it meets
+            background.revive()
             gone = background.gone()
             if gone and gone != self._gave_up_on:
                 self._gave_up_on = gone
-                _say(f"flush() gives up: {gone} (its error is above); the events stay "
-                     f"queued in {self.queue_path}, and it is started again at the next event")
+                _say(f"flush() gives up: {gone}; the events stay queued in "
+                     f"{self.queue_path}, and another is started by an event or flush() "
+                     f"in {background.restart_in():.0f} s")
             return bool(gone)
         if time.monotonic() - start < NO_FLUSHER_GRACE_S:
             return False

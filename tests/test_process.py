@@ -111,19 +111,28 @@ def test_the_process_lets_go_of_the_queue_when_its_client_is_sigkilled(receiver,
     assert receiver.stats()["unique"] == 1
 
 
-def test_a_flusher_process_that_dies_is_started_again(receiver, queue_path, monkeypatch):
+def test_a_flusher_process_that_is_killed_is_started_again_at_once(receiver, queue_path,
+                                                                   monkeypatch, caplog):
     monkeypatch.setattr(_process, "CHECK_EVERY_S", 0.0)
-    monkeypatch.setattr(_process, "RESTART_S", 0.0)
-    with client(queue_path, receiver.url) as c:
+    with client(queue_path, receiver.url, batch_every_ms=60_000) as c:
         c.track("u", "one")
         assert c.flush(30)
         first = c._flusher.pid
-        os.kill(first, signal.SIGKILL)
+        os.kill(first, signal.SIGKILL)  # as the OOM killer would
         assert wait_until(lambda: c._flusher.gone() is not None)
         c.track("u", "two")  # finds it gone: starts another
-        assert c._flusher.pid != first and c._flusher.gone() is None
-        assert c.flush(30) is True
-    assert receiver.stats()["unique"] == 2
+        second = c._flusher.pid
+        assert second != first and c._flusher.gone() is None
+        assert wait_until(lambda: holder_pid(queue_path) == second)
+        os.kill(second, signal.SIGKILL)
+        assert wait_until(lambda: c._flusher.gone() is not None)
+        monkeypatch.setattr(_process, "CHECK_EVERY_S", 3600.0)
+        c.track("u", "three")  # queued, and this call does not look
+        assert c.flush(30) is True  # flush() starts the next one itself
+        assert c._flusher.pid not in (first, second)
+    assert receiver.stats()["unique"] == 3
+    started = [r.getMessage() for r in caplog.records if "starting another" in r.getMessage()]
+    assert len(started) == 2 and "killed by signal 9" in started[0]
 
 
 @pytest.mark.parametrize("how, said", [
