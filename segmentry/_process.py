@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import site
+import socket
 import subprocess
 import sys
 import time
@@ -37,13 +38,11 @@ class FlusherProcess:
     argv or the environment), stops on SIGTERM or once this process is gone, and is
     started again if it dies while the client is in use."""
 
-    in_process = False  # what it knows (a 401, an outage) stays in its own process
-
     def __init__(self, write_key: str, queue_path: str, options: Options,
                  say: Callable[[str], None]) -> None:
-        self._settings = json.dumps({
+        self._settings = {
             "write_key": write_key,
-            "options": config.to_settings(dataclasses.replace(options, queue_path=queue_path))})
+            "options": config.to_settings(dataclasses.replace(options, queue_path=queue_path))}
         self._path = queue_path
         self._say = say  # a warning nobody may miss (Client's _say)
         self._popen: subprocess.Popen[bytes] | None = None
@@ -51,6 +50,9 @@ class FlusherProcess:
         self._checked_at = 0.0
         self._restart_s = RESTART_S  # the next wait after a failure
         self._restart_at: float | None = None  # set once it is found gone
+        # What the process reports (service.ClientLink): nothing until it holds the queue.
+        self._link: socket.socket | None = None
+        self._state: dict[str, str | None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -59,26 +61,34 @@ class FlusherProcess:
     def start(self) -> None:
         self._checked_at = time.monotonic()
         self._restart_at = None
+        self._close_link()
         argv = [sys.executable, "-m", "segmentry.flusher", "--from-client", str(os.getpid()),
                 "--log-level", "WARNING"]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        fd = theirs.fileno()  # the same number in the process (pass_fds)
         try:
             # Its own session: a Ctrl-C of the terminal stops the caller, whose close()
             # then flushes through the flusher before stopping it.
             popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                     env=_environment(), start_new_session=True)
+                                     env=_environment(), start_new_session=True,
+                                     pass_fds=(fd,))
         except OSError as exc:  # no fork (memory, process limit): tried again later
+            ours.close()
             self._popen = None
             self._not_started = f"the flusher process could not be started ({exc})"
             self._say(self._not_started)
             return
-        self._not_started = None
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._link, self._popen, self._not_started = ours, popen, None
+        settings = {**self._settings, "status_fd": fd}
         try:
             if popen.stdin is not None:  # always (stdin=PIPE): for the type checker
-                popen.stdin.write(self._settings.encode())
+                popen.stdin.write(json.dumps(settings).encode())
                 popen.stdin.close()
         except OSError:  # it died at once (e.g. no segmentry there): gone() says how
             pass
-        self._popen = popen
 
     def enqueued(self) -> None:
         """A producer stored one event: at most every CHECK_EVERY_S, look whether the
@@ -122,37 +132,57 @@ class FlusherProcess:
 
     def wake(self) -> None:
         """flush(): SIGUSR1 makes it send what is queued now, once it holds the queue
-        (its handler is set by then; before, the signal would kill it)."""
-        from .flusher import holder_pid  # imports requests: only when flush() is called
-
+        (its handler is set by then; before, the signal would kill it). A standby has
+        nothing to send."""
         pid = self.pid
-        if pid is not None and self.gone() is None and holder_pid(self._path) == pid:
+        if pid is not None and self._reported() is not None and self.gone() is None:
             os.kill(pid, signal.SIGUSR1)
 
     def wait_cycle(self, timeout: float) -> None:
         time.sleep(timeout)  # it settles in another process: poll
 
     def blocked(self) -> str | None:
-        return None  # a 401 is known in the flusher process, which logs it
+        """What it reported wrong with the key, URL or CA bundle, while it lasts."""
+        return (self._reported() or {}).get("misconfigured")
 
     def failing(self) -> str | None:
-        return None
+        """What it reported failing (an outage), while it lasts."""
+        return (self._reported() or {}).get("failing")
+
+    def _reported(self) -> dict[str, str | None] | None:
+        """Its last report, reading what came since (None: it does not hold the queue)."""
+        while self._link is not None:
+            try:
+                self._state = json.loads(self._link.recv(65536))
+            except (BlockingIOError, ValueError):
+                break
+            except OSError:  # gone: gone() says how
+                break
+        return self._state
+
+    def _close_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        self._link, self._state = None, None
 
     def stop(self, timeout: float) -> None:
         """SIGTERM, and wait up to ``timeout`` s: it lets its batches in flight settle
         for its grace period, then exits; one still busy then ends on its own."""
         popen = self._popen
         if popen is None or popen.poll() is not None:
+            self._close_link()
             return
         popen.terminate()
         try:
             popen.wait(timeout)
         except subprocess.TimeoutExpired:  # it ends on its own within its grace period
             pass
+        self._close_link()
 
     def abandon(self) -> None:
         """In a forked child: the process is the parent's, which goes on using it."""
         self._popen = None
+        self._close_link()
 
 
 def check_interpreter(executable: str | None = None) -> None:

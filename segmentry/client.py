@@ -200,23 +200,21 @@ class Client:
     def _blocked(self, background: Any, start: float) -> bool:
         """Whether waiting is known to be in vain; if so, say why (once for each reason:
         the exit hook's final flush does not repeat what an application's flush said)."""
-        if background is not None and background.in_process:
+        if background is not None:
+            background.revive()  # a flusher process that died: started again if it may
             wrong = background.blocked()
+            gone = background.gone()
             if wrong and wrong != self._gave_up_on:
                 self._gave_up_on = wrong
                 _say(f"flush() gives up: {wrong} at {self.options.api_url}; check the write "
                      f"key, api_url and the CA bundle (verify=). The events stay queued in "
                      f"{self.queue_path}")
-            return bool(wrong)
-        if background is not None:  # flusher="process": its own log says what it meets
-            background.revive()
-            gone = background.gone()
-            if gone and gone != self._gave_up_on:
+            elif gone and not wrong and gone != self._gave_up_on:
                 self._gave_up_on = gone
                 _say(f"flush() gives up: {gone}; the events stay queued in "
                      f"{self.queue_path}, and another is started by an event or flush() "
                      f"in {background.restart_in():.0f} s")
-            return bool(gone)
+            return bool(wrong or gone)
         if time.monotonic() - start < NO_FLUSHER_GRACE_S:
             return False
         from .flusher import holder_pid  # imports requests: only once this is in doubt

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -214,12 +215,15 @@ def read_write_key(args: Any, environ: Any) -> str | None:
     return environ.get("SEGMENT_WRITE_KEY") or None
 
 
-def read_client_settings(stream: IO[str]) -> tuple[Options, str | None]:
+def read_client_settings(stream: IO[str]) -> tuple[Options, str | None, ClientLink]:
     """--from-client: the Client's options and key, as JSON on stdin (never in argv or the
-    environment, which other users' ps may show)."""
+    environment, which other users' ps may show), and the socket to report to."""
     try:
         settings = json.load(stream)
-        return from_settings(settings["options"]), settings["write_key"]
+        link = ClientLink(int(settings["status_fd"]))
+        return from_settings(settings["options"]), settings["write_key"], link
+    except OSError as exc:
+        raise ConfigurationError(f"--from-client: no status socket ({exc})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"--from-client: unreadable settings on stdin ({exc})") \
             from None
@@ -232,8 +236,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     env = os.environ if environ is None else environ
     setup_logging(args.log_level)
     try:
+        link = None
         if args.from_client is not None:
-            options, write_key = read_client_settings(sys.stdin)
+            options, write_key, link = read_client_settings(sys.stdin)
             args.wait = True
         else:
             options = options_from_args(args, env)
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
                           write_key or "")
         # A Client's flusher is not the unit's service: the parent's $NOTIFY_SOCKET is not ours.
         notifier = Notifier({} if args.from_client is not None else env)
-        return run(args, options, write_key or "", notifier)
+        return run(args, options, write_key or "", notifier, link)
     except ConfigurationError as exc:
         print(f"segmentry: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -270,7 +275,8 @@ def setup_logging(level: str) -> None:
                          telemetry.log_bridge(logging.DEBUG))
 
 
-def run(args: Any, options: Options, write_key: str, notifier: Notifier | None = None) -> int:
+def run(args: Any, options: Options, write_key: str, notifier: Notifier | None = None,
+        link: ClientLink | None = None) -> int:
     # Built first: a setting requests refuses fails now, not when a standby takes over,
     # and before a mistyped --queue creates a file.
     http_client = make_http(write_key, options) if write_key or not options.send_to_http \
@@ -295,8 +301,10 @@ def run(args: Any, options: Options, write_key: str, notifier: Notifier | None =
     try:
         flusher.take_over()
         notifier.ready(_state(flusher))  # the queue is open and its lock ours
-        if notifier.enabled:
-            flusher.on_cycle = lambda: _report(notifier, flusher)
+        if link is not None:
+            link.report(flusher)
+        if notifier.enabled or link is not None:
+            flusher.on_cycle = lambda: _report(notifier, flusher, link)
         return _work(args, flusher, stop, wake, deadline)
     finally:
         notifier.stopping()
@@ -310,10 +318,35 @@ def run(args: Any, options: Options, write_key: str, notifier: Notifier | None =
                     flusher.counts.buried)
 
 
-def _report(notifier: Notifier, flusher: Flusher) -> None:
-    """From the loop: systemd's watchdog, and the state when it changes."""
+def _report(notifier: Notifier, flusher: Flusher, link: ClientLink | None = None) -> None:
+    """From the loop: systemd's watchdog, and the state when it changes (to systemd, and
+    to the Client that started this flusher)."""
     notifier.alive()
     notifier.status(_state(flusher))
+    if link is not None:
+        link.report(flusher)
+
+
+class ClientLink:
+    """--from-client: what the Client's flush() must know of this flusher, as one JSON
+    datagram on the socket the Client passed, whenever it changes: the first says the
+    queue is ours (SIGUSR1 is safe from then on), each says what is misconfigured or
+    failing, as a flusher thread's would."""
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self._sent: dict[str, str | None] | None = None
+
+    def report(self, flusher: Flusher) -> None:
+        state = {"misconfigured": flusher.misconfigured(), "failing": flusher.failing()}
+        if state == self._sent:
+            return
+        try:
+            self.sock.send(json.dumps(state).encode())
+            self._sent = state
+        except OSError:  # full (the Client reads at its next event or flush) or gone:
+            pass  # sent at the next cycle
 
 
 def _state(flusher: Flusher) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -133,6 +134,33 @@ def test_a_flusher_process_that_is_killed_is_started_again_at_once(receiver, que
     assert receiver.stats()["unique"] == 3
     started = [r.getMessage() for r in caplog.records if "starting another" in r.getMessage()]
     assert len(started) == 2 and "killed by signal 9" in started[0]
+
+
+def test_flush_gives_up_at_once_when_the_receiver_refuses_the_key(receiver, queue_path,
+                                                                   caplog):
+    with segmentry.Client("wrong-key", queue_path=queue_path, api_url=receiver.url,
+                          flusher="process", **FAST) as c:
+        c.track("u", "E")
+        start = time.monotonic()
+        assert c.flush(60) is False  # what the process reported, as a thread would
+        assert time.monotonic() - start < 60
+    said = [r.getMessage() for r in caplog.records if "flush() gives up" in r.getMessage()]
+    assert len(said) == 1 and "the receiver answered HTTP 401" in said[0]
+    assert receiver.stats()["unique"] == 0
+
+
+def test_a_flush_that_times_out_in_an_outage_says_what_fails(queue_path, caplog):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1/"
+    c = client(queue_path, url)
+    try:
+        c.track("u", "E")
+        assert c.flush(3) is False
+    finally:
+        c.close(timeout=0.5)
+    said = [r.getMessage() for r in caplog.records if "flush() timed out" in r.getMessage()]
+    assert len(said) == 1 and "connection refused" in said[0]
 
 
 @pytest.mark.parametrize("how, said", [

@@ -25,8 +25,6 @@ class Background:
     """The in-process flusher of a Client: a daemon thread that stands by until it
     holds the queue's lock, then runs the Flusher loop until stopped."""
 
-    in_process = True  # blocked() and failing() know what its sends meet
-
     def __init__(self, write_key: str, queue: Queue, options: Options) -> None:
         self.options = options
         self._key = write_key
@@ -73,6 +71,12 @@ class Background:
     def failing(self) -> str | None:
         """Why this client's events are not delivered yet, during an outage."""
         return self.flusher.failing()
+
+    def gone(self) -> str | None:
+        return None  # a thread that fails starts its flusher again (see _main)
+
+    def revive(self) -> None:
+        pass
 
     def stop(self, timeout: float) -> None:
         """Stop the thread, waiting for it ``timeout`` seconds at most; the batches in
