@@ -272,7 +272,7 @@ class Client:
             self._check_cap(len(event.body))
             row_id = self.queue.put(event.body, now, self._destination)
         except (QueueFull, StorageError) as exc:
-            self._flusher_thread()  # a queue found full must still drain
+            self._running_flusher()  # a queue found full must still drain
             if self.options.on_full == "raise":
                 raise
             self._drop(event, exc)
@@ -283,7 +283,7 @@ class Client:
                 self._first_id = row_id
             self._last_id = max(self._last_id, row_id)
             self._puts += 1
-        background = self._flusher_thread()
+        background = self._running_flusher()
         if background is not None:
             background.enqueued()
         return event.message_id
@@ -340,7 +340,7 @@ class Client:
                           "(and so will every later one); record events before close(), "
                           "or make a new Client", RuntimeWarning, stacklevel=6)
 
-    def _flusher_thread(self) -> Background | FlusherProcess | None:
+    def _running_flusher(self) -> Background | FlusherProcess | None:
         """This client's flusher (thread or process), started at the first event, stored
         or refused (a client whose queue was full from the start must still drain it);
         None without one (flusher=None, closed, or it could not start: the call must not

@@ -291,7 +291,8 @@ def run(args: Any, options: Options, write_key: str, notifier: Notifier | None =
     queue.stats(time.time())  # open now: a bad file is refused before we take the lock
     lock = Lock(path)
     flusher = Flusher(queue, http_client, options)
-    # Before the lock: a Client sends SIGUSR1 once this pid is in the lock's file.
+    # Signal handlers before the lock: an operator may send SIGUSR1 at any time (a Client
+    # sends it only once this flusher reported that it holds the queue).
     stop, wake = _on_signals(flusher, getattr(args, "from_client", None))
     notifier = notifier or Notifier({})
     notifier.status(f"standby: waiting for the lock of {path}")
