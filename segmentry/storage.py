@@ -37,8 +37,10 @@ logger = logging.getLogger(__name__)
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}  # never OFF: a power loss must not corrupt
 # No SQLite busy handler: its first wait is a whole millisecond, 5-10 times the write
 # transaction it waits for (a producer waiting on its own process's flusher lost a third
-# of its time so). We retry ourselves, from 50 µs up.
-RETRY_FIRST_S, RETRY_MAX_S = 50e-6, 5e-3
+# of its time so). We retry ourselves, from 50 µs up, doubling to 1 ms: a producer held
+# out a few ms (a flusher process starting the WAL over) waits at most 1 ms past the
+# hold (with 5 ms, twice the hold: 4-5 ms for a 2 ms hold).
+RETRY_FIRST_S, RETRY_MAX_S = 50e-6, 1e-3
 LOCKED_DEADLINE_S = 300.0  # then a "database is locked" becomes a StorageError
 PRODUCER_AUTOCHECKPOINT = 16384  # pages; the flusher checkpoints long before this
 FULL_AUTOCHECKPOINT = 1000  # pages, with durability="full" (SQLite's default)
@@ -77,6 +79,13 @@ class Claim(NamedTuple):
 class Claims(NamedTuple):
     batches: list[Claim]  # oldest first, each under a lease token of its own
     deleted: int  # rows of earlier claims deleted in the same transaction
+
+
+class Wal(NamedTuple):
+    """What a checkpoint found: the frames in the WAL, and those it left to checkpoint."""
+
+    frames: int
+    left: int
 
 
 class Stats(NamedTuple):
@@ -120,6 +129,7 @@ class Queue(Protocol):
     StorageError. Only the holder of the queue's flusher lock claims."""
 
     path: str
+    durability: str
 
     # -- producers
     def open(self) -> None: ...  # now, so that an unusable file is refused at once
@@ -153,8 +163,9 @@ class Queue(Protocol):
 
     # -- upkeep, between claims (see Upkeep); a queue that needs none does nothing
     def set_autocheckpoint(self, pages: int) -> None: ...  # this connection's cadence
-    def maintain(self, empty: bool) -> int | None: ...  # WAL frames left; None: busy
+    def maintain(self, empty: bool) -> Wal | None: ...  # None: busy
     def checkpoint(self) -> None: ...  # under the lock producers of this object share
+    def checkpoint_alone(self, other: Queue) -> None: ...  # writers held out meanwhile
 
     # -- inspection and dead letters (the command line)
     def stats(self, now: float) -> Stats: ...
@@ -423,14 +434,14 @@ class SQLiteQueue:
 
         self._run(write)
 
-    def maintain(self, empty: bool) -> int | None:
+    def maintain(self, empty: bool) -> Wal | None:
         """Checkpoint the WAL (the flusher's job, so producers see no checkpoint stalls);
-        return how many of its frames are left to checkpoint, None if it was busy. When
+        return its frames and how many are left to checkpoint, None if it was busy. When
         the queue is empty, give back to the file system the free pages a drained backlog
         left, and a WAL grown past WAL_KEEP_BYTES (at most every SHRINK_EVERY_S: a WAL
         truncated and regrown at each idle moment slowed every commit, by 40 % in FULL
         mode)."""
-        def run(conn: sqlite3.Connection) -> int | None:
+        def run(conn: sqlite3.Connection) -> Wal | None:
             busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if empty:
                 vacuum = conn.execute("PRAGMA freelist_count").fetchone()[0] > VACUUM_PAGES
@@ -440,7 +451,7 @@ class SQLiteQueue:
                               and time.monotonic() - self._shrunk_at > SHRINK_EVERY_S):
                     self._shrunk_at = time.monotonic()
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            return None if busy else frames - done
+            return None if busy else Wal(frames, frames - done)
 
         return self._run(run)
 
@@ -450,6 +461,19 @@ class SQLiteQueue:
         writes it catches up with the WAL's end, and the next write starts the WAL over
         (see Upkeep.run)."""
         self._run(lambda conn: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+
+    def checkpoint_alone(self, other: Queue) -> None:
+        """Hold SQLite's write lock on this connection while ``other`` (a connection of
+        its own) checkpoints: no producer of any process commits meanwhile, so it reaches
+        the WAL's end, and the next write starts the WAL over (see Upkeep.run)."""
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                other.checkpoint()
+            finally:
+                conn.execute("ROLLBACK")
+
+        self._run(run)
 
     # -- status and dead letters -----------------------------------------------------
 
@@ -597,12 +621,22 @@ class SQLiteQueue:
 
 
 
-MAINTAIN_EVERY_S = 1.0  # WAL checkpoint cadence of a flusher process
-# And beside this process's producers (the flusher thread). At 25 k events/s they write
-# ~140 MB of WAL a second (a page per commit); it must start over before their own
-# checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT), a 75 ms stall with their lock held.
-THREAD_MAINTAIN_EVERY_S = 0.25
-TAIL_FRAMES = 2048  # what that checkpoint may leave undone for the one under their lock
+# The WAL checkpoint cadence of a flusher. Producers that commit without a pause leave no
+# moment at which a checkpoint beside them reaches the WAL's end, so the WAL never starts
+# over by itself; at 60 k events/s they write ~230 MB of it a second (a page per commit),
+# and it must start over before their own checkpoint at 64 MB (PRODUCER_AUTOCHECKPOINT):
+# a 30-60 ms stall of one producer's call, copying what the flusher had not. A flusher
+# process looks every 0.1 s (at 0.25 s the WAL still reached 64 MB in 2 runs of 4); a
+# pass with nothing new to copy costs no fsync.
+MAINTAIN_EVERY_S = 0.1
+THREAD_MAINTAIN_EVERY_S = 0.25  # the flusher thread's (its producers share its lock)
+TAIL_FRAMES = 2048  # what a checkpoint may leave for the one that holds the producers
+# A flusher process holds the producers (SQLite's write lock) for that last checkpoint
+# only when the WAL is this big: a few ms once per 8 MB, not at every upkeep (a producer
+# writing a thousand events a second would see it every 250 calls).
+RESTART_FRAMES = 2048
+RESTART_PASSES = 3  # passes beside the producers, at most, before the one that holds them
+ALONE_FRAMES = 512  # what that one may be left to copy (a few ms with its two fsyncs)
 FLUSHER_AUTOCHECKPOINT = 1000  # pages: the flusher's commits checkpoint, producers' do not
 
 
@@ -610,12 +644,14 @@ class Upkeep:
     """The WAL upkeep a flusher does for its queue, so that producers see no checkpoint
     stalls. ``checkpoints``: a second connection to run them on when ``queue`` is shared
     with producers (a Client's thread); on the shared one they would stall every
-    producer of the process."""
+    producer of the process. A flusher process opens its second connection when the WAL
+    first needs to start over (see run)."""
 
     def __init__(self, queue: Queue, checkpoints: Queue | None = None) -> None:
         self.queue, self.checkpoints = queue, checkpoints
         self.every_s = MAINTAIN_EVERY_S if checkpoints is None else THREAD_MAINTAIN_EVERY_S
         self.last = -math.inf  # the clock's time of the last upkeep
+        self._alone: Queue | None = None  # a flusher process's second connection
 
     def start(self) -> None:
         """The flusher has the queue: its own connection's commits checkpoint, not the
@@ -633,15 +669,42 @@ class Upkeep:
             return
         self.last = now
         try:
-            left = (self.checkpoints or self.queue).maintain(empty)
-            if self.checkpoints is not None and left is not None and left <= TAIL_FRAMES:
-                # The checkpoint above ran beside this process's producers and never
-                # reaches the WAL's end while they commit, so the WAL never started over.
-                # The frames they added meanwhile, checkpointed under their lock, take a
-                # few ms; the WAL starts over at the next write.
+            wal = (self.checkpoints or self.queue).maintain(empty)
+            if wal is None:
+                return  # busy: next time
+            # The checkpoint above ran beside producers and does not reach the WAL's end
+            # while they commit, so the WAL does not start over. The frames they added
+            # meanwhile, checkpointed with them held, take a few ms; the WAL starts over
+            # at the next write. The thread holds them with their connection's lock
+            # (they are all in its process), a flusher process with SQLite's write lock.
+            if self.checkpoints is not None and wal.left <= TAIL_FRAMES:
                 self.queue.checkpoint()
+            elif self.checkpoints is None and wal.frames >= RESTART_FRAMES:
+                self._start_over()
         except StorageError as exc:
             logger.warning("queue maintenance failed: %s", exc)
+
+    def _start_over(self) -> None:
+        """A flusher process: checkpoint beside the producers until the rest is short
+        (each pass copies what they added during the one before), then the rest with
+        SQLite's write lock held, which holds producers of every process."""
+        second = self._second()
+        for _ in range(RESTART_PASSES):
+            wal = second.maintain(False)
+            if wal is None:
+                return
+            if wal.left <= ALONE_FRAMES:
+                self.queue.checkpoint_alone(second)
+                return
+
+    def _second(self) -> Queue:
+        if self._alone is None:
+            self._alone = SQLiteQueue(self.queue.path, self.queue.durability)
+        return self._alone
+
+    def close(self) -> None:
+        if self._alone is not None:
+            self._alone.close()
 
 
 def _ready(conn: sqlite3.Connection, now: float, count: int, limit: int, max_bytes: int,

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from segmentry import storage
 from segmentry.exceptions import ConfigurationError, StorageError
 from segmentry.storage import (
     APPLICATION_ID,
@@ -20,6 +21,7 @@ from segmentry.storage import (
     WAL_KEEP_BYTES,
     SQLiteQueue,
     Upkeep,
+    Wal,
     destination,
     inspect,
 )
@@ -665,11 +667,11 @@ def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(
         producers.put("{}", 0.0)
     alone = checkpoints.maintain
 
-    def producers_commit_meanwhile(empty: bool) -> int:
-        left = alone(empty)
+    def producers_commit_meanwhile(empty: bool) -> Wal:
+        wal = alone(empty)
         for _ in range(100):
             producers.put("{}", 0.0)
-        return left + 100  # what it leaves when they commit during it
+        return Wal(wal.frames + 100, wal.left + 100)  # what they added during it
 
     checkpoints.maintain = producers_commit_meanwhile
     upkeep.run(empty=False, now=time.time())
@@ -679,6 +681,34 @@ def test_the_wal_starts_over_although_producers_committed_during_the_checkpoint(
     checkpoints.close()
 
 
+def test_a_flusher_process_starts_the_wal_over_beside_producers_of_other_processes(
+        tmp_path, monkeypatch):
+    # A flusher process has no lock its producers share: it holds them with SQLite's write
+    # lock while a connection of its own checkpoints the frames they added during the
+    # passes beside them; until then a producer's own checkpoint at 64 MB (30-60 ms).
+    monkeypatch.setattr(storage, "RESTART_FRAMES", 300)
+    path = str(tmp_path / "q.db")
+    producers, flusher = SQLiteQueue(path), SQLiteQueue(path)
+    upkeep = Upkeep(flusher)
+    for _ in range(500):
+        producers.put("{}", 0.0)
+    real = SQLiteQueue.maintain
+
+    def producers_commit_meanwhile(queue: SQLiteQueue, empty: bool) -> Wal | None:
+        wal = real(queue, empty)
+        for _ in range(50):  # beside every pass, none while they are held
+            producers.put("{}", 0.0)
+        return None if wal is None else Wal(wal.frames + 50, wal.left + 50)
+
+    monkeypatch.setattr(SQLiteQueue, "maintain", producers_commit_meanwhile)
+    upkeep.run(empty=False, now=time.time())
+    producers.put("{}", 0.0)  # the first write after: the WAL starts over
+    assert wal_frames(path) < 10
+    upkeep.close()
+    producers.close()
+    flusher.close()
+
+
 @pytest.mark.parametrize("left", [None, TAIL_FRAMES + 1])
 def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_far_behind(
         tmp_path, left):
@@ -686,12 +716,12 @@ def test_no_checkpoint_holds_the_producers_when_the_one_beside_them_was_busy_or_
     producers, checkpoints = SQLiteQueue(path), SQLiteQueue(path)
     upkeep = Upkeep(producers, checkpoints)
     held = []
-    checkpoints.maintain = lambda empty: left
+    checkpoints.maintain = lambda empty: None if left is None else Wal(left + 9, left)
     producers.checkpoint = lambda: held.append(1)
     upkeep.run(empty=False, now=time.time())
     assert held == []  # it would checkpoint the whole WAL with the producers' lock held
     for done in (0, 5):  # all it saw checkpointed, or nearly: the rest under the lock
-        checkpoints.maintain = lambda empty, done=done: done
+        checkpoints.maintain = lambda empty, done=done: Wal(done + 9, done)
         upkeep.last = 0.0
         upkeep.run(empty=False, now=time.time())
     assert held == [1, 1]

@@ -243,17 +243,18 @@ class Flusher:
                          seconds: float) -> bool:
         """Wait up to ``seconds`` for ``event`` (or ``stop``); return whether it was set.
         No claim comes meanwhile to delete what is delivered, so while batches are in
-        flight or delivered, delete them every DELETE_LAG_S."""
+        flight or delivered, delete them every DELETE_LAG_S; and the WAL upkeep keeps its
+        cadence (producers of other processes, who cannot wake us, write meanwhile)."""
         end = time.monotonic() + seconds
         while not stop.is_set() and (left := end - time.monotonic()) > 0:
             unsettled = self._unsettled()
-            if not unsettled and self.on_cycle is None:
-                return event.wait(left)
-            if event.wait(min(left, DELETE_LAG_S if unsettled else TICK_S)):
+            if event.wait(min(left, DELETE_LAG_S if unsettled else TICK_S,
+                              self.upkeep.every_s)):
                 return True
             if unsettled:
                 self._delete_delivered()
                 self._renew_leases()
+            self.upkeep.run(empty=False, now=self.clock())
             self._tick()
         return event.is_set()
 
@@ -309,6 +310,8 @@ class Flusher:
                 self.settler.hand_back(claim.token, claim.rows)
             except SegmentryError as exc:  # leased still: the next flusher resets them
                 logger.warning("could not give back a batch in flight: %s", exc)
+        self.upkeep.close()
+
 
 class Window:
     """How many batches may be in flight: additive increase, multiplicative decrease,
