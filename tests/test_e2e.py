@@ -305,8 +305,14 @@ def test_the_service_logs_a_summary_line_without_bodies_or_key(receiver, queue_p
     enqueue(queue_path, 30, event="Secret Event Name")
     proc = flusher(queue_path, receiver.url, "--summary-every", "0.1")
     assert receiver.wait_for(lambda s: s["unique"] == 30, timeout=30)
+    lines, end = [], time.monotonic() + 30
+    while time.monotonic() < end:  # a line every 0.1 s: until one says all was sent
+        lines.append(proc.stderr.readline())
+        if not lines[-1] or "sent 30" in lines[-1] and "remaining 0" in lines[-1]:
+            break  # (or it exited: the asserts below say how)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
+    err = "".join(lines) + err
     assert proc.returncode == 0
     assert "sent 30" in err and "remaining 0" in err
     assert "Secret Event Name" not in err and KEY not in err
