@@ -190,12 +190,22 @@ class Client:
 
     def _say_why_late(self, background: Any) -> None:
         """A flush() that timed out during an outage says so, once for each cause: with
-        no logging configured, the flusher's own warning reaches nobody."""
-        failing = background.failing() if background is not None else None
-        if failing and failing != self._gave_up_on:
-            self._gave_up_on = failing
-            _say(f"flush() timed out: delivery is failing ({failing}); the events stay "
-                 f"queued in {self.queue_path} and are retried")
+        no logging configured, the flusher's own warning reaches nobody. Without a
+        flusher of its own, it names the process whose log says why."""
+        if background is not None:
+            failing = background.failing()
+            why = f"delivery is failing ({failing})" if failing else None
+        else:
+            from .flusher import holder_pid  # imports requests: only when this happens
+
+            pid = holder_pid(self.queue_path)
+            why = ("no flusher holds the queue" if pid is None else
+                   f"the flusher process that holds the queue (pid {pid}) has not delivered "
+                   f"them; its log says why")
+        if why and why != self._gave_up_on:
+            self._gave_up_on = why
+            _say(f"flush() timed out: {why}; the events stay queued in {self.queue_path} "
+                 f"and are retried")
 
     def _blocked(self, background: Any, start: float) -> bool:
         """Whether waiting is known to be in vain; if so, say why (once for each reason:

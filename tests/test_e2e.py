@@ -403,6 +403,34 @@ def test_a_flush_that_times_out_during_an_outage_says_why_without_logging(queue_
     assert "SECRET-KEY" not in proc.stderr and depth(queue_path).depth == 1
 
 
+def test_a_flush_without_a_flusher_of_its_own_names_the_one_that_is_late(queue_path):
+    # flusher=None beside a service that meets an outage: the service logs why; the
+    # client's flush() says which process to look at instead of returning False mutely.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    enqueue(queue_path, 1)  # creates the queue for the service
+    service = flusher(queue_path, url)
+    try:
+        from segmentry.flusher import holder_pid
+
+        assert wait_until(lambda: holder_pid(queue_path) == service.pid)
+        code = textwrap.dedent("""
+            import sys, segmentry
+            c = segmentry.Client(queue_path=sys.argv[1], flusher=None)
+            c.track("u", "E")
+            print(c.flush(timeout=3), c.flush(timeout=0.5))
+        """)
+        proc = subprocess.run([sys.executable, "-c", code, queue_path],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        service.kill()
+        service.communicate()
+    assert proc.stdout.split() == ["False", "False"], (proc.stdout, proc.stderr)
+    said = [line for line in proc.stderr.splitlines() if "flush() timed out" in line]
+    assert len(said) == 1 and f"(pid {service.pid})" in said[0], proc.stderr
+
+
 def test_start_with_a_wrong_key_then_flush_returns_false_instead_of_hanging(receiver,
                                                                            queue_path):
     code = textwrap.dedent("""
