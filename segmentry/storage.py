@@ -288,12 +288,7 @@ class SQLiteQueue:
         return self._file_bytes("") + self._file_bytes("-wal")
 
     def _file_bytes(self, suffix: str) -> int:
-        """stat() only, never open(): closing a descriptor of the file would drop
-        SQLite's locks."""
-        try:
-            return os.stat(self.path + suffix).st_size
-        except FileNotFoundError:
-            return 0
+        return _file_size(self.path + suffix)
 
     # -- flusher side -------------------------------------------------------------
 
@@ -1012,7 +1007,7 @@ def _refuse_foreign(path: str, app_id: int, version: int) -> None:
 
 
 def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> Inspection:
-    disk = sum(os.stat(path + s).st_size for s in ("", "-wal") if os.path.exists(path + s))
+    disk = _file_size(path) + _file_size(path + "-wal")
     conn.execute("BEGIN")  # one snapshot for every count
     app_id, version, tables = header(conn)
     if app_id == 0 and tables == 0:
@@ -1027,6 +1022,16 @@ def _inspect(conn: sqlite3.Connection, path: str, now: float, letters: int) -> I
     listed = _dead_letters(conn, letters, version)
     return Inspection(Stats(depth, size, oldest, dead, flying), listed, disk,
                       _destination_stats(conn, version))
+
+
+def _file_size(path: str) -> int:
+    """stat() only, never open(): closing a descriptor of the file would drop SQLite's
+    locks. 0 for a file that is not there, or no longer: SQLite removes the WAL when the
+    last connection closes, also between an exists() and a stat() (a scrape got a 500)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _read_error(path: str, exc: sqlite3.Error) -> StorageError:

@@ -828,6 +828,10 @@ class Receiver(BaseHTTPRequestHandler):
 
     def finish(self) -> None:  # the client closed the connection (or we did)
         super().finish()
+        try:  # our FIN sent before it is recorded (the server shuts the socket only later)
+            self.request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
         self.server.closed.append(self.client_address)  # type: ignore[attr-defined]
 
     def log_message(self, *args) -> None:
