@@ -43,7 +43,6 @@ class FlusherProcess:
         self._settings = {
             "write_key": write_key,
             "options": config.to_settings(dataclasses.replace(options, queue_path=queue_path))}
-        self._path = queue_path
         self._say = say  # a warning nobody may miss (Client's _say)
         self._popen: subprocess.Popen[bytes] | None = None
         self._not_started: str | None = None  # why the last start failed
@@ -153,11 +152,13 @@ class FlusherProcess:
         """Its last report, reading what came since (None: it does not hold the queue)."""
         while self._link is not None:
             try:
-                self._state = json.loads(self._link.recv(65536))
-            except (BlockingIOError, ValueError):
+                data = self._link.recv(65536)
+            except OSError:  # nothing more (BlockingIOError), or it is gone: gone() says
                 break
-            except OSError:  # gone: gone() says how
-                break
+            try:
+                self._state = json.loads(data)
+            except ValueError:  # not one of ours: the next may be
+                continue
         return self._state
 
     def _close_link(self) -> None:
