@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,18 @@ def wait_until(predicate, timeout=30.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on (bound, then released): every
+    connection to it is refused, as to a mistyped URL or a receiver that is down."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def refused_url() -> str:
+    return f"http://127.0.0.1:{refused_port()}/v1/"
 
 
 ROOT = Path(__file__).resolve().parent.parent

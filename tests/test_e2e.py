@@ -13,7 +13,7 @@ import time
 
 import pytest
 from fake_segment import FakeSegment
-from helpers import FAST, enqueue, wait_until
+from helpers import FAST, enqueue, refused_url, wait_until
 
 import segmentry
 from segmentry.service import GRACE_S
@@ -367,11 +367,7 @@ def test_drain_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere(receiver,
 
 
 def test_a_drain_after_the_url_is_fixed_sends_the_backlog_at_once(receiver, queue_path):
-    import socket
-
-    with socket.socket() as probe:  # a port nobody listens on: the mistyped URL
-        probe.bind(("127.0.0.1", 0))
-        wrong = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    wrong = refused_url()  # the mistyped URL
     enqueue(queue_path, 5)
     slow = ["--retry-attempts", "0", "--retry-expiry", "20000"]  # a backoff of 10 to 20 s
     code, err = drain(queue_path, wrong, *slow, "--drain-timeout", "1")
@@ -385,9 +381,7 @@ def test_a_drain_after_the_url_is_fixed_sends_the_backlog_at_once(receiver, queu
 def test_a_flush_that_times_out_during_an_outage_says_why_without_logging(queue_path):
     # Nothing listens on the port: every attempt is refused. With no logging configured
     # the flusher's warning reaches nobody, so flush() itself says why it returns False.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    url = refused_url()
     code = textwrap.dedent("""
         import sys, segmentry
         c = segmentry.Client("SECRET-KEY", queue_path=sys.argv[1], api_url=sys.argv[2],
@@ -406,9 +400,7 @@ def test_a_flush_that_times_out_during_an_outage_says_why_without_logging(queue_
 def test_a_flush_without_a_flusher_of_its_own_names_the_one_that_is_late(queue_path):
     # flusher=None beside a service that meets an outage: the service logs why; the
     # client's flush() says which process to look at instead of returning False mutely.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{probe.getsockname()[1]}/v1/"
+    url = refused_url()
     enqueue(queue_path, 1)  # creates the queue for the service
     service = flusher(queue_path, url)
     try:
@@ -451,7 +443,6 @@ def test_under_systemd_the_service_notifies_ready_status_watchdog_and_stopping(
     """Type=notify: READY=1 once the queue is open and the lock held, STATUS= as the
     state changes (a 401 makes it misconfigured), WATCHDOG=1 from the loop, STOPPING=1
     on SIGTERM; datagrams to $NOTIFY_SOCKET, here a socket of the test's own."""
-    import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))

@@ -15,7 +15,7 @@ from collections import Counter
 
 import pytest
 import requests
-from helpers import wait_until
+from helpers import refused_port, wait_until
 
 import segmentry
 from segmentry import flusher as flusher_module
@@ -787,11 +787,7 @@ def test_a_stored_backoff_of_the_same_destination_is_logged_with_its_end(path, c
 
 
 def test_a_refused_connection_is_named_in_the_failure_line(path, caplog):
-    import socket
-
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = refused_port()
     enqueue(path, 1)
     opts = Options(queue_path=path, retry_attempts=0, api_url=f"http://127.0.0.1:{port}/v1/")
     flusher = Flusher(SQLiteQueue(path), make_http("SECRET-KEY", opts), opts)

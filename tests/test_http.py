@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 import urllib3
-from helpers import wait_until
+from helpers import refused_port, wait_until
 
 import segmentry.http as sh
 from segmentry import telemetry
@@ -1120,9 +1120,7 @@ def test_a_real_server_too_slow_for_the_timeout_is_a_network_error(server):
 
 
 def test_a_refused_connection_is_retried_then_a_network_error():
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = refused_port()
     attempts = []
     handler_id = f"test-{uuid.uuid4()}"
     telemetry.attach(handler_id, [("segmentry", "batch", "start")],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import time
 
 import pytest
 from fake_segment import FakeSegment
-from helpers import wait_until
+from helpers import refused_url, wait_until
 
 import segmentry
 from segmentry import _process, config
@@ -150,10 +149,7 @@ def test_flush_gives_up_at_once_when_the_receiver_refuses_the_key(receiver, queu
 
 
 def test_a_flush_that_times_out_in_an_outage_says_what_fails(queue_path, caplog):
-    with socket.socket() as closed:  # a port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1/"
-    c = client(queue_path, url)
+    c = client(queue_path, refused_url())
     try:
         c.track("u", "E")
         assert c.flush(3) is False
